@@ -1,0 +1,3 @@
+from moecli.cli.main import main
+
+main()

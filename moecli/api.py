@@ -1,0 +1,121 @@
+"""The public Python API: `moecli.load(path) -> Model`, then tokenize / logits / generate."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from moecli.chat_template import render
+from moecli.errors import MoecliError
+from moecli.models.loader import load_checkpoint
+from moecli.models.transformer import Transformer
+from moecli.runtime.experts import TorchExperts
+from moecli.runtime.sampling import Sampler, SamplingParams
+from moecli.tokenizer import GGUFTokenizer, HFTokenizer, TextStream
+
+
+class Session:
+    """A conversation's KV cache and the tokens in it, so the next turn only computes its new tokens."""
+
+    def __init__(self, model: "Model", n_ctx: int | None = None):
+        self.cache = model.transformer.new_cache(n_ctx)
+        self.tokens: list[int] = []
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cache.n_ctx
+
+    def reset(self) -> None:
+        self.cache.pos = 0
+        self.tokens = []
+
+
+class Model:
+    def __init__(self, path: str | Path, device: str = "cpu", n_ctx: int | None = None):
+        self.path = Path(path)
+        self.checkpoint = load_checkpoint(self.path)
+        self.config = self.checkpoint.config
+        src = self.checkpoint.source
+        self.tokenizer = HFTokenizer(self.path, src.config) if self.path.is_dir() else GGUFTokenizer(src)
+        self.device = torch.device(device)
+        experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
+        self.transformer = Transformer(self.checkpoint, self.device, experts, max_ctx=n_ctx)
+
+    # --- text ---------------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.tokenizer.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        tok = self.tokenizer
+        bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+        return render(tok.chat_template, messages, add_generation_prompt, bos_token=bos, eos_token=eos)
+
+    # --- compute ------------------------------------------------------------------------------------------------
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """One fresh forward over the whole sequence: float32 [n_tokens, n_vocab]."""
+        self._check_ids(token_ids)
+        cache = self.transformer.new_cache(len(token_ids))
+        return self.transformer.forward(list(token_ids), cache).float().cpu().numpy()
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 session: Session | None = None, stop_at_eog: bool = True) -> Iterator[int]:
+        """Yield generated token ids (greedy by default). With a session, tokens already in its cache are reused."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_ids(tokens)
+        session = session or Session(self, min(len(tokens) + max_tokens, self.transformer.max_ctx))
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
+        common = _common_prefix(session.tokens, tokens)
+        if common == len(tokens):  # the whole prompt is cached: recompute its last token for fresh logits
+            common -= 1
+        session.cache.pos, session.tokens = common, tokens[:common]
+        feed = tokens[common:]
+        for _ in range(max_tokens):
+            if session.cache.pos + len(feed) > session.n_ctx:
+                raise MoecliError(f"context is full ({session.n_ctx} tokens): start a new conversation "
+                                  "or load the model with a larger context")
+            logits = self.transformer.forward(feed, session.cache, all_logits=False)[-1]
+            session.tokens.extend(feed)
+            token = sampler(logits, session.tokens)
+            if stop_at_eog and self.tokenizer.is_eog(token):
+                return
+            yield token
+            feed = [token]
+
+    def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
+        """Text pieces for generated tokens, never splitting a UTF-8 character."""
+        stream = TextStream(self.tokenizer)
+        for t in tokens:
+            piece = stream.push(t)
+            if piece:
+                yield piece
+        tail = stream.flush()
+        if tail:
+            yield tail
+
+    def _check_ids(self, ids: list[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.config.n_vocab]
+        if bad:
+            raise MoecliError(f"token id {bad[0]} out of range [0, {self.config.n_vocab})")
+        if not ids:
+            raise MoecliError("empty prompt")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def load(path: str | Path, device: str = "cpu", **options) -> Model:
+    """Load a GGUF file or a Hugging Face safetensors directory. Options: n_ctx."""
+    return Model(path, device=device, **options)

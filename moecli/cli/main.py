@@ -1,0 +1,60 @@
+"""The `moecli` console script: one Typer app, one module per command, errors as one line."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from moecli.errors import MoecliError
+
+app = typer.Typer(
+    name="moecli",
+    help="Run large Mixture-of-Experts LLMs on one machine: experts on CPU and GPU, scheduled per layer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Each command module exposes `register(app)`; importing them here keeps startup in one place.
+    from moecli.cli import bench, chat, profile, pull
+
+    for module in (pull, profile, chat, bench):
+        module.register(app)
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one clear line on stderr and exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except MoecliError as e:
+        fail(str(e))
+    except click.exceptions.Exit as e:
+        raise SystemExit(e.exit_code)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(e.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except OSError as e:
+        # Disk full, read-only file system, permission denied...: the OS message says it best.
+        fail(f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""))
+    except Exception as e:  # noqa: BLE001 - last line of defence: one line unless debugging
+        if os.environ.get("MOECLI_DEBUG"):
+            raise
+        fail(f"internal error: {type(e).__name__}: {e} (set MOECLI_DEBUG=1 for a traceback)", 2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,99 @@
+"""The typed configuration every architecture is read into, and the checkpoint's tensors under canonical names.
+
+Canonical names are GGUF's (`blk.N.attn_q.weight`...): safetensors checkpoints are renamed once at load, the way
+mlx-lm's `sanitize()` does, so the forward pass knows one naming only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moecli.errors import MoecliError
+from moecli.formats.tensor import TensorData
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # family name: llama, qwen2moe, qwen3moe, olmoe (deepseek2, gpt-oss: their own files later)
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_theta: float
+    rope_neox: bool  # NEOX (rotate halves) vs NORM (rotate adjacent pairs) layout
+    rope_dim: int = 0  # rotary dimensions per head (0: all of head_dim)
+    n_ff: int = 0  # dense FFN width (dense models)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # routed expert FFN width
+    n_ff_shexp: int = 0  # shared expert FFN width (qwen2moe)
+    norm_topk: bool = False  # renormalise the top-k routing weights to sum to 1
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert (qwen2moe)
+    qk_norm: str | None = None  # "head": RMSNorm per head (qwen3moe); "full": over the whole projection (olmoe)
+    attn_bias: bool = False  # q/k/v biases (qwen2moe)
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if not self.rope_dim:
+            self.rope_dim = self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+
+class ExpertStack:
+    """One projection (gate, up or down) of all routed experts of a layer.
+
+    GGUF stores a 3-D tensor (`stacked`); safetensors one 2-D tensor per expert. Both give `expert(e)` zero-copy.
+    """
+
+    def __init__(self, stacked: TensorData | None = None, experts: list[TensorData] | None = None):
+        self.stacked = stacked
+        self._experts = experts
+        self.n = stacked.ne[2] if stacked is not None else len(experts)
+
+    def expert(self, e: int) -> TensorData:
+        return self.stacked.expert(e) if self.stacked is not None else self._experts[e]
+
+    @property
+    def type(self):
+        return self.expert(0).type
+
+    @property
+    def ne(self) -> tuple[int, int]:
+        """(ne0, ne1) of one expert's matrix: (in, out)."""
+        return self.expert(0).ne[:2]
+
+
+@dataclass
+class Checkpoint:
+    """What a model file gave us: config, tensors by canonical name, expert stacks, tokenizer source."""
+
+    config: ModelConfig
+    tensors: dict[str, TensorData]
+    experts: dict[str, ExpertStack] = field(default_factory=dict)  # "blk.N.ffn_gate_exps" -> stack
+    file_bytes: int = 0
+    source: object = None  # the GGUFFile or SafetensorsModel, for tokenizer and chat template
+
+    def tensor(self, name: str) -> TensorData:
+        t = self.tensors.get(name)
+        if t is None:
+            raise MoecliError(f"model file lacks tensor {name}")
+        return t
+
+    def optional(self, name: str) -> TensorData | None:
+        return self.tensors.get(name)
+
+    def check_shape(self, name: str, *ne: int, optional: bool = False) -> None:
+        """Refuse a tensor whose shape disagrees with the config (ggml order), with the tensor's name."""
+        t = self.tensors.get(name)
+        if t is None:
+            if optional:
+                return
+            raise MoecliError(f"model file lacks tensor {name}")
+        if tuple(t.ne) != tuple(ne):
+            raise MoecliError(f"tensor {name} has shape {list(t.ne)}, expected {list(ne)} from the model config")

@@ -1,0 +1,113 @@
+"""Building blocks shared by the architectures: weights on the device, norms, RoPE, attention, routing."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moecli.formats.tensor import TensorData
+
+
+def to_torch(t: TensorData, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
+    """A checkpoint tensor as a dense torch tensor (dequantized) in numpy order."""
+    return torch.from_numpy(np.ascontiguousarray(t.numpy())).to(device=device, dtype=dtype)
+
+
+class TorchLinear:
+    """y = x W^T (+ b) with W dequantized once onto the device."""
+
+    def __init__(self, weight: TensorData, device, bias: TensorData | None = None):
+        self.weight = to_torch(weight, device)
+        self.bias = to_torch(bias, device) if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight.T
+        return y + self.bias if self.bias is not None else y
+
+
+class Embedding:
+    """Token embedding that dequantizes only the rows it is asked for (the table can be GBs in fp32)."""
+
+    def __init__(self, table: TensorData, device):
+        self.table, self.device = table, device
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def __call__(self, tokens: list[int]) -> torch.Tensor:
+        rows = []
+        for tok in tokens:
+            row = self._rows.get(tok)
+            if row is None:
+                rb = self.table.row_bytes
+                t = TensorData("row", self.table.type, (self.table.ne[0], 1), self.table.raw[tok * rb:(tok + 1) * rb])
+                row = self._rows[tok] = to_torch(t, self.device)[0]
+            rows.append(row)
+        return torch.stack(rows)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class Rope:
+    """Rotary embeddings; `neox` rotates the two halves of the rotary dims, NORM rotates adjacent pairs."""
+
+    def __init__(self, dim: int, theta: float, neox: bool, max_pos: int, device):
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+        self.cos = ang.cos().to(device, torch.float32)
+        self.sin = ang.sin().to(device, torch.float32)
+        self.dim, self.neox = dim, neox
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x: [n, heads, head_dim]; pos: [n] positions."""
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        rot, rest = x[..., :self.dim], x[..., self.dim:]
+        if self.neox:
+            a, b = rot[..., : self.dim // 2], rot[..., self.dim // 2:]
+            out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+        else:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [layer, position, kv_head, head_dim]."""
+
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, device, dtype=torch.float32):
+        self.k = torch.zeros(n_layer, n_ctx, n_head_kv, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.n_ctx = n_ctx
+        self.pos = 0  # tokens stored so far
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal GQA attention of n new queries at positions start.. over keys 0..start+n-1.
+
+    q: [n, H, d]; k, v: [start+n, Hkv, d] -> [n, H*d]
+    """
+    n, n_head, d = q.shape
+    group = n_head // k.shape[1]
+    qh = q.transpose(0, 1)  # [H, n, d]
+    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)
+    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    mask = None
+    if n > 1:
+        kpos = torch.arange(start + n, device=q.device)
+        qpos = torch.arange(start, start + n, device=q.device)
+        mask = kpos[None, :] <= qpos[:, None]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=d ** -0.5)
+    return out.transpose(0, 1).reshape(n, n_head * d)
+
+
+def route(logits: torch.Tensor, k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax router -> (probs [n, E], top-k ids [n, k], weights [n, k])."""
+    probs = torch.softmax(logits, dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if renormalise:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return probs, ids, weights

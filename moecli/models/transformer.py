@@ -1,0 +1,105 @@
+"""The decoder shared by llama / Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (they differ only by config flags).
+
+Plain tensors rather than nn.Modules: no autograd, no hooks, nothing between a step and its kernels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moecli.models.config import Checkpoint
+from moecli.models.layers import Embedding, KVCache, Rope, TorchLinear, attend, rms_norm, route, to_torch
+
+
+class Layer:
+    def __init__(self, ckpt: Checkpoint, l: int, device, linear):
+        c, b = ckpt.config, f"blk.{l}."
+        opt = ckpt.optional
+        self.attn_norm = to_torch(ckpt.tensor(b + "attn_norm.weight"), device)
+        self.ffn_norm = to_torch(ckpt.tensor(b + "ffn_norm.weight"), device)
+        self.q = linear(ckpt.tensor(b + "attn_q.weight"), opt(b + "attn_q.bias"))
+        self.k = linear(ckpt.tensor(b + "attn_k.weight"), opt(b + "attn_k.bias"))
+        self.v = linear(ckpt.tensor(b + "attn_v.weight"), opt(b + "attn_v.bias"))
+        self.o = linear(ckpt.tensor(b + "attn_output.weight"))
+        self.q_norm = self.k_norm = None
+        if c.qk_norm:
+            self.q_norm = to_torch(ckpt.tensor(b + "attn_q_norm.weight"), device)
+            self.k_norm = to_torch(ckpt.tensor(b + "attn_k_norm.weight"), device)
+        if c.is_moe:
+            self.router = to_torch(ckpt.tensor(b + "ffn_gate_inp.weight"), device)
+            self.shared = None
+            if c.n_ff_shexp:
+                self.shared = tuple(linear(ckpt.tensor(b + f"ffn_{p}_shexp.weight")) for p in ("gate", "up", "down"))
+                g = opt(b + "ffn_gate_inp_shexp.weight")
+                self.shared_gate = to_torch(g, device).reshape(-1) if g is not None else None
+        else:
+            self.ffn = tuple(linear(ckpt.tensor(b + f"ffn_{p}.weight")) for p in ("gate", "up", "down"))
+
+
+def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    return down(F.silu(gate(x)) * up(x))
+
+
+class Transformer:
+    def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
+        c = self.config = ckpt.config
+        self.device = torch.device(device)
+        linear = linear or (lambda w, b=None: TorchLinear(w, self.device, b))
+        self.experts = experts  # experts(layer, hidden, ids, weights, scores) -> output: the executor seam
+        self.embed = Embedding(ckpt.tensor("token_embd.weight"), self.device)
+        self.layers = [Layer(ckpt, l, self.device, linear) for l in range(c.n_layer)]
+        self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
+        self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
+        self.max_ctx = max_ctx or c.n_ctx_train
+        self.rope = Rope(c.rope_dim, c.rope_theta, c.rope_neox, self.max_ctx, self.device)
+        self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
+
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim, self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[int], cache: KVCache, all_logits: bool = True) -> torch.Tensor:
+        """Run `tokens` at positions cache.pos.. and append them to the cache. Returns logits [n or 1, vocab]."""
+        c, start, n = self.config, cache.pos, len(tokens)
+        if start + n > cache.n_ctx:
+            raise ValueError(f"context full: {start + n} tokens > {cache.n_ctx}")
+        pos = torch.arange(start, start + n, device=self.device)
+        x = self.embed(tokens)
+        for l, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, c.rms_eps)
+            x = x + self.attention(l, layer, h, pos, cache, start)
+            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
+            x = x + (self.moe(l, layer, h) if c.is_moe else swiglu(h, *layer.ffn))
+        cache.pos = start + n
+        if not all_logits:
+            x = x[-1:]
+        return self.output(rms_norm(x, self.norm, c.rms_eps))
+
+    def attention(self, l, layer: Layer, h, pos, cache: KVCache, start: int) -> torch.Tensor:
+        c, n = self.config, h.shape[0]
+        q, k, v = layer.q(h), layer.k(h), layer.v(h)
+        if c.qk_norm == "full":
+            q, k = rms_norm(q, layer.q_norm, c.rms_eps), rms_norm(k, layer.k_norm, c.rms_eps)
+        q = q.view(n, c.n_head, c.head_dim)
+        k = k.view(n, c.n_head_kv, c.head_dim)
+        if c.qk_norm == "head":
+            q, k = rms_norm(q, layer.q_norm, c.rms_eps), rms_norm(k, layer.k_norm, c.rms_eps)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        cache.k[l, start:start + n] = k
+        cache.v[l, start:start + n] = v.view(n, c.n_head_kv, c.head_dim)
+        out = attend(q, cache.k[l, :start + n], cache.v[l, :start + n], start)
+        return layer.o(out)
+
+    def moe(self, l, layer: Layer, h) -> torch.Tensor:
+        c = self.config
+        probs, ids, weights = route(h @ layer.router.T, c.n_expert_used, c.norm_topk)
+        if self.on_router is not None:
+            self.on_router(l, probs, ids, weights)
+        out = self.experts(l, h, ids, weights, probs)
+        if layer.shared is not None:
+            s = swiglu(h, *layer.shared)
+            if layer.shared_gate is not None:
+                s = s * torch.sigmoid(h @ layer.shared_gate)[:, None]
+            out = out + s
+        return out

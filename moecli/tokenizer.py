@@ -1,0 +1,123 @@
+"""Tokenizers: llama.cpp's own (vocab only) for GGUF, Hugging Face `tokenizers` for safetensors directories."""
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+
+from moecli.errors import MoecliError
+
+
+class GGUFTokenizer:
+    """llama.cpp's tokenizer for the GGUF's vocabulary, so token ids match llama.cpp exactly."""
+
+    def __init__(self, gguf):
+        import llama_cpp
+
+        self.gguf = gguf
+        try:
+            self._llama = llama_cpp.Llama(str(gguf.paths[0]), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise MoecliError(f"{gguf.path.name}: llama.cpp cannot read its vocabulary ({e})") from None
+        vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self._vocab, self._lib = vocab, llama_cpp
+        self.bos_id = gguf.get("tokenizer.ggml.bos_token_id")
+        self.eos_id = gguf.get("tokenizer.ggml.eos_token_id")
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.chat_template = gguf.get("tokenizer.chat_template")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        return self._llama.tokenize(text.encode(), add_bos=add_special and self.add_bos, special=True)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._llama.detokenize([token], special=False)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", "replace")
+
+
+class HFTokenizer:
+    """tokenizer.json + tokenizer_config.json of a Hugging Face model directory."""
+
+    def __init__(self, model_dir: Path, config: dict):
+        from tokenizers import Tokenizer
+
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            raise MoecliError(f"{model_dir}: no tokenizer.json")
+        self._tok = Tokenizer.from_file(str(path))
+        tc_path = model_dir / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+
+        def token_id(value):
+            if isinstance(value, dict):
+                value = value.get("content")
+            return self._tok.token_to_id(value) if isinstance(value, str) else value
+
+        self.bos_id = token_id(tc.get("bos_token")) if tc.get("bos_token") else config.get("bos_token_id")
+        eos = token_id(tc.get("eos_token")) if tc.get("eos_token") else config.get("eos_token_id")
+        self.eos_id = eos[0] if isinstance(eos, list) else eos
+        self._eog = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if isinstance(config.get("eos_token_id"), list):
+            self._eog |= set(config["eos_token_id"])
+        self.add_bos = bool(tc.get("add_bos_token", False)) and self.bos_id is not None
+        self.chat_template = tc.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: take the default one
+            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+        jinja = model_dir / "chat_template.jinja"
+        if self.chat_template is None and jinja.exists():
+            self.chat_template = jinja.read_text()
+        self.n_vocab = self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_special and self.add_bos else []) + ids
+
+    def token_bytes(self, token: int) -> bytes:
+        # Byte-level BPE: map the token's characters back to bytes (GPT-2's byte <-> unicode table).
+        piece = self._tok.id_to_token(token) or ""
+        table = _byte_decoder()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return self._tok.decode([token], skip_special_tokens=False).encode()
+
+    def is_eog(self, token: int) -> bool:
+        return token in self._eog
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", "replace")
+
+
+_BYTE_DECODER: dict[str, int] | None = None
+
+
+def _byte_decoder() -> dict[str, int]:
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+        cs, n = bs[:], 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
+    return _BYTE_DECODER
+
+
+class TextStream:
+    """Turns generated tokens into text pieces, holding back bytes of a UTF-8 character split across tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self.tokenizer.token_bytes(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
