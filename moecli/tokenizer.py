@@ -9,35 +9,58 @@ from moecli.errors import MoecliError
 
 
 class GGUFTokenizer:
-    """llama.cpp's tokenizer for the GGUF's vocabulary, so token ids match llama.cpp exactly."""
+    """llama.cpp's tokenizer for the GGUF's vocabulary (loaded vocab-only), so token ids match llama.cpp exactly."""
 
     def __init__(self, gguf):
-        import llama_cpp
+        import ctypes
 
-        self.gguf = gguf
-        try:
-            self._llama = llama_cpp.Llama(str(gguf.paths[0]), vocab_only=True, verbose=False)
-        except (ValueError, RuntimeError) as e:
-            raise MoecliError(f"{gguf.path.name}: llama.cpp cannot read its vocabulary ({e})") from None
-        vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
-        self._vocab, self._lib = vocab, llama_cpp
+        import llama_cpp as L
+
+        from moecli.kernels.llama_log import quiet_llama
+
+        quiet_llama()
+        self._L, self._ct = L, ctypes
+        params = L.llama_model_default_params()
+        params.vocab_only = True
+        self._model = L.llama_model_load_from_file(str(gguf.paths[0]).encode(), params)
+        if not self._model:
+            raise MoecliError(f"{gguf.path.name}: llama.cpp cannot read its vocabulary")
+        self._vocab = L.llama_model_get_vocab(self._model)
         self.bos_id = gguf.get("tokenizer.ggml.bos_token_id")
         self.eos_id = gguf.get("tokenizer.ggml.eos_token_id")
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
         self.chat_template = gguf.get("tokenizer.chat_template")
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self._piece = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}
+
+    def __del__(self):
+        if getattr(self, "_model", None):
+            self._L.llama_model_free(self._model)
+            self._model = None
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        return self._llama.tokenize(text.encode(), add_bos=add_special and self.add_bos, special=True)
+        data = text.encode()
+        cap = len(data) + 8
+        buf = (self._L.llama_token * cap)()
+        n = self._L.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special and self.add_bos, True)
+        if n < 0:
+            raise MoecliError("text too long to tokenize")
+        return list(buf[:n])
 
     def token_bytes(self, token: int) -> bytes:
-        return self._llama.detokenize([token], special=False)
+        piece = self._pieces.get(token)
+        if piece is None:
+            n = self._L.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+            piece = self._pieces[token] = self._piece.raw[:max(n, 0)]
+        return piece
 
     def is_eog(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+        return bool(self._L.llama_vocab_is_eog(self._vocab, token))
 
     def token_text(self, token: int) -> str:
-        return self.token_bytes(token).decode("utf-8", "replace")
+        n = self._L.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, True)
+        return self._piece.raw[:max(n, 0)].decode("utf-8", "replace")
 
 
 class HFTokenizer:

@@ -24,7 +24,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         p = self.p
-        logits = logits.float().cpu()
+        logits = logits.float().cpu().clone()  # a normal tensor: the forward returns an inference tensor
         if p.repeat_penalty != 1.0 and history:
             recent = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
             vals = logits[recent]
