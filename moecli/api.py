@@ -33,15 +33,32 @@ class Session:
 
 
 class Model:
-    def __init__(self, path: str | Path, device: str = "cpu", n_ctx: int | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", n_ctx: int | None = None, engine: str = "auto",
+                 threads: int | None = None):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path)
         self.config = self.checkpoint.config
         src = self.checkpoint.source
         self.tokenizer = HFTokenizer(self.path, src.config) if self.path.is_dir() else GGUFTokenizer(src)
         self.device = torch.device(device)
-        experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
-        self.transformer = Transformer(self.checkpoint, self.device, experts, max_ctx=n_ctx)
+        if engine == "auto":
+            engine = "ggml" if self.device.type == "cpu" else "torch"
+        if engine not in ("ggml", "torch"):
+            raise MoecliError(f"unknown engine {engine!r} (ggml, torch)")
+        self.engine = engine
+        if engine == "ggml":
+            if self.device.type != "cpu":
+                raise MoecliError("the ggml engine runs on the CPU device only")
+            from moecli.kernels import ggml
+            from moecli.runtime.cpu_backend import GgmlExperts, GgmlLinear
+
+            ggml.set_threads(threads)
+            linear = GgmlLinear
+            experts = GgmlExperts(self.checkpoint) if self.config.is_moe else None
+        else:
+            linear = None
+            experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
+        self.transformer = Transformer(self.checkpoint, self.device, experts, linear=linear, max_ctx=n_ctx)
 
     # --- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -117,5 +134,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def load(path: str | Path, device: str = "cpu", **options) -> Model:
-    """Load a GGUF file or a Hugging Face safetensors directory. Options: n_ctx."""
+    """Load a GGUF file or a Hugging Face safetensors directory.
+
+    Options: n_ctx (context length), engine ("ggml": every weight matmul through llama.cpp's kernels on the
+    quantized weights, the default on the CPU; "torch": the fp32 reference), threads (ggml threads).
+    """
     return Model(path, device=device, **options)

@@ -122,5 +122,6 @@ def validate(ckpt: Checkpoint) -> None:
             ckpt.check_shape(b + "ffn_gate_shexp.weight", c.n_embd, c.n_ff_shexp)
             ckpt.check_shape(b + "ffn_up_shexp.weight", c.n_embd, c.n_ff_shexp)
             ckpt.check_shape(b + "ffn_down_shexp.weight", c.n_ff_shexp, c.n_embd)
-            if c.shared_expert_gate:
-                ckpt.check_shape(b + "ffn_gate_inp_shexp.weight", c.n_embd)
+            gate = ckpt.optional(b + "ffn_gate_inp_shexp.weight")
+            if c.shared_expert_gate and (gate is None or gate.ne[0] != c.n_embd or gate.n_elements != c.n_embd):
+                ckpt.check_shape(b + "ffn_gate_inp_shexp.weight", c.n_embd)  # GGUF [n_embd]; HF [n_embd, 1]

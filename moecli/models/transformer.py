@@ -26,7 +26,7 @@ class Layer:
             self.q_norm = to_torch(ckpt.tensor(b + "attn_q_norm.weight"), device)
             self.k_norm = to_torch(ckpt.tensor(b + "attn_k_norm.weight"), device)
         if c.is_moe:
-            self.router = to_torch(ckpt.tensor(b + "ffn_gate_inp.weight"), device)
+            self.router = linear(ckpt.tensor(b + "ffn_gate_inp.weight"))
             self.shared = None
             if c.n_ff_shexp:
                 self.shared = tuple(linear(ckpt.tensor(b + f"ffn_{p}_shexp.weight")) for p in ("gate", "up", "down"))
@@ -93,7 +93,7 @@ class Transformer:
 
     def moe(self, l, layer: Layer, h) -> torch.Tensor:
         c = self.config
-        probs, ids, weights = route(h @ layer.router.T, c.n_expert_used, c.norm_topk)
+        probs, ids, weights = route(layer.router(h), c.n_expert_used, c.norm_topk)
         if self.on_router is not None:
             self.on_router(l, probs, ids, weights)
         out = self.experts(l, h, ids, weights, probs)

@@ -1,0 +1,44 @@
+"""CPU-only mode: every weight matmul through ggml on the quantized weights in place (as llama.cpp computes them);
+torch does only the glue (norms, RoPE, attention over the KV cache, routing)."""
+from __future__ import annotations
+
+import torch
+
+from moecli.formats.tensor import TensorData
+from moecli.kernels import ggml
+from moecli.models.config import Checkpoint
+from moecli.models.layers import to_torch
+from moecli.runtime.cpu_experts import CpuExperts
+
+
+class GgmlLinear:
+    """y = x W^T (+ b) with W read by ggml straight from the memory map."""
+
+    def __init__(self, weight: TensorData, bias: TensorData | None = None):
+        self.weight = weight
+        self.bias = to_torch(bias, "cpu") if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = ggml.matmul(self.weight, x)
+        return y + self.bias if self.bias is not None else y
+
+
+class GgmlExperts:
+    """The experts seam on the CPU engine: all (token, expert) pairs of a layer in one ggml graph."""
+
+    def __init__(self, ckpt: Checkpoint, kernel: str = "auto"):
+        layers = {}
+        for l in range(ckpt.config.n_layer):
+            stacks = [ckpt.experts.get(f"blk.{l}.ffn_{p}_exps") for p in ("gate", "up", "down")]
+            if all(stacks):
+                layers[l] = tuple(s.stacked if s.stacked is not None else [s.expert(e) for e in range(s.n)]
+                                  for s in stacks)
+        self.engine = CpuExperts(layers, kernel=kernel)
+
+    def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 scores: torch.Tensor | None = None) -> torch.Tensor:
+        n, k = ids.shape
+        # Token-major pair order: each token's experts are summed in slot order, exactly like llama.cpp.
+        tokens = torch.arange(n, dtype=torch.int32).repeat_interleave(k)
+        return self.engine.run(layer, hidden.contiguous(), tokens, ids.reshape(-1).to(torch.int32),
+                               weights.reshape(-1).contiguous())
