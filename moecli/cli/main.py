@@ -35,7 +35,9 @@ def fail(message: str, code: int = 1) -> None:
 def main(argv: list[str] | None = None) -> None:
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # non-standalone click returns Exit codes instead of exiting
+        if isinstance(rc, int) and rc:
+            raise SystemExit(rc)
     except MoecliError as e:
         fail(str(e))
     except click.exceptions.Exit as e:
