@@ -1,0 +1,187 @@
+"""`moecli bench --simulate`: sweep placements x cache ratios over a routing trace with a host profile.
+
+Evaluation split (so static hot sets never see the evaluated tokens): with several sequences the last one is the
+calibration set and the others are evaluated; with one, its first `calib_frac` decode steps calibrate and the rest
+are evaluated. Prefill uses the trace's prefill pass when there is one, else the evaluated sequence's decode tokens
+batched into one pass (a stand-in prompt). Every cache starts from the calibration hot set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from moecli.errors import MoecliError
+from moecli.policy.cost import build_cost_model, load_profile
+from moecli.policy.geometry import get_geometry
+from moecli.policy.placement import DEFAULT_POLICIES, ONLINE_BASELINES, get_placement
+from moecli.policy.schedule import GreedyScheduler, OptimalScheduler
+from moecli.sim.simulate import Simulator, cache_study, calibration_counts
+from moecli.sim.traces import prefill_from_decode, read_trace
+
+
+def parse_ratios(text: str) -> list[float]:
+    out = []
+    for part in str(text).split(","):
+        try:
+            r = float(part)
+        except ValueError:
+            raise MoecliError(f"bad cache ratio {part!r}: expected numbers in [0, 1] like 0.25,0.5") from None
+        if not 0.0 <= r <= 1.0:
+            raise MoecliError(f"bad cache ratio {r}: must be within [0, 1]")
+        out.append(r)
+    if not out:
+        raise MoecliError("no cache ratio given")
+    return out
+
+
+def split_trace(trace, calib_frac: float = 0.3, max_decode: int | None = None):
+    """(calibration passes, evaluated decode passes, prefill pass)."""
+    seqs = trace.sequences
+    if len(seqs) >= 2:
+        calib = [ps for s in seqs[-1:] for ps in s.passes]
+        evald = [ps for s in seqs[:-1] for ps in s.passes]
+    else:
+        ps = seqs[0].passes
+        dec = [p for p in ps if p.kind == "decode"]
+        n = max(1, int(len(dec) * calib_frac))
+        calib, evald = dec[:n], dec[n:]
+        evald = [p for p in ps if p.kind == "prefill"] + evald
+    prefill = [p for p in evald if p.kind == "prefill"]
+    decode = [p for p in evald if p.kind == "decode"]
+    if max_decode:
+        decode = decode[:max_decode]
+    pre = prefill[0] if prefill else prefill_from_decode(decode)
+    return calib, decode, pre
+
+
+def _scheduler_gap(records, costs) -> dict:
+    g, x = GreedyScheduler(), OptimalScheduler()
+    gaps = []
+    for tok, cached, t0, c0, u0, ready in records:
+        a = g.plan(0, tok, cached, costs, t0, c0, u0, ready).makespan - u0
+        b = x.plan(0, tok, cached, costs, t0, c0, u0, ready).makespan - u0
+        gaps.append((a - b) / b if b > 0 else 0.0)
+    if not gaps:
+        return {"n": 0}
+    return {"n": len(gaps), "mean_pct": 100 * sum(gaps) / len(gaps), "max_pct": 100 * max(gaps),
+            "min_pct": 100 * min(gaps), "worse_exact": sum(1 for v in gaps if v < -1e-9)}
+
+
+def run_sweep(trace_path: str | Path, profile_path: str | Path, geometry: str, ratios: list[float],
+              policies: list[str] | None = None, quant: str | None = None, predictor_accuracy: float = 0.9,
+              max_decode: int | None = None, prefill: bool = True) -> dict:
+    geom = get_geometry(geometry)
+    profile = load_profile(profile_path)
+    trace = read_trace(trace_path)
+    if trace.n_experts != geom.n_experts:
+        raise MoecliError(f"trace has {trace.n_experts} experts per layer, geometry {geom.name} has {geom.n_experts}")
+    costs = build_cost_model(profile, geom, quant)
+    pls = [get_placement(p) for p in (policies or DEFAULT_POLICIES)]
+    calib, decode, pre = split_trace(trace, max_decode=max_decode)
+    counts = calibration_counts(calib)
+    L = trace.layers
+    out: dict = {
+        "trace": str(trace_path), "profile": profile.name, "model_geometry": geom.name,
+        "quant": (quant or geom.default_quant).upper(), "layers_simulated": len(L),
+        "decode_tokens": len(decode), "prefill_tokens": pre.n_tokens, "calibration_passes": len(calib),
+        "full_router_scores": trace.full_scores, "trace_predictions": trace.has_predictions,
+        "predictor_accuracy": predictor_accuracy,
+        "costs_ms": {"cpu_a": costs.cpu_a, "cpu_b": costs.cpu_b, "cpu_first": costs.cpu_first,
+                     "dev_g0": costs.dev_g0, "dev_g1": costs.dev_g1, "copy": costs.copy_ms,
+                     "dense_fixed": costs.dense_fixed, "head": costs.head_ms},
+        "expert_bytes": costs.expert_bytes, "gpu_memory_gb": profile.section("gpu").get("memory_gb"),
+        "results": {}, "cache_study": {}, "scheduler_gap": {},
+    }
+    for ratio in ratios:
+        slots = round(ratio * geom.n_experts)
+        key = f"{ratio:g}"
+        out.setdefault("device_cache_gb", {})[key] = slots * geom.n_layers * costs.expert_bytes / 1e9
+        row = out["results"][key] = {}
+        init = {l: [e for e, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:slots]]
+                for l, c in counts.items()}
+        out["cache_study"][key] = cache_study(decode, L, geom.n_experts, slots, init)
+        for pl in pls:
+            sim = Simulator(pl, costs, L, geom.n_experts, slots, counts, predictor_accuracy,
+                            record=pl.name == "hybrimoe")
+            d = sim.run(decode)
+            entry = {"tbt_ms": d.mean_ms, "hit_rate": d.hit_rate, "copied_bytes": d.copied_bytes,
+                     "copied_bytes_per_token": d.copied_bytes / max(1, len(decode)),
+                     "prefetch_copies": d.prefetch_copies, "cpu_share": d.cpu_share,
+                     "decision_us_decode": d.decision_us, "prefetch_us_decode": d.prefetch_us}
+            if prefill:
+                sim = Simulator(pl, costs, L, geom.n_experts, slots, counts, predictor_accuracy,
+                                record=pl.name == "hybrimoe")
+                pr = sim.run([pre])
+                entry.update({"ttft_ms": pr.mean_ms, "prefill_hit_rate": pr.hit_rate,
+                              "prefill_copied_bytes": pr.copied_bytes, "prefill_cpu_share": pr.cpu_share,
+                              "decision_us_prefill": pr.decision_us, "prefetch_us_prefill": pr.prefetch_us})
+                if pl.name == "hybrimoe":
+                    out["scheduler_gap"].setdefault(key, {})["prefill"] = _scheduler_gap(pr.records, costs)
+            if pl.name == "hybrimoe":
+                out["scheduler_gap"].setdefault(key, {})["decode"] = _scheduler_gap(d.records, costs)
+            row[pl.name] = entry
+    out["summary"] = summarize(out)
+    return out
+
+
+def summarize(out: dict) -> dict:
+    """Speedups of hybrimoe, its distance to oracle, and how much of the best-baseline→oracle gap each
+    mechanism closes (ablation)."""
+    s = {}
+    for key, row in out["results"].items():
+        if "hybrimoe" not in row:
+            continue
+        h = row["hybrimoe"]
+        d = {}
+        for metric in ("tbt_ms", "ttft_ms"):
+            if metric not in h:
+                continue
+            base = {b: row[b][metric] for b in ONLINE_BASELINES if b in row}
+            m = {}
+            for b, v in base.items():
+                m[f"speedup_vs_{b}"] = v / h[metric] if h[metric] else None
+            if base:
+                best_b = min(base, key=base.get)
+                m["best_baseline"] = best_b
+                m["hybrimoe_fastest_online"] = h[metric] <= base[best_b] + 1e-9
+                if "oracle" in row:
+                    o = row["oracle"][metric]
+                    m["oracle_over_hybrimoe"] = h[metric] / o if o else None
+                    gap = base[best_b] - o
+                    for ab in ("hybrimoe-sched", "hybrimoe-prefetch", "hybrimoe-cache", "hybrimoe"):
+                        if ab in row and gap > 0:
+                            m[f"gap_closed_by_{ab}"] = (base[best_b] - row[ab][metric]) / gap
+            d[metric] = m
+        s[key] = d
+    return s
+
+
+def render_table(out: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    c = out["costs_ms"]
+    console.print(f"[bold]{out['model_geometry']}[/] {out['quant']} on [bold]{out['profile']}[/]: "
+                  f"expert {out['expert_bytes'] / 1e6:.1f} MB, CPU {c['cpu_a']:.3f}·n+{c['cpu_b']:.3f} ms, "
+                  f"device {c['dev_g0']:.3f}+{c['dev_g1']:.4f}·n ms, copy {c['copy']:.2f} ms; "
+                  f"{out['layers_simulated']} layers, {out['decode_tokens']} decode tokens, "
+                  f"prefill {out['prefill_tokens']} tokens")
+    for key, row in out["results"].items():
+        t = Table(title=f"cache ratio {key}")
+        for col in ("policy", "TBT ms", "tok/s", "TTFT ms", "hit %", "MB/tok", "CPU %", "µs/dec", "µs/pf"):
+            t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
+        for name, e in row.items():
+            t.add_row(name, f"{e['tbt_ms']:.2f}", f"{1000 / e['tbt_ms']:.1f}" if e["tbt_ms"] else "-",
+                      f"{e['ttft_ms']:.1f}" if "ttft_ms" in e else "-", f"{100 * e['hit_rate']:.1f}",
+                      f"{e['copied_bytes_per_token'] / 1e6:.0f}", f"{100 * e['cpu_share']:.0f}",
+                      f"{e['decision_us_decode']:.0f}", f"{e['prefetch_us_decode']:.0f}")
+        console.print(t)
+        cs = out["cache_study"].get(key)
+        if cs:
+            console.print("  cache policies alone (admit every miss): " +
+                          ", ".join(f"{k} {100 * v:.1f} %" for k, v in cs.items()))
+        sm = out["summary"].get(key, {})
+        for metric, m in sm.items():
+            sp = ", ".join(f"{k[11:]} {v:.2f}×" for k, v in m.items() if k.startswith("speedup_vs_") and v)
+            console.print(f"  hybrimoe {metric}: {sp}; oracle is {m.get('oracle_over_hybrimoe', 0) or 0:.2f}× "
+                          f"faster; fastest online: {m.get('hybrimoe_fastest_online')}")

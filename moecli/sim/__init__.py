@@ -1,0 +1,1 @@
+"""Trace-driven simulation of hybrid MoE inference (traces, discrete-event timelines)."""
