@@ -1,6 +1,7 @@
 """The public Python API: `moecli.load(path) -> Model`, then tokenize / logits / generate."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator
 
@@ -34,17 +35,19 @@ class Session:
 
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", n_ctx: int | None = None, engine: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, placement: str | None = None, expert_slots: int = 0, costs=None):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path)
         self.config = self.checkpoint.config
         src = self.checkpoint.source
         self.tokenizer = HFTokenizer(self.path, src.config) if self.path.is_dir() else GGUFTokenizer(src)
         self.device = torch.device(device)
-        if engine == "auto":
+        if placement is not None:
+            engine = "hybrid"
+        elif engine == "auto":
             engine = "ggml" if self.device.type == "cpu" else "torch"
-        if engine not in ("ggml", "torch"):
-            raise MoecliError(f"unknown engine {engine!r} (ggml, torch)")
+        if engine not in ("ggml", "torch", "hybrid"):
+            raise MoecliError(f"unknown engine {engine!r} (ggml, torch, hybrid)")
         self.engine = engine
         if engine == "ggml":
             if self.device.type != "cpu":
@@ -55,10 +58,43 @@ class Model:
             ggml.set_threads(threads)
             linear = GgmlLinear
             experts = GgmlExperts(self.checkpoint) if self.config.is_moe else None
+        elif engine == "hybrid":
+            # Experts split between the ggml CPU engine and a device cache; everything else on the device.
+            from moecli.kernels import ggml
+            from moecli.runtime.executor import HybridExperts
+
+            if not self.config.is_moe:
+                raise MoecliError("placements apply to Mixture-of-Experts models; this model is dense")
+            ggml.set_threads(threads)
+            linear = None
+            experts = HybridExperts(self.checkpoint, self.device, placement or "hybrimoe", expert_slots, costs)
         else:
             linear = None
             experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
         self.transformer = Transformer(self.checkpoint, self.device, experts, linear=linear, max_ctx=n_ctx)
+        if hasattr(experts, "attach"):
+            experts.attach(self.transformer)
+
+    @property
+    def stats(self):
+        """Expert placement counters of the hybrid executor (hit rate, CPU/device split...), None otherwise."""
+        return getattr(self.transformer.experts, "stats", None)
+
+    @contextlib.contextmanager
+    def record_trace(self, path):
+        """Record the routing (and the executor's predictions) of everything run inside the block to `path`."""
+        from moecli.runtime.trace_recorder import TraceRecorder
+
+        experts = self.transformer.experts
+        if not hasattr(experts, "recorder"):
+            raise MoecliError("trace recording needs a placement (the hybrid executor): load with placement=...")
+        rec = TraceRecorder(self.path.name, self.config.n_expert, self.config.n_expert_used, experts.layers)
+        experts.recorder = rec
+        try:
+            yield rec
+        finally:
+            experts.recorder = None
+            rec.write(path)
 
     # --- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -137,6 +173,9 @@ def load(path: str | Path, device: str = "cpu", **options) -> Model:
     """Load a GGUF file or a Hugging Face safetensors directory.
 
     Options: n_ctx (context length), engine ("ggml": every weight matmul through llama.cpp's kernels on the
-    quantized weights, the default on the CPU; "torch": the fp32 reference), threads (ggml threads).
+    quantized weights, the default on the CPU; "torch": the fp32 reference), threads (ggml threads),
+    placement (a named placement, e.g. "hybrimoe", "lru", "ktransformers", "llama-cpp", "n-cpu-moe=N": routed
+    experts split between the ggml CPU engine and an expert cache on `device`), expert_slots (cache slots per
+    layer), costs (a policy.cost.CostModel; defaults derive from the expert size).
     """
     return Model(path, device=device, **options)

@@ -1,0 +1,180 @@
+"""Experts on the accelerator: fixed slots per layer holding experts in the QUANTIZED form they were copied in
+(3-4x less PCIe traffic than fp16), dequantized by torch right before they compute.
+
+The copy engine is the only CUDA-specific piece: on CUDA a host thread stages the mmap'ed bytes into pinned memory and
+issues the copy on its own stream, recording an event the compute stream waits on, so compute waits only for the
+expert it needs. On any other device the same interface copies synchronously, so tests exercise the same code.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from moecli.formats.tensor import TensorData
+from moecli.models.config import Checkpoint
+
+log = logging.getLogger("moecli")
+T = GGMLQuantizationType
+_PARTS = ("gate", "up", "down")
+
+
+def _host(a: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over a read-only mmap view; torch warns about non-writable arrays, but we only read it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+class CopyEngine:
+    """Host -> device byte copies. `copy()` returns a handle; `wait(handle)` orders the compute stream after it."""
+
+    def __init__(self, device: torch.device, max_bytes: int):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.bytes_copied = 0
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device)
+            # Two pinned staging buffers: stage the next expert while the previous one crosses the bus.
+            self._pinned = [torch.empty(max_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self._free = [torch.cuda.Event() for _ in range(2)]
+            self._turn = 0
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="moecli-copy")
+            self._lock = threading.Lock()
+
+    def copy(self, dst: torch.Tensor, parts: list[np.ndarray]):
+        """Copy the concatenation of `parts` (host uint8 views) into `dst` (device uint8)."""
+        n = sum(p.nbytes for p in parts)
+        self.bytes_copied += n
+        if not self.cuda:
+            off = 0
+            for p in parts:
+                dst[off:off + p.nbytes].copy_(_host(p))
+                off += p.nbytes
+            return None
+        return self._thread.submit(self._stage_and_copy, dst, parts, n)
+
+    def _stage_and_copy(self, dst, parts, n) -> torch.cuda.Event:
+        with self._lock:
+            i = self._turn
+            self._turn ^= 1
+            self._free[i].synchronize()  # the previous copy out of this staging buffer is done
+            buf = self._pinned[i]
+            off = 0
+            for p in parts:
+                buf[off:off + p.nbytes].numpy()[:] = p
+                off += p.nbytes
+            with torch.cuda.stream(self.stream):
+                dst[:n].copy_(buf[:n], non_blocking=True)
+                self._free[i].record(self.stream)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            return done
+
+    def wait(self, handle) -> None:
+        if handle is None:
+            return
+        event = handle.result() if isinstance(handle, Future) else handle
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    @staticmethod
+    def ready(handle) -> bool:
+        if handle is None:
+            return True
+        if isinstance(handle, Future):
+            return handle.done() and handle.result().query()
+        return handle.query()
+
+
+class DeviceExpertCache:
+    """`slots` experts per MoE layer resident on `device` as raw GGUF bytes (gate|up|down in one uint8 row)."""
+
+    def __init__(self, ckpt: Checkpoint, device, slots: int, dtype=torch.float32):
+        from moecli.kernels import torch_dequant
+
+        self.ckpt, self.device, self.slots, self.dtype = ckpt, torch.device(device), slots, dtype
+        self._dq = torch_dequant
+        c = ckpt.config
+        self.layers = [l for l in range(c.n_layer) if f"blk.{l}.ffn_gate_exps" in ckpt.experts]
+        stacks = {p: ckpt.experts[f"blk.{self.layers[0]}.ffn_{p}_exps"] for p in _PARTS} if self.layers else {}
+        # Layout of one slot: each part's type, numpy shape, byte offset and size (the same for every layer: checked).
+        self.parts = []
+        off = 0
+        self.host_f16 = set()
+        for p in _PARTS:
+            t = stacks[p].expert(0)
+            if t.type not in torch_dequant.SUPPORTED:
+                # No device kernel for this type: dequantize on the host and ship F16 (2x the bytes of Q8).
+                log.warning("expert type %s has no device dequantization: experts are copied as F16", t.type.name)
+                self.host_f16.add(p)
+                nbytes, ttype = t.n_elements * 2, T.F16
+            else:
+                nbytes, ttype = t.nbytes, t.type
+            self.parts.append((p, ttype, t.shape, off, nbytes))
+            off += nbytes
+        self.slot_bytes = off
+        n = len(self.layers)
+        self.storage = torch.empty((max(n, 1), max(slots, 1) + 1, off), dtype=torch.uint8, device=self.device)
+        self._index = {l: i for i, l in enumerate(self.layers)}
+        self.resident: dict[int, dict[int, int]] = {l: {} for l in self.layers}  # layer -> expert -> slot
+        self.pending: dict[tuple[int, int], object] = {}  # (layer, expert) -> copy handle
+        self.copy_engine = CopyEngine(self.device, off)
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel()
+
+    def _host_parts(self, layer: int, e: int) -> list[np.ndarray]:
+        out = []
+        for p, ttype, shape, _, _ in self.parts:
+            t = self.ckpt.experts[f"blk.{layer}.ffn_{p}_exps"].expert(e)
+            if p in self.host_f16:
+                out.append(t.numpy().astype(np.float16).view(np.uint8).reshape(-1))
+            else:
+                out.append(t.raw)
+        return out
+
+    def load(self, layer: int, e: int, evict: int | None = None) -> None:
+        """Copy expert e of `layer` into a free slot, or into `evict`'s slot. Asynchronous on CUDA."""
+        res = self.resident[layer]
+        if e in res:
+            return
+        if evict is not None and evict in res:
+            slot = res.pop(evict)
+            self.pending.pop((layer, evict), None)
+        else:
+            used = set(res.values())
+            slot = next(s for s in range(self.slots) if s not in used)
+        res[e] = slot
+        dst = self.storage[self._index[layer], slot]
+        self.pending[(layer, e)] = self.copy_engine.copy(dst, self._host_parts(layer, e))
+
+    def load_scratch(self, layer: int, e: int) -> None:
+        """Bring a non-resident expert into the layer's scratch slot for one use (a policy bypass)."""
+        dst = self.storage[self._index[layer], self.slots]
+        self.pending[(layer, -1)] = self.copy_engine.copy(dst, self._host_parts(layer, e))
+
+    def weights(self, layer: int, e: int, scratch: bool = False) -> list[torch.Tensor]:
+        """Dequantized gate, up, down of a resident (or scratch) expert, waiting only for its own copy."""
+        key = (layer, -1) if scratch else (layer, e)
+        handle = self.pending.pop(key, None)
+        self.copy_engine.wait(handle)
+        slot = self.slots if scratch else self.resident[layer][e]
+        row = self.storage[self._index[layer], slot]
+        return [self._dq.dequantize(row[off:off + n], ttype, shape, dtype=self.dtype)
+                for _, ttype, shape, off, n in self.parts]
+
+    def compute(self, layer: int, e: int, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+        gate, up, down = self.weights(layer, e, scratch)
+        x = x.to(self.dtype)
+        return ((F.silu(x @ gate.T) * (x @ up.T)) @ down.T).float()
+
+    def evict(self, layer: int, e: int) -> None:
+        self.resident[layer].pop(e, None)
+        self.pending.pop((layer, e), None)
