@@ -58,9 +58,12 @@ class CopyEngine:
                 dst[off:off + p.nbytes].copy_(_host(p))
                 off += p.nbytes
             return None
-        return self._thread.submit(self._stage_and_copy, dst, parts, n)
+        # The slot may still be read by kernels queued on the compute stream (the expert it held): the copy waits.
+        slot_free = torch.cuda.Event()
+        slot_free.record(torch.cuda.current_stream(self.device))
+        return self._thread.submit(self._stage_and_copy, dst, parts, n, slot_free)
 
-    def _stage_and_copy(self, dst, parts, n) -> torch.cuda.Event:
+    def _stage_and_copy(self, dst, parts, n, slot_free) -> torch.cuda.Event:
         with self._lock:
             i = self._turn
             self._turn ^= 1
@@ -71,6 +74,7 @@ class CopyEngine:
                 buf[off:off + p.nbytes].numpy()[:] = p
                 off += p.nbytes
             with torch.cuda.stream(self.stream):
+                self.stream.wait_event(slot_free)
                 dst[:n].copy_(buf[:n], non_blocking=True)
                 self._free[i].record(self.stream)
                 done = torch.cuda.Event()
