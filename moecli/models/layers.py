@@ -88,19 +88,17 @@ class KVCache:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal GQA attention of n new queries at positions start.. over keys 0..start+n-1.
 
-    q: [n, H, d]; k, v: [start+n, Hkv, d] -> [n, H*d]
+    q: [n, H, d]; k, v: [start+n, Hkv, d] -> [n, H*d]. SDPA's enable_gqa shares each KV head across its query
+    group without materialising the repeated cache (which would copy the whole context every step).
     """
     n, n_head, d = q.shape
-    group = n_head // k.shape[1]
-    qh = q.transpose(0, 1)  # [H, n, d]
-    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)
-    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
     mask = None
     if n > 1:
         kpos = torch.arange(start + n, device=q.device)
         qpos = torch.arange(start, start + n, device=q.device)
         mask = kpos[None, :] <= qpos[:, None]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=d ** -0.5)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                         scale=d ** -0.5, enable_gqa=k.shape[1] != n_head)
     return out.transpose(0, 1).reshape(n, n_head * d)
 
 
