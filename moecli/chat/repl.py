@@ -1,0 +1,404 @@
+"""The chat REPL: a conversation (messages + KV cache session + settings), its slash commands, and the input loop.
+
+Input is plain `input()` with `readline` (line editing and history); `\"\"\"` opens and closes a multi-line message
+and a line ending in a backslash continues on the next one. Ctrl-C stops an answer (the partial answer stays in the
+conversation, marked as interrupted); at an empty prompt it prints a hint and a second one exits; Ctrl-D exits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+from moecli.chat import stats as st
+from moecli.errors import MoecliError
+
+PROMPT, MORE = ">>> ", "... "
+FORMAT = "moecli-chat/1"
+
+
+@dataclass
+class Settings:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    max_tokens: int = 512
+    system: str | None = None
+    verbose: bool = False
+
+    def sampling(self) -> dict:
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                    repeat_penalty=self.repeat_penalty, seed=self.seed)
+
+
+def _num(kind, lo=None, hi=None):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ValueError(f"must be in [{lo}, {hi if hi is not None else 'inf'})")
+        return v
+    return parse
+
+
+def _seed(text):
+    return None if text.lower() in ("none", "random", "-1") else _num(int)(text)
+
+
+# /set NAME VALUE: each sampling setting and its parser; ollama's and llama.cpp's names work too (ALIASES).
+PARAMS: dict[str, Callable] = {
+    "temperature": _num(float, 0.0),
+    "top_k": _num(int, 0),
+    "top_p": _num(float, 0.0, 1.0),
+    "min_p": _num(float, 0.0, 1.0),
+    "repeat_penalty": _num(float, 0.0),
+    "seed": _seed,
+    "max_tokens": _num(int, 1),
+}
+ALIASES = {"temp": "temperature", "num_predict": "max_tokens", "n_predict": "max_tokens", "n": "max_tokens"}
+
+HELP = """\
+Available commands:
+  /set                 show the settings
+  /set NAME VALUE      temperature, top_k, top_p, min_p, repeat_penalty, seed (none = random), max_tokens
+  /set system TEXT     set the system message (/set system alone removes it)
+  /set verbose|quiet   print token counts and rates after each answer, or not
+  /clear               forget the conversation (and its KV cache)
+  /stats               token counts and rates of the last answer and of the session, context used
+  /save FILE           save the conversation and settings as JSON
+  /load FILE           load a saved conversation and go on with it
+  /bye                 exit (also Ctrl-D)
+  /?, /help            this help
+
+Use \"\"\" to begin and end a multi-line message; a line ending in \\ continues on the next one.
+Ctrl-C stops an answer; at an empty prompt, press it twice to exit."""
+
+
+class Chat:
+    """A conversation with one model: messages, settings, the KV cache session and the token statistics."""
+
+    def __init__(self, model, settings: Settings, n_ctx: int | None = None, out=None, err=None):
+        from moecli.api import Session
+
+        self.model, self.settings = model, settings
+        self.session = Session(model, n_ctx)
+        self.messages: list[dict] = []  # user / assistant turns; the system message lives in settings
+        self.last: st.TurnStats | None = None
+        self.totals = st.Totals()
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.interactive = True  # False for one-shot -p answers: no slash commands to suggest
+
+    # --- answering ----------------------------------------------------------------------------------------------
+    def conversation(self) -> list[dict]:
+        system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
+        return system + [{"role": m["role"], "content": m["content"]} for m in self.messages]
+
+    def context_full_message(self) -> str:
+        n = self.session.n_ctx
+        start_over = "/clear to start a new conversation, or " if self.interactive else ""
+        return f"context is full ({n} tokens): {start_over}run again with a larger context (--ctx {2 * n})"
+
+    def answer(self, text: str) -> str:
+        """Stream an answer to `text`; returns "ok", "interrupted" (Ctrl-C) or "full" (the context filled up)."""
+        m, s = self.model, self.settings
+        self.messages.append({"role": "user", "content": text})
+        turn = st.TurnStats()
+        before = st.snapshot(m) if s.verbose else None
+        pieces: list[str] = []
+        t_first = t_last = None
+
+        def timed(tokens):
+            nonlocal t_first, t_last
+            for t in tokens:
+                t_last = time.perf_counter()
+                if t_first is None:
+                    t_first = t_last
+                turn.gen_tokens += 1
+                yield t
+
+        status = "ok"
+        try:
+            ids = m.tokenize(m.chat_prompt(self.conversation()), add_special=True)
+            turn.prompt_tokens = len(ids)
+            turn.prompt_new = max(len(ids) - _common(self.session.tokens, ids), 1)
+            t0 = time.perf_counter()
+            try:
+                for piece in m.stream_text(timed(m.generate(ids, s.max_tokens, session=self.session,
+                                                            **s.sampling()))):
+                    pieces.append(piece)
+                    self.out.write(piece)
+                    self.out.flush()
+            except MoecliError:
+                if len(ids) + turn.gen_tokens <= self.session.n_ctx:
+                    raise  # something else than the context filling up
+                status = "full"
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except BaseException:
+            self.messages.pop()
+            raise
+        reply = "".join(pieces)
+        if pieces:
+            self.out.write("\n")
+        if status == "interrupted":
+            self.out.write("(answer interrupted)\n")
+        self.out.flush()
+
+        if reply or status == "ok":
+            msg = {"role": "assistant", "content": reply}
+            if status != "ok":
+                msg["interrupted" if status == "interrupted" else "truncated"] = True
+            self.messages.append(msg)
+        else:
+            self.messages.pop()  # nothing answered: forget the question too (templates want alternating turns)
+        if t_first is not None:
+            turn.prompt_s = t_first - t0
+            turn.gen_s = t_last - t_first
+        self.last = turn
+        self.totals.add(turn)
+        if status == "full" and self.interactive:  # -p turns it into an error line and exit status 1
+            self.err.write(f"{self.context_full_message()}\n")
+        if s.verbose:
+            self.err.write(f"{st.format_turn(turn)} | context {self.context_line()} | "
+                           f"{st.format_experts(m, before)}\n")
+        self.err.flush()
+        return status
+
+    def context_line(self) -> str:
+        return st.format_context(len(self.session.tokens), self.session.n_ctx)
+
+    # --- slash commands -----------------------------------------------------------------------------------------
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means exit."""
+        name, _, arg = line.strip().partition(" ")
+        handler = COMMANDS.get(name.lower())
+        if handler is None:
+            self.say(f"Unknown command '{name}'. Type /? for help")
+            return True
+        return handler(self, arg.strip()) is not False
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def cmd_help(self, arg: str) -> None:
+        self.say(HELP)
+
+    def cmd_bye(self, arg: str) -> bool:
+        return False
+
+    def cmd_set(self, arg: str) -> None:
+        s = self.settings
+        if not arg:
+            for f in fields(s):
+                self.say(f"  {f.name:<15} {getattr(s, f.name)!r}" if f.name == "system"
+                         else f"  {f.name:<15} {getattr(s, f.name)}")
+            return
+        key, _, value = arg.partition(" ")
+        key, value = key.lower().replace("-", "_"), value.strip()
+        if key in ("verbose", "quiet"):
+            s.verbose = key == "verbose"
+            self.say(f"Set '{key}' mode.")
+            return
+        if key == "system":
+            s.system = value or None
+            self.say("Set system message." if value else "Removed the system message.")
+            return
+        if key == "parameter":  # ollama: /set parameter NAME VALUE
+            key, _, value = value.partition(" ")
+            key, value = key.lower().replace("-", "_"), value.strip()
+        key = ALIASES.get(key, key)
+        if key not in PARAMS:
+            self.say(f"Unknown setting '{key}': {', '.join(PARAMS)}, system, verbose, quiet")
+            return
+        try:
+            setattr(s, key, PARAMS[key](value))
+        except ValueError as e:
+            self.say(f"Bad value for {key}: {value!r} ({e})" if value else f"Usage: /set {key} VALUE")
+            return
+        self.say(f"Set parameter '{key}' to '{getattr(s, key)}'")
+
+    def cmd_clear(self, arg: str) -> None:
+        self.messages = []
+        self.session.reset()
+        self.say("Cleared session context")
+
+    def cmd_stats(self, arg: str) -> None:
+        if self.last is None:
+            self.say("last answer: none yet")
+        else:
+            self.say(f"last answer: {st.format_turn(self.last)}")
+        self.say(f"session:     {st.format_totals(self.totals)}")
+        self.say(f"context:     {self.context_line()}")
+        self.say(f"experts:     {st.format_experts(self.model)}")
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            self.say("Usage: /save FILE")
+            return
+        path = Path(arg).expanduser()
+        data = {"format": FORMAT, "model": str(getattr(self.model, "path", "")), "settings": asdict(self.settings),
+                "messages": self.messages}
+        try:
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as e:
+            self.say(f"error: cannot save to {path}: {e.strerror or e}")
+            return
+        self.say(f"Saved {len(self.messages)} messages to {path}")
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            self.say("Usage: /load FILE")
+            return
+        path = Path(arg).expanduser()
+        try:
+            messages, settings, model = load_conversation(path)
+        except MoecliError as e:
+            self.say(f"error: {e}")
+            return
+        self.settings, self.messages = settings, messages
+        self.show_history()
+        saved_with = model
+        if saved_with and Path(saved_with).name != Path(str(getattr(self.model, "path", ""))).name:
+            self.say(f"(saved with another model: {saved_with})")
+        self.say(f"Loaded {len(messages)} messages from {path}")
+
+    def show_history(self) -> None:
+        if self.settings.system:
+            self.say(f"(system) {self.settings.system}")
+        for msg in self.messages:
+            if msg["role"] == "user":
+                self.say(PROMPT + msg["content"].replace("\n", "\n" + MORE))
+            else:
+                self.say(msg["content"] + (" (interrupted)" if msg.get("interrupted") else "") + "\n")
+
+
+COMMANDS: dict[str, Callable] = {
+    "/help": Chat.cmd_help, "/?": Chat.cmd_help,
+    "/bye": Chat.cmd_bye, "/exit": Chat.cmd_bye, "/quit": Chat.cmd_bye,
+    "/set": Chat.cmd_set, "/clear": Chat.cmd_clear, "/stats": Chat.cmd_stats,
+    "/save": Chat.cmd_save, "/load": Chat.cmd_load,
+}
+
+
+def load_conversation(path: Path) -> tuple[list[dict], Settings, str]:
+    """Messages, settings and model path from a /save file, checked."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MoecliError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MoecliError(f"{path} is not a saved conversation (bad JSON: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise MoecliError(f"{path} is not a saved conversation (no messages list)")
+    messages = []
+    for m in data["messages"]:
+        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
+                and isinstance(m.get("content"), str)):
+            raise MoecliError(f"{path}: bad message {m!r:.60}")
+        messages.append(m)
+    settings = Settings()
+    for f in fields(Settings):
+        v = (data.get("settings") or {}).get(f.name, getattr(settings, f.name))
+        if f.name in PARAMS:
+            try:
+                v = PARAMS[f.name](str(v))
+            except ValueError:
+                raise MoecliError(f"{path}: bad value for {f.name}: {v!r}") from None
+        setattr(settings, f.name, v)
+    # A system message saved inside the messages (another tool's file) becomes the system setting.
+    if messages and messages[0]["role"] == "system":
+        settings.system = messages.pop(0)["content"]
+    settings.verbose = bool(settings.verbose)
+    settings.system = settings.system if isinstance(settings.system, str) and settings.system else None
+    return messages, settings, str(data.get("model") or "")
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# --- input ---------------------------------------------------------------------------------------------------------
+class Cancelled(Exception):
+    """Ctrl-C in the middle of a message being typed: drop it."""
+
+
+def read_message(read: Callable[[str], str]) -> str:
+    """One message: a line, `\"\"\"`-delimited lines, or lines continued by a trailing backslash.
+
+    Raises EOFError (Ctrl-D), KeyboardInterrupt (Ctrl-C at the prompt) or Cancelled (Ctrl-C or Ctrl-D in the middle
+    of a multi-line message).
+    """
+    line = read(PROMPT)
+    try:
+        if line.lstrip().startswith('"""'):
+            rest = line.lstrip()[3:]
+            if rest.rstrip().endswith('"""'):  # """one line"""
+                return rest.rstrip()[:-3]
+            lines = [rest] if rest.strip() else []
+            while True:
+                line = read(MORE)
+                if line.rstrip().endswith('"""'):
+                    lines.append(line.rstrip()[:-3])
+                    return "\n".join(lines).strip("\n")
+                lines.append(line)
+        lines = []
+        while line.endswith("\\"):
+            lines.append(line[:-1])
+            line = read(MORE)
+        return "\n".join(lines + [line])
+    except (KeyboardInterrupt, EOFError):
+        raise Cancelled from None
+
+
+def run(chat: Chat, read: Callable[[str], str] | None = None) -> None:
+    """The read-eval-print loop, until /bye, Ctrl-D or two Ctrl-C in a row at an empty prompt."""
+    if read is None:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        read = input
+    interrupts = 0
+    while True:
+        try:
+            text = read_message(read)
+        except EOFError:
+            chat.out.write("\n")
+            return
+        except Cancelled:
+            chat.out.write("\n")
+            continue
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts >= 2:
+                chat.out.write("\n")
+                return
+            chat.say("\n(press Ctrl-C again to exit, or use Ctrl-D or /bye)")
+            continue
+        interrupts = 0
+        try:
+            if text.strip().startswith("/"):
+                if not chat.command(text):
+                    return
+            elif text.strip():
+                chat.answer(text)
+                chat.out.write("\n")
+        except KeyboardInterrupt:
+            chat.say("\n(interrupted)")
+        except MoecliError as e:
+            chat.say(f"error: {e}")
