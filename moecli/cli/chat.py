@@ -27,6 +27,11 @@ def chat(
     ctx: int = typer.Option(4096, "-c", "--ctx", min=16, help="Context length in tokens"),
     device: str = typer.Option("cpu", "--device", help="torch device for everything but CPU experts"),
     threads: Optional[int] = typer.Option(None, "-t", "--threads", min=1, help="CPU threads for the ggml engine"),
+    placement: Optional[str] = typer.Option(
+        None, "--placement", help="Expert placement for MoE models: hybrimoe, lru, ktransformers, llama-cpp, "
+        "n-cpu-moe=N... (default: all experts on the CPU engine without a GPU, hybrimoe with one)"),
+    expert_slots: Optional[int] = typer.Option(
+        None, "--expert-slots", min=0, help="Device expert-cache slots per layer (default: from the host profile)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and rates after each answer"),
 ) -> None:
     """Chat with a model (the embedded SmolLM2-135M when none is given). /? in the chat lists the commands."""
@@ -40,7 +45,8 @@ def chat(
     path = resolve_model(model)
     if model is None:
         typer.echo(f"(embedded default model; for a real MoE: {PULL_HINT})", err=True)
-    m = moecli.load(path, device=device, n_ctx=ctx, threads=threads)
+    m = moecli.load(path, device=device, n_ctx=ctx, threads=threads, **placement_options(device, placement,
+                                                                                         expert_slots))
     settings = Settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, system=system,
                         verbose=verbose)
@@ -56,6 +62,30 @@ def chat(
         return
     typer.echo('Type a message (/? for help, """ for multi-line, /bye or Ctrl-D to exit).', err=True)
     run(c)
+
+
+def placement_options(device: str, placement: str | None, expert_slots: int | None) -> dict:
+    """`load()` options for the placement flags: a GPU gets HybriMoE with the profile's slots by default."""
+    if placement is None and expert_slots is None and not device.startswith("cuda"):
+        return {}
+    slots = expert_slots
+    if slots is None:
+        from moecli.profile import find_profile, no_profile_message
+
+        found = find_profile()
+        slots = _profile_slots(found) if found else None
+        if slots is None:
+            typer.echo(no_profile_message(), err=True)
+            slots = 0
+    return {"placement": placement or "hybrimoe", "expert_slots": slots}
+
+
+def _profile_slots(path) -> int | None:
+    from moecli.policy.cost import load_profile
+
+    plan = load_profile(path).section("plan")
+    value = plan.get("slots_per_layer")
+    return int(value) if isinstance(value, (int, float)) else None
 
 
 def register(app: typer.Typer) -> None:
