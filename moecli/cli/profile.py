@@ -83,9 +83,12 @@ def _print_rich(host, meas, plan, facts, path, source, costs) -> None:
         for f in meas.runtime_fits():
             checks = ", ".join(f"{e['tokens']} tok: {e['predicted_ms']:.2f} vs {e['measured_ms']:.2f} ms "
                                f"({100 * e['error']:+.0f} %)" for e in f.errors)
-            if f.fit_error_pct is not None:
-                out.print(f"fit error {f.quant} @ {f.threads} threads: {f.fit_error_pct:.1f} % "
-                          f"(predicted a·n+b vs measured layer, {checks})")
+            pe = f.piecewise_error_pct
+            if pe is not None or f.fit_error_pct is not None:
+                used = pe if pe is not None else f.fit_error_pct
+                out.print(f"fit error {f.quant} @ {f.threads} threads: {used:.1f} % with the cost model's "
+                          f"{'two-piece' if pe is not None else 'single-line'} fit "
+                          f"(single line a·n+b: {f.fit_error_pct:.1f} %; {checks})")
         out.print(f"memory bandwidth (copy, {meas.runtime_threads} threads): {meas.mem_bandwidth_gbs:.1f} GB/s"
                   f"   * = threads the runtime will use   measured in {meas.seconds:.1f} s")
         if meas.gpu is not None:

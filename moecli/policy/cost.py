@@ -75,8 +75,18 @@ class CostModel:
     dense_per_tok: float = 0.0  # device ms per token per layer for the same (compute)
     head_ms: float = 0.0       # device ms per forward pass for the output head
     gpu_expert_capacity: int = 0  # experts the device could hold (memory), informational
+    # Measured piecewise CPU fit ((tokens_max, a, b), ...) by increasing tokens_max: ggml's time per expert is not
+    # one line in n (compute-bound for a few tokens, nearly flat up to ~16, then linear again); a, b above stay the
+    # single-line fit for code that wants one.
+    cpu_pieces: tuple = ()
 
     def cpu(self, n: int) -> float:
+        for top, a, b in self.cpu_pieces:
+            if n <= top:
+                return a * n + b
+        if self.cpu_pieces:
+            _, a, b = self.cpu_pieces[-1]
+            return a * n + b
         return self.cpu_a * n + self.cpu_b
 
     def dev(self, n: int) -> float:
@@ -102,10 +112,15 @@ def build_cost_model(profile: HostProfile, geom: ModelGeometry, quant: str | Non
     cpu_gflops = profile._quant("cpu", q, "gflops")
     a = flops / (cpu_gflops * 1e9) * 1e3
     b = nbytes / (cpu_bw * 1e9) * 1e3
+    first = profile._num("cpu", "first_expert_ms", 0.0)
+    pieces = ()
     for fit in profile.section("cpu").get("fit", []):  # measured fits win over derived figures
         if str(fit.get("model", "")).lower() == geom.name and str(fit.get("quant", "")).upper() == q:
             a, b = float(fit["a_ms"]), float(fit["b_ms"])
-    first = profile._num("cpu", "first_expert_ms", 0.0)
+            if fit.get("pieces"):
+                pieces = tuple(sorted((float(p["tokens_max"]), float(p["a_ms"]), float(p["b_ms"]))
+                                      for p in fit["pieces"]))
+                first = float(fit.get("pieces_first_ms", first))
 
     gpu_bw = profile._num("gpu", "mem_bandwidth_gbs") * profile._num("gpu", "mem_efficiency", 0.7)
     gpu_tflops = profile._quant("gpu", q, "tflops")
@@ -124,4 +139,4 @@ def build_cost_model(profile: HostProfile, geom: ModelGeometry, quant: str | Non
     head_ms = geom.head_params * 4.5 / 8 / (gpu_bw * 1e9) * 1e3
     mem = profile._num("gpu", "memory_gb", 0.0) * 1e9
     return CostModel(a, b, first, g0, g1, copy, nbytes, dense_fixed, dense_per_tok, head_ms,
-                     int(mem // nbytes) if nbytes else 0)
+                     int(mem // nbytes) if nbytes else 0, pieces)

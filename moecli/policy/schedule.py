@@ -48,7 +48,7 @@ def evaluate(tokens: dict[int, int], cpu: list[int], device: list[int], copies: 
     if cpu:
         t_cpu += costs.cpu_first
         for e in cpu:
-            t_cpu += costs.cpu_a * tokens[e] + costs.cpu_b
+            t_cpu += costs.cpu(tokens[e])
     t_copy = copy_free_at
     arrive = {}
     for e in copies:
@@ -103,15 +103,15 @@ class OptimalScheduler:
 
     @staticmethod
     def _plan(tokens, C, U, costs, device_free_at, copy_free_at, cpu_free_at, ready_at, allow_copy) -> Plan:
-        a, b, g0, g1, c = costs.cpu_a, costs.cpu_b, costs.dev_g0, costs.dev_g1, costs.copy_ms
+        cpu, g0, g1, c = costs.cpu, costs.dev_g0, costs.dev_g1, costs.copy_ms
         nC, nU = len(C), len(U)
         # CPU cost of the suffixes (what the CPU takes when the device takes a prefix).
         cpuC = [0.0] * (nC + 1)
         for i in range(nC - 1, -1, -1):
-            cpuC[i] = cpuC[i + 1] + a * tokens[C[i]] + b
+            cpuC[i] = cpuC[i + 1] + cpu(tokens[C[i]])
         cpuU = [0.0] * (nU + 1)
         for i in range(nU - 1, -1, -1):
-            cpuU[i] = cpuU[i + 1] + a * tokens[U[i]] + b
+            cpuU[i] = cpuU[i + 1] + cpu(tokens[U[i]])
         # Device end of the cached phase for each kc.
         devC = [device_free_at] * (nC + 1)
         if ready_at and any(e in ready_at for e in C):
@@ -185,7 +185,7 @@ class GreedyScheduler:
 
     @staticmethod
     def _simulate(tokens, C, U, m, costs, device_free_at, copy_free_at, cpu_free_at, ready_at):
-        a, b, g0, g1 = costs.cpu_a, costs.cpu_b, costs.dev_g0, costs.dev_g1
+        cpu, g0, g1 = costs.cpu, costs.dev_g0, costs.dev_g1
         copies = U[:m]
         cpu_q = U[m:][::-1]  # fewest tokens first
         ra = ready_at or {}
@@ -207,7 +207,7 @@ class GreedyScheduler:
                     t = t_dev
                     for k in range(head, tail):
                         t = max(t, gq[k][1]) + g0 + g1 * tokens[gq[k][0]]
-                    if t_cpu + (0.0 if cpu_order else costs.cpu_first) + a * tokens[e] + b < t:
+                    if t_cpu + (0.0 if cpu_order else costs.cpu_first) + cpu(tokens[e]) < t:
                         tail -= 1
                     else:
                         cpu_done = True
@@ -217,7 +217,7 @@ class GreedyScheduler:
                     continue
                 if not cpu_order:
                     t_cpu += costs.cpu_first
-                t_cpu += a * tokens[e] + b
+                t_cpu += cpu(tokens[e])
                 cpu_order.append(e)
             else:
                 if head < tail:
