@@ -100,8 +100,9 @@ class Model:
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special)
 
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.tokenizer.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+    def detokenize(self, tokens: list[int], special: bool = True) -> str:
+        """Text of `tokens`; control tokens (<|im_end|>...) included unless special=False."""
+        return b"".join(self.tokenizer.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         tok = self.tokenizer

@@ -48,19 +48,20 @@ class GGUFTokenizer:
             raise MoecliError("text too long to tokenize")
         return list(buf[:n])
 
-    def token_bytes(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The token's bytes; control tokens render as their text only with `special` (streaming hides them)."""
+        key = (token, special)
+        piece = self._pieces.get(key)
         if piece is None:
-            n = self._L.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-            piece = self._pieces[token] = self._piece.raw[:max(n, 0)]
+            n = self._L.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
+            piece = self._pieces[key] = self._piece.raw[:max(n, 0)]
         return piece
 
     def is_eog(self, token: int) -> bool:
         return bool(self._L.llama_vocab_is_eog(self._vocab, token))
 
     def token_text(self, token: int) -> str:
-        n = self._L.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, True)
-        return self._piece.raw[:max(n, 0)].decode("utf-8", "replace")
+        return self.token_bytes(token, special=True).decode("utf-8", "replace")
 
 
 class HFTokenizer:
@@ -100,13 +101,13 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_special and self.add_bos else []) + ids
 
-    def token_bytes(self, token: int) -> bytes:
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
         # Byte-level BPE: map the token's characters back to bytes (GPT-2's byte <-> unicode table).
         piece = self._tok.id_to_token(token) or ""
         table = _byte_decoder()
         if all(ch in table for ch in piece):
             return bytes(table[ch] for ch in piece)
-        return self._tok.decode([token], skip_special_tokens=False).encode()
+        return self._tok.decode([token], skip_special_tokens=not special).encode()
 
     def is_eog(self, token: int) -> bool:
         return token in self._eog

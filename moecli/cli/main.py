@@ -7,6 +7,19 @@ import sys
 import click
 import typer
 
+# Typer >= 0.29 vendors its own copy of click: catch its exception classes as well as click's.
+_EXIT, _ABORT, _USAGE = [click.exceptions.Exit], [click.exceptions.Abort], [click.ClickException]
+try:
+    from typer import exceptions as _typer_exc
+    from typer._click import exceptions as _typer_click
+
+    _EXIT.append(_typer_exc.Exit)
+    _ABORT.append(_typer_exc.Abort)
+    _USAGE.append(_typer_click.ClickException)
+except (ImportError, AttributeError):  # pragma: no cover - older Typer uses click's classes
+    pass
+_EXIT, _ABORT, _USAGE = tuple(_EXIT), tuple(_ABORT), tuple(_USAGE)
+
 from moecli.errors import MoecliError
 
 app = typer.Typer(
@@ -40,11 +53,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(rc)
     except MoecliError as e:
         fail(str(e))
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         raise SystemExit(e.exit_code)
-    except click.exceptions.Abort:
+    except _ABORT:
         fail("aborted", 130)
-    except click.ClickException as e:
+    except _USAGE as e:
         e.show()
         raise SystemExit(e.exit_code)
     except KeyboardInterrupt:

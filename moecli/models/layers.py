@@ -45,17 +45,27 @@ class Embedding:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    """RMSNorm rounded the way ggml rounds it: float32 squares summed in double, scale = 1.0f / sqrtf(mean + eps).
+    The next matmul quantizes its input to Q8 for quantized weights, so 1-ulp differences here flip roundings."""
+    mean = (x * x).double().sum(-1, keepdim=True) / x.shape[-1]
+    scale = 1.0 / torch.sqrt((mean + eps).float())
+    return (x * scale) * weight
 
 
 class Rope:
     """Rotary embeddings; `neox` rotates the two halves of the rotary dims, NORM rotates adjacent pairs."""
 
     def __init__(self, dim: int, theta: float, neox: bool, max_pos: int, device):
-        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
-        self.cos = ang.cos().to(device, torch.float32)
-        self.sin = ang.sin().to(device, torch.float32)
+        # Angles exactly as ggml computes them: theta_scale = base^(-2/dim) in float32, and each pair's angle is the
+        # previous one times theta_scale, in float32. The exact angles differ by up to ~1e-4 rad at long positions,
+        # enough to flip Q8 activation roundings downstream and move logits visibly against llama.cpp.
+        scale = np.float32(np.float32(theta) ** np.float32(-2.0 / dim))
+        ang = np.empty((max_pos, dim // 2), dtype=np.float32)
+        ang[:, 0] = np.arange(max_pos, dtype=np.float32)
+        for i in range(1, dim // 2):
+            ang[:, i] = ang[:, i - 1] * scale
+        self.cos = torch.from_numpy(np.cos(ang.astype(np.float64)).astype(np.float32)).to(device)
+        self.sin = torch.from_numpy(np.sin(ang.astype(np.float64)).astype(np.float32)).to(device)
         self.dim, self.neox = dim, neox
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

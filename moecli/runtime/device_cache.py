@@ -106,22 +106,27 @@ class DeviceExpertCache:
         self._dq = torch_dequant
         c = ckpt.config
         self.layers = [l for l in range(c.n_layer) if f"blk.{l}.ffn_gate_exps" in ckpt.experts]
-        stacks = {p: ckpt.experts[f"blk.{self.layers[0]}.ffn_{p}_exps"] for p in _PARTS} if self.layers else {}
-        # Layout of one slot: each part's type, numpy shape, byte offset and size (the same for every layer: checked).
-        self.parts = []
-        off = 0
+        # Layout of one slot per layer: each part's type, numpy shape, byte offset and size. Types may differ between
+        # layers (a Q4_K_M file has Q6_K down projections in some layers), so slots are sized for the largest.
+        self.parts: dict[int, list] = {}
         self.host_f16 = set()
-        for p in _PARTS:
-            t = stacks[p].expert(0)
-            if t.type not in torch_dequant.SUPPORTED:
-                # No device kernel for this type: dequantize on the host and ship F16 (2x the bytes of Q8).
-                log.warning("expert type %s has no device dequantization: experts are copied as F16", t.type.name)
-                self.host_f16.add(p)
-                nbytes, ttype = t.n_elements * 2, T.F16
-            else:
-                nbytes, ttype = t.nbytes, t.type
-            self.parts.append((p, ttype, t.shape, off, nbytes))
-            off += nbytes
+        for l in self.layers:
+            layout, off = [], 0
+            for p in _PARTS:
+                t = ckpt.experts[f"blk.{l}.ffn_{p}_exps"].expert(0)
+                if t.type not in torch_dequant.SUPPORTED:
+                    # No device kernel for this type: dequantize on the host and ship F16 (2x the bytes of Q8).
+                    if t.type not in self.host_f16:
+                        log.warning("expert type %s has no device dequantization: experts are copied as F16",
+                                    t.type.name)
+                    self.host_f16.add(t.type)
+                    nbytes, ttype = t.n_elements * 2, T.F16
+                else:
+                    nbytes, ttype = t.nbytes, t.type
+                layout.append((p, t.type, ttype, t.shape, off, nbytes))
+                off += nbytes
+            self.parts[l] = layout
+        off = max((sum(part[-1] for part in lay) for lay in self.parts.values()), default=0)
         self.slot_bytes = off
         n = len(self.layers)
         self.storage = torch.empty((max(n, 1), max(slots, 1) + 1, off), dtype=torch.uint8, device=self.device)
@@ -136,9 +141,9 @@ class DeviceExpertCache:
 
     def _host_parts(self, layer: int, e: int) -> list[np.ndarray]:
         out = []
-        for p, ttype, shape, _, _ in self.parts:
+        for p, file_type, ttype, shape, _, _ in self.parts[layer]:
             t = self.ckpt.experts[f"blk.{layer}.ffn_{p}_exps"].expert(e)
-            if p in self.host_f16:
+            if ttype != file_type:
                 out.append(t.numpy().astype(np.float16).view(np.uint8).reshape(-1))
             else:
                 out.append(t.raw)
@@ -172,7 +177,7 @@ class DeviceExpertCache:
         slot = self.slots if scratch else self.resident[layer][e]
         row = self.storage[self._index[layer], slot]
         return [self._dq.dequantize(row[off:off + n], ttype, shape, dtype=self.dtype)
-                for _, ttype, shape, off, n in self.parts]
+                for _, _, ttype, shape, off, n in self.parts[layer]]
 
     def compute(self, layer: int, e: int, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         gate, up, down = self.weights(layer, e, scratch)

@@ -202,7 +202,7 @@ class HybridExperts:
 
     def _count_copy(self) -> None:
         self.stats.copied_experts += 1
-        self.stats.bytes_copied += self.dev.slot_bytes
+        self.stats.bytes_copied = self.dev.copy_engine.bytes_copied
         now = time.perf_counter()
         if self.dev.copy_engine.cuda:
             self._copy_busy_until = max(now, self._copy_busy_until) + self.costs.copy_ms / 1e3

