@@ -39,6 +39,7 @@ class Model:
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path)
         self.config = self.checkpoint.config
+        _check_memory(self.checkpoint.file_bytes, self.config, n_ctx, engine)
         src = self.checkpoint.source
         self.tokenizer = HFTokenizer(self.path, src.config) if self.path.is_dir() else GGUFTokenizer(src)
         self.device = torch.device(device)
@@ -159,6 +160,23 @@ class Model:
             raise MoecliError(f"token id {bad[0]} out of range [0, {self.config.n_vocab})")
         if not ids:
             raise MoecliError("empty prompt")
+
+
+def _check_memory(file_bytes: int, c, n_ctx: int | None, engine: str) -> None:
+    """Refuse before loading what this host cannot hold: the weights stay memory-mapped, so they must fit in RAM to
+    run at speed (the torch reference engine also keeps an fp32 copy of everything it touches)."""
+    import psutil
+
+    ctx = min(n_ctx or c.n_ctx_train, c.n_ctx_train)
+    kv = 2 * 4 * c.n_layer * ctx * c.n_head_kv * c.head_dim
+    need = file_bytes * (8 if engine == "torch" else 1) + kv
+    total = psutil.virtual_memory().total
+    if need > 0.95 * total:
+        gib = 1 << 30
+        raise MoecliError(f"not enough memory: this model needs about {need / gib:.1f} GiB (weights "
+                          f"{file_bytes / gib:.1f} GiB + KV cache {kv / gib:.1f} GiB at {ctx} tokens"
+                          f"{', fp32 copies for the torch engine' if engine == 'torch' else ''}); this host has "
+                          f"{total / gib:.1f} GiB")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

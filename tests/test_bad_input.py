@@ -121,3 +121,15 @@ def test_bad_flag_value():
     proc = run_cli("chat", "-p", "hi", "--top-p", "7")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "top-p" in proc.stderr
+
+
+def test_not_enough_memory_is_said_before_loading(tiny_llama_f32):
+    import psutil
+
+    from moecli.api import _check_memory
+
+    cfg = load_checkpoint(tiny_llama_f32).config
+    total = psutil.virtual_memory().total
+    with pytest.raises(MoecliError, match=r"not enough memory: this model needs about .* GiB .* this host has"):
+        _check_memory(total * 2, cfg, 4096, "ggml")
+    _check_memory(total // 4, cfg, 4096, "ggml")  # fits: no error

@@ -108,3 +108,19 @@ def test_record_trace_round_trips(tmp_path):
     assert len(passes) == 6  # the prompt, then 5 decode steps (the 6th token is sampled, not fed)
     assert trace.full_scores and trace.has_predictions
     assert passes[1].layers[1].pred[1]  # layer 1's experts predicted from layer 0's hidden state
+
+
+def test_chat_record_trace_cli(tmp_path):
+    import subprocess
+    import sys
+
+    from moecli.sim.traces import read_trace
+
+    out = tmp_path / "chat-trace.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "moecli", "chat", str(tiny_gguf("qwen2moe", "Q8_0")), "-p", "hello",
+                           "-n", "4", "--temperature", "0", "--placement", "hybrimoe", "--expert-slots", "2",
+                           "--record-trace", str(out), "-v"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "CPU/GPU" in proc.stderr or "CPU" in proc.stderr
+    trace = read_trace(out)
+    assert trace.n_experts == 8 and trace.full_scores and len(trace.sequences[0].passes) >= 2

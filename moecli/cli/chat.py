@@ -2,6 +2,7 @@
 with -p (`-p -` reads the prompt from stdin). The REPL itself lives in moecli/chat/repl.py."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Optional
 
@@ -32,11 +33,14 @@ def chat(
         "n-cpu-moe=N... (default: all experts on the CPU engine without a GPU, hybrimoe with one)"),
     expert_slots: Optional[int] = typer.Option(
         None, "--expert-slots", min=0, help="Device expert-cache slots per layer (default: from the host profile)"),
+    record_trace: Optional[str] = typer.Option(
+        None, "--record-trace", help="Write the routing of this chat (ids, weights, router scores, the executor's "
+        "predictions) to FILE in moecli's trace format, for `moecli bench --simulate --trace FILE`"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and rates after each answer"),
 ) -> None:
     """Chat with a model (the embedded SmolLM2-135M when none is given). /? in the chat lists the commands."""
     import moecli
-    from moecli.chat.repl import Chat, Settings, run
+    from moecli.chat.repl import Settings
 
     if prompt == "-":
         prompt = sys.stdin.read().rstrip("\n")
@@ -45,11 +49,19 @@ def chat(
     path = resolve_model(model)
     if model is None:
         typer.echo(f"(embedded default model; for a real MoE: {PULL_HINT})", err=True)
+    if record_trace and placement is None:
+        placement = "llama-cpp"  # recording lives in the executor; this placement keeps every expert on the CPU
     m = moecli.load(path, device=device, n_ctx=ctx, threads=threads, **placement_options(device, placement,
                                                                                          expert_slots))
-    settings = Settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, system=system,
-                        verbose=verbose)
+    with m.record_trace(record_trace) if record_trace else contextlib.nullcontext():
+        _chat(m, prompt, ctx, Settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,
+                                       system=system, verbose=verbose))
+
+
+def _chat(m, prompt, ctx, settings) -> None:
+    from moecli.chat.repl import Chat, run
+
     c = Chat(m, settings, n_ctx=ctx)
 
     if prompt is not None:
