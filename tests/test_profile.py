@@ -5,10 +5,10 @@ import subprocess
 import sys
 import tomllib
 
-import gguf
 import numpy as np
 import pytest
 
+from conftest import tiny_gguf
 from moecli.errors import MoecliError
 from moecli.policy.cost import build_cost_model, load_profile
 from moecli.policy.geometry import get_geometry
@@ -28,51 +28,9 @@ def run_cli(*args, env=None, timeout=120):
 # -- fixtures ------------------------------------------------------------------------------------------------------
 
 
-def _write_tiny_qwen3moe(path, n_layer=2, d=64, ff=32, n_expert=8, top_k=2, vocab=300):
-    """A tiny qwen3moe GGUF (F32), used when tests/conftest.py has no tiny_gguf fixture builder."""
-    rng = np.random.default_rng(0)
-    heads, hd = 4, 16
-    w = gguf.GGUFWriter(str(path), "qwen3moe")
-    w.add_context_length(128), w.add_embedding_length(d), w.add_block_count(n_layer)
-    w.add_head_count(heads), w.add_head_count_kv(heads), w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0), w.add_expert_count(n_expert), w.add_expert_used_count(top_k)
-    w.add_key_length(hd), w.add_value_length(hd), w.add_expert_feed_forward_length(ff)
-    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("gpt-2")
-    toks = [bytes([b]).decode("latin-1") for b in range(256)] + ["ab"] + [f"<t{i}>" for i in range(vocab - 257)]
-    w.add_token_list(toks), w.add_token_types([1] * vocab), w.add_token_merges(["a b"])
-    w.add_bos_token_id(vocab - 1), w.add_eos_token_id(vocab - 1)
-
-    def add(name, shape, scale=0.05):
-        w.add_tensor(name, rng.standard_normal(shape, dtype=np.float32) * scale)
-
-    add("token_embd.weight", (vocab, d), 1.0)
-    add("output_norm.weight", (d,), 1.0)
-    for l in range(n_layer):
-        b = f"blk.{l}."
-        add(b + "attn_norm.weight", (d,), 1.0), add(b + "ffn_norm.weight", (d,), 1.0)
-        add(b + "attn_q.weight", (heads * hd, d)), add(b + "attn_k.weight", (heads * hd, d))
-        add(b + "attn_v.weight", (heads * hd, d)), add(b + "attn_output.weight", (d, heads * hd))
-        add(b + "attn_q_norm.weight", (hd,), 1.0), add(b + "attn_k_norm.weight", (hd,), 1.0)
-        add(b + "ffn_gate_inp.weight", (n_expert, d), 0.5)
-        add(b + "ffn_gate_exps.weight", (n_expert, ff, d)), add(b + "ffn_up_exps.weight", (n_expert, ff, d))
-        add(b + "ffn_down_exps.weight", (n_expert, d, ff))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.fixture(scope="module")
-def tiny_moe(tmp_path_factory):
-    try:  # another engineer's shared fixture builder, when present
-        from conftest import tiny_gguf
-
-        p = tiny_gguf("qwen3moe", "f32")
-        if p is not None and os.path.exists(p):
-            return p
-    except Exception:  # noqa: BLE001 - absent or another signature: build our own
-        pass
-    p = tmp_path_factory.mktemp("tiny") / "tiny-qwen3moe.gguf"
-    _write_tiny_qwen3moe(p)
-    return p
+def tiny_moe():
+    return tiny_gguf("qwen3moe", "F32")
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +229,7 @@ def test_profile_measures_tiny_model_and_writes(tiny_moe, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "fit error" in r.stdout and str(out) in r.stdout
     raw = tomllib.loads(out.read_text())
-    assert raw["cpu"]["fit"][0]["model"] == "tiny-qwen3moe" and raw["cpu"]["fit"][0]["quant"] == "F32"
+    assert raw["cpu"]["fit"][0]["model"] == tiny_moe.stem.lower() and raw["cpu"]["fit"][0]["quant"] == "F32"
     assert raw["cpu"]["threads"] == 1
     load_profile(out)
 
