@@ -71,14 +71,19 @@ class Rope:
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: [n, heads, head_dim]; pos: [n] positions."""
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
-        rot, rest = x[..., :self.dim], x[..., self.dim:]
+        half = self.dim // 2
+        out = torch.empty_like(x)
         if self.neox:
-            a, b = rot[..., : self.dim // 2], rot[..., self.dim // 2:]
-            out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+            a, b = x[..., :half], x[..., half:self.dim]
+            out[..., :half] = a * cos - b * sin
+            out[..., half:self.dim] = a * sin + b * cos
         else:
-            a, b = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+            a, b = x[..., 0:self.dim:2], x[..., 1:self.dim:2]
+            out[..., 0:self.dim:2] = a * cos - b * sin
+            out[..., 1:self.dim:2] = a * sin + b * cos
+        if self.dim < x.shape[-1]:
+            out[..., self.dim:] = x[..., self.dim:]
+        return out
 
 
 class KVCache:
@@ -98,17 +103,20 @@ class KVCache:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal GQA attention of n new queries at positions start.. over keys 0..start+n-1.
 
-    q: [n, H, d]; k, v: [start+n, Hkv, d] -> [n, H*d]. SDPA's enable_gqa shares each KV head across its query
-    group without materialising the repeated cache (which would copy the whole context every step).
+    q: [n, H, d]; k, v: [start+n, Hkv, d] -> [n, H*d]. Each KV head serves its group of query heads without the
+    cache being repeated (which would copy the whole context every step).
     """
     n, n_head, d = q.shape
-    mask = None
-    if n > 1:
-        kpos = torch.arange(start + n, device=q.device)
-        qpos = torch.arange(start, start + n, device=q.device)
-        mask = kpos[None, :] <= qpos[:, None]
+    n_kv = k.shape[1]
+    if n == 1:  # decode: two batched matmuls over [Hkv, group, d] beat SDPA's GQA path ~10x at small sizes
+        qg = q.view(n_kv, n_head // n_kv, d)
+        scores = torch.softmax(torch.bmm(qg, k.permute(1, 2, 0)) * d ** -0.5, dim=-1)
+        return torch.bmm(scores, v.transpose(0, 1)).reshape(1, n_head * d)
+    kpos = torch.arange(start + n, device=q.device)
+    qpos = torch.arange(start, start + n, device=q.device)
+    mask = kpos[None, :] <= qpos[:, None]
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                         scale=d ** -0.5, enable_gqa=k.shape[1] != n_head)
+                                         scale=d ** -0.5, enable_gqa=n_kv != n_head)
     return out.transpose(0, 1).reshape(n, n_head * d)
 
 
