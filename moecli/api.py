@@ -126,7 +126,7 @@ class Model:
         self._check_ids(tokens)
         session = session or Session(self, min(len(tokens) + max_tokens, self.transformer.max_ctx))
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
-        common = _common_prefix(session.tokens, tokens)
+        common = common_prefix(session.tokens, tokens)
         if common == len(tokens):  # the whole prompt is cached: recompute its last token for fresh logits
             common -= 1
         session.cache.pos, session.tokens = common, tokens[:common]
@@ -179,7 +179,8 @@ def _check_memory(file_bytes: int, c, n_ctx: int | None, engine: str) -> None:
                           f"{total / gib:.1f} GiB")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix: the tokens a KV cache can keep."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

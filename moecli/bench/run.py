@@ -19,7 +19,6 @@ CPU weight repacking; logits for the last token of each batch only (as llama-ben
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import statistics

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+from moecli.api import common_prefix
 from moecli.chat import stats as st
 from moecli.errors import MoecliError
 
@@ -129,7 +130,7 @@ class Chat:
         try:
             ids = m.tokenize(m.chat_prompt(self.conversation()), add_special=True)
             turn.prompt_tokens = len(ids)
-            turn.prompt_new = max(len(ids) - _common(self.session.tokens, ids), 1)
+            turn.prompt_new = max(len(ids) - common_prefix(self.session.tokens, ids), 1)
             t0 = time.perf_counter()
             try:
                 for piece in m.stream_text(timed(m.generate(ids, s.max_tokens, session=self.session,
@@ -321,15 +322,6 @@ def load_conversation(path: Path) -> tuple[list[dict], Settings, str]:
     settings.verbose = bool(settings.verbose)
     settings.system = settings.system if isinstance(settings.system, str) and settings.system else None
     return messages, settings, str(data.get("model") or "")
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # --- input ---------------------------------------------------------------------------------------------------------

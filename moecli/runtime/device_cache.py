@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from moecli.formats.tensor import TensorData
 from moecli.models.config import Checkpoint
 
 log = logging.getLogger("moecli")
