@@ -10,7 +10,7 @@ import torch
 
 from moecli.chat_template import render
 from moecli.errors import MoecliError
-from moecli.models.loader import load_checkpoint
+from moecli.models.loader import GGUF_ARCHS, load_checkpoint
 from moecli.models.transformer import Transformer
 from moecli.runtime.experts import TorchExperts
 from moecli.runtime.sampling import Sampler, SamplingParams
@@ -72,7 +72,8 @@ class Model:
         else:
             linear = None
             experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
-        self.transformer = Transformer(self.checkpoint, self.device, experts, linear=linear, max_ctx=n_ctx)
+        cls = getattr(GGUF_ARCHS.get(self.config.arch), "TRANSFORMER", Transformer)  # a family's own decoder
+        self.transformer = cls(self.checkpoint, self.device, experts, linear=linear, max_ctx=n_ctx)
         if hasattr(experts, "attach"):
             experts.attach(self.transformer)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -90,7 +90,12 @@ class SynthDims:
 
 
 def geometry(name: str, n_layer: int = 2, n_vocab: int | None = None) -> SynthDims:
-    """SynthDims of a real model's geometry with `n_layer` layers (rope/eps as in the real configs)."""
+    """SynthDims of a real model's geometry with `n_layer` layers (rope/eps as in the real configs; deepseek
+    presets keep their leading dense layers, at most n_layer - 1)."""
+    if name in _DS_PRESETS:
+        d = _DS_PRESETS[name]
+        return dataclasses.replace(d, n_layer=n_layer, n_dense=min(d.n_dense, max(n_layer - 1, 0)),
+                                   n_vocab=n_vocab or d.n_vocab)
     presets = {
         "qwen3-30b-a3b": ("qwen3moe", SynthDims(n_vocab=151936, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128,
                                                 n_ff=768, n_expert=128, n_expert_used=8, context_length=40960,
@@ -113,6 +118,8 @@ def geometry(name: str, n_layer: int = 2, n_vocab: int | None = None) -> SynthDi
 
 def geometry_arch(name: str) -> str:
     """GGUF architecture of a geometry preset."""
+    if name in _DS_PRESETS:
+        return "deepseek2"
     return {"qwen3-30b-a3b": "qwen3moe", "mixtral-8x7b": "llama", "qwen2-57b-a14b": "qwen2moe",
             "olmoe-1b-7b": "olmoe"}[name]
 
@@ -123,6 +130,8 @@ def _plan(arch: str, d: SynthDims) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, numpy shape, init kind) in file order. kinds: embd, embd_tied, norm, w (fan_in = last dim), out, bias, router, shgate."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "deepseek2":
+        return _plan_deepseek2(d)
     moe = d.n_expert > 0
     if not moe and arch != "llama":
         raise ValueError(f"{arch} needs n_expert > 0")
@@ -197,12 +206,18 @@ def _chunks(seed: int, name: str, shape: tuple[int, ...], kind: str):
             x *= 3.0 / np.sqrt(shp[-1])
         elif kind == "embd_tied":
             x *= 0.1
+        elif kind == "wk_b":  # deepseek2 k_b decompresses the latent: its fan-in is the middle dim
+            x *= 1.0 / np.sqrt(shape[1])
+        elif kind == "exp_bias":  # deepseek2 selection bias, comparable to the sigmoid scores' spread
+            x *= 0.05
         yield x
 
 
 # ---------------------------------------------------------------------------------------------- metadata
 
 def _add_metadata(w, arch: str, d: SynthDims, ftype_id: int) -> None:
+    if arch == "deepseek2":
+        return _add_metadata_deepseek2(w, arch, d, ftype_id)
     import gguf
 
     a = arch
@@ -404,3 +419,138 @@ def write_f32_twin(src_gguf, dst_gguf) -> Path:
         w.write_padding(fout, n)
     w.close()
     return Path(dst_gguf)
+
+
+# ---------------------------------------------------------------------------------------------- deepseek2
+# DeepSeek-V2 / V2-Lite / V3 (llama.cpp arch "deepseek2"): MLA attention, leading dense layers, shared experts,
+# softmax or sigmoid(+bias, groups) routing, optional YaRN. The generic writers above dispatch here.
+
+@dataclasses.dataclass(frozen=True)
+class DeepSeekDims(SynthDims):
+    """SynthDims plus the deepseek2 geometry. n_ff is the per-expert FFN; head_dim is unused (qk_nope + qk_rope)."""
+    q_lora_rank: int = 0            # 0: plain attn_q (V2-Lite)
+    kv_lora_rank: int = 256
+    qk_nope: int = 64
+    qk_rope: int = 32
+    v_head_dim: int = 64
+    n_dense: int = 1                # leading dense layers (FFN n_ff_dense)
+    n_ff_dense: int = 512
+    n_shared: int = 2               # shared experts (width n_shared * n_ff)
+    gating: str = "softmax"         # or "sigmoid"
+    expert_bias: bool = False       # exp_probs_b (V3)
+    n_group: int = 0
+    topk_group: int = 0
+    weights_norm: bool = False
+    weights_scale: float = 1.0
+    mla_split: bool = False         # attn_k_b / attn_v_b + key_length_mla (newer GGUFs) instead of attn_kv_b
+    yarn_factor: float = 0.0        # > 0: YaRN RoPE scaling
+    yarn_orig_ctx: int = 256
+    yarn_mscale_all_dim: float = 0.707
+
+
+
+
+def _plan_deepseek2(d: DeepSeekDims) -> list[tuple[str, tuple[int, ...], str]]:
+    if not isinstance(d, DeepSeekDims):
+        raise TypeError("deepseek2 needs DeepSeekDims")
+    E, C, H = d.n_expert, d.n_embd, d.n_head
+    dk, r, rope = d.qk_nope + d.qk_rope, d.kv_lora_rank, d.qk_rope
+    p = [("token_embd.weight", (d.n_vocab, C), "embd")]
+    for i in range(d.n_layer):
+        b = f"blk.{i}."
+        p.append((b + "attn_norm.weight", (C,), "norm"))
+        if d.q_lora_rank:
+            p += [(b + "attn_q_a.weight", (d.q_lora_rank, C), "w"), (b + "attn_q_a_norm.weight", (d.q_lora_rank,), "norm"),
+                  (b + "attn_q_b.weight", (H * dk, d.q_lora_rank), "w")]
+        else:
+            p.append((b + "attn_q.weight", (H * dk, C), "w"))
+        p += [(b + "attn_kv_a_mqa.weight", (r + rope, C), "w"), (b + "attn_kv_a_norm.weight", (r,), "norm")]
+        if d.mla_split:  # ggml {nope, r, H} and {r, v, H}
+            p += [(b + "attn_k_b.weight", (H, r, d.qk_nope), "wk_b"), (b + "attn_v_b.weight", (H, d.v_head_dim, r), "w")]
+        else:
+            p.append((b + "attn_kv_b.weight", (H * (d.qk_nope + d.v_head_dim), r), "w"))
+        p += [(b + "attn_output.weight", (C, H * d.v_head_dim), "w"), (b + "ffn_norm.weight", (C,), "norm")]
+        if i < d.n_dense:
+            f = d.n_ff_dense
+            p += [(b + "ffn_gate.weight", (f, C), "w"), (b + "ffn_up.weight", (f, C), "w"),
+                  (b + "ffn_down.weight", (C, f), "w")]
+            continue
+        p.append((b + "ffn_gate_inp.weight", (E, C), "router"))
+        if d.expert_bias:
+            p.append((b + "exp_probs_b.bias", (E,), "exp_bias"))
+        p += [(b + "ffn_gate_exps.weight", (E, d.n_ff, C), "w"), (b + "ffn_up_exps.weight", (E, d.n_ff, C), "w"),
+              (b + "ffn_down_exps.weight", (E, C, d.n_ff), "w")]
+        if d.n_shared:
+            s = d.n_shared * d.n_ff
+            p += [(b + "ffn_gate_shexp.weight", (s, C), "w"), (b + "ffn_up_shexp.weight", (s, C), "w"),
+                  (b + "ffn_down_shexp.weight", (C, s), "w")]
+    p += [("output_norm.weight", (C,), "norm"), ("output.weight", (d.n_vocab, C), "out")]
+    return p
+
+
+def _add_metadata_deepseek2(w, arch: str, d: "DeepSeekDims", ftype_id: int) -> None:
+    import gguf
+
+    a = arch
+    dk = d.qk_nope + d.qk_rope
+    w.add_string("general.name", "moecli-synth-deepseek2")
+    w.add_uint32("general.file_type", ftype_id)
+    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    w.add_uint32(f"{a}.context_length", d.context_length)
+    w.add_uint32(f"{a}.embedding_length", d.n_embd)
+    w.add_uint32(f"{a}.block_count", d.n_layer)
+    w.add_uint32(f"{a}.feed_forward_length", d.n_ff_dense)
+    w.add_uint32(f"{a}.attention.head_count", d.n_head)
+    if d.mla_split:  # MLA as llama.cpp runs it: one KV head of [latent | k_pe], values = latent
+        w.add_uint32(f"{a}.attention.head_count_kv", 1)
+        w.add_uint32(f"{a}.attention.key_length", d.kv_lora_rank + d.qk_rope)
+        w.add_uint32(f"{a}.attention.value_length", d.kv_lora_rank)
+        w.add_uint32(f"{a}.attention.key_length_mla", dk)
+        w.add_uint32(f"{a}.attention.value_length_mla", d.v_head_dim)
+    else:
+        w.add_uint32(f"{a}.attention.head_count_kv", d.n_head)
+        w.add_uint32(f"{a}.attention.key_length", dk)
+        w.add_uint32(f"{a}.attention.value_length", d.v_head_dim)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", d.rms_eps)
+    # llama.cpp requires q_lora_rank unless the layer count says "lite" (27/26): 0 means a plain attn_q
+    w.add_uint32(f"{a}.attention.q_lora_rank", d.q_lora_rank)
+    w.add_uint32(f"{a}.attention.kv_lora_rank", d.kv_lora_rank)
+    w.add_float32(f"{a}.rope.freq_base", d.rope_theta)
+    w.add_uint32(f"{a}.rope.dimension_count", d.qk_rope)
+    if d.yarn_factor:
+        w.add_string(f"{a}.rope.scaling.type", "yarn")
+        w.add_float32(f"{a}.rope.scaling.factor", d.yarn_factor)
+        w.add_uint32(f"{a}.rope.scaling.original_context_length", d.yarn_orig_ctx)
+        w.add_float32(f"{a}.rope.scaling.yarn_log_multiplier", 0.1 * d.yarn_mscale_all_dim)  # as the converter
+    w.add_uint32(f"{a}.leading_dense_block_count", d.n_dense)
+    w.add_uint32(f"{a}.expert_count", d.n_expert)
+    w.add_uint32(f"{a}.expert_used_count", d.n_expert_used)
+    w.add_uint32(f"{a}.expert_feed_forward_length", d.n_ff)
+    w.add_uint32(f"{a}.expert_shared_count", d.n_shared)
+    w.add_float32(f"{a}.expert_weights_scale", d.weights_scale)
+    w.add_bool(f"{a}.expert_weights_norm", d.weights_norm)
+    w.add_uint32(f"{a}.expert_gating_func", {"softmax": 1, "sigmoid": 2}[d.gating])
+    if d.n_group:
+        w.add_uint32(f"{a}.expert_group_count", d.n_group)
+        w.add_uint32(f"{a}.expert_group_used_count", d.topk_group)
+    _add_tokenizer(w, d.n_vocab)
+
+
+_DS_PRESETS = {
+    # DeepSeek-V2-Lite: 27 layers (1 dense), 64 experts (6 used) + 2 shared, MLA without q LoRA, YaRN x40
+    "deepseek-v2-lite": DeepSeekDims(n_vocab=102400, n_embd=2048, n_head=16, n_head_kv=16, head_dim=192,
+                                     n_ff=1408, n_expert=64, n_expert_used=6, context_length=163840,
+                                     rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=0, kv_lora_rank=512,
+                                     qk_nope=128, qk_rope=64, v_head_dim=128, n_dense=1, n_ff_dense=10944,
+                                     n_shared=2, weights_scale=1.0, mla_split=True, yarn_factor=40.0,
+                                     yarn_orig_ctx=4096, yarn_mscale_all_dim=0.707),
+    # DeepSeek-V3 / R1: 61 layers (3 dense), 256 experts (8 used, 8 groups / 4 used) + 1 shared, sigmoid + bias
+    "deepseek-v3": DeepSeekDims(n_vocab=129280, n_embd=7168, n_head=128, n_head_kv=128, head_dim=192,
+                                n_ff=2048, n_expert=256, n_expert_used=8, context_length=163840,
+                                rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=1536, kv_lora_rank=512,
+                                qk_nope=128, qk_rope=64, v_head_dim=128, n_dense=3, n_ff_dense=18432,
+                                n_shared=1, gating="sigmoid", expert_bias=True, n_group=8, topk_group=4,
+                                weights_norm=True, weights_scale=2.5, mla_split=True, yarn_factor=40.0,
+                                yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0),
+}
+

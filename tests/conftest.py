@@ -37,6 +37,23 @@ MOE_ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
 TINY_FTYPES = ("F32", "Q8_0", "Q4_K", "Q4_K_M")
 _ALIASES = {"llama": "llama-dense"}
 
+# deepseek2 (kept out of TINY_ARCHS / MOE_ARCHS: tests/test_deepseek2.py covers them). 3 layers: 1 dense + 2 MoE.
+from moecli.synth import DeepSeekDims
+
+# V2-Lite style: plain attn_q, legacy attn_kv_b, 2 shared experts, softmax routing, YaRN (as the real V2-Lite)
+TINY["deepseek2-lite"] = ("deepseek2", DeepSeekDims(
+    n_vocab=512, n_embd=256, n_layer=3, n_head=4, n_head_kv=4, head_dim=96, n_ff=256, n_expert=8, n_expert_used=2,
+    context_length=2048, rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=0, kv_lora_rank=256, qk_nope=64, qk_rope=32,
+    v_head_dim=64, n_dense=1, n_ff_dense=512, n_shared=2, weights_scale=1.0, yarn_factor=8.0, yarn_orig_ctx=256,
+    yarn_mscale_all_dim=0.707))
+# V3 style: q LoRA, split attn_k_b/attn_v_b (absorbed MLA), sigmoid + exp_probs_b, 4 groups of 4 (2 used), top-4,
+# weights normalised then x2.5, 1 shared expert, no RoPE scaling
+TINY["deepseek3"] = ("deepseek2", DeepSeekDims(
+    n_vocab=512, n_embd=256, n_layer=3, n_head=4, n_head_kv=4, head_dim=96, n_ff=256, n_expert=16, n_expert_used=4,
+    context_length=2048, rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=256, kv_lora_rank=256, qk_nope=64, qk_rope=32,
+    v_head_dim=64, n_dense=1, n_ff_dense=512, n_shared=1, gating="sigmoid", expert_bias=True, n_group=4, topk_group=2,
+    weights_norm=True, weights_scale=2.5, mla_split=True))
+
 _lock = threading.Lock()
 _dir: Path | None = None
 _built: dict[tuple, Path] = {}

@@ -35,6 +35,28 @@ class ModelConfig:
     qk_norm: str | None = None  # "head": RMSNorm per head (qwen3moe); "full": over the whole projection (olmoe)
     attn_bias: bool = False  # q/k/v biases (qwen2moe)
     tie_embeddings: bool = False
+    # deepseek2 (DeepSeek-V2/V2-Lite/V3): MLA attention, leading dense layers, shared experts, grouped routing
+    q_lora_rank: int = 0  # 0: plain attn_q (V2-Lite)
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
+    mla_split: bool = False  # attn_k_b/attn_v_b (newer GGUFs) instead of attn_kv_b
+    n_dense_layers: int = 0  # leading dense FFN layers
+    n_shared: int = 0  # shared experts (their FFN width is n_ff_shexp)
+    routed_scale: float = 0.0  # expert_weights_scale (0 or 1: no scaling, as llama.cpp)
+    gating: str = "softmax"  # "softmax" | "sigmoid"
+    expert_bias: bool = False  # exp_probs_b: selection-only bias (V3)
+    n_group: int = 0
+    topk_group: int = 0
+    rope_scaling: str | None = None  # "yarn"
+    rope_factor: float = 1.0
+    yarn_orig_ctx: int = 0
+    yarn_log_mul: float = 0.0  # mscale_all_dim (GGUF value / 0.1, as llama.cpp)
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_ext_factor: float = -1.0  # -1: 1.0 when YaRN
+    yarn_attn_factor: float = 1.0
 
     def __post_init__(self):
         if not self.rope_dim:

@@ -7,11 +7,11 @@ from pathlib import Path
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.gguf import GGUFFile
 from moecli.formats.safetensors import SafetensorsModel
-from moecli.models import llama, olmoe, qwen2moe, qwen3moe
+from moecli.models import deepseek2, llama, olmoe, qwen2moe, qwen3moe
 from moecli.models.config import Checkpoint, ExpertStack
 
 # GGUF `general.architecture` -> family module. deepseek2 and gpt-oss get their own files here.
-GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe": olmoe}
+GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe": olmoe, "deepseek2": deepseek2}
 # Hugging Face `model_type` -> family module.
 HF_ARCHS = {"llama": llama, "mistral": llama, "mixtral": llama, "qwen2_moe": qwen2moe, "qwen3_moe": qwen3moe,
             "olmoe": olmoe}
@@ -81,6 +81,9 @@ def rename_hf(name: str, table: list[tuple[str, str]]) -> str | None:
 
 def validate(ckpt: Checkpoint) -> None:
     """Check every tensor the forward pass needs against the config, naming the first that disagrees."""
+    family = GGUF_ARCHS.get(ckpt.config.arch)
+    if hasattr(family, "validate"):  # families with their own tensor layout (deepseek2) validate themselves
+        return family.validate(ckpt)
     c = ckpt.config
     q_out, kv_out = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     ckpt.check_shape("token_embd.weight", c.n_embd, c.n_vocab)

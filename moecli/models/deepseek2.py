@@ -1,0 +1,397 @@
+"""deepseek2: DeepSeek-V2 / V2-Lite / V3 / R1 (GGUF), as llama.cpp computes them.
+
+Multi-head latent attention (MLA): q (optionally through a LoRA pair q_a -> norm -> q_b), a shared compressed kv
+(`attn_kv_a_mqa` -> [kv_lora_rank | k_pe]) whose rope part k_pe is one head shared by all query heads.
+  * legacy GGUFs (`attn_kv_b`): k_nope and v are decompressed per head and the cache holds them (MHA), as llama.cpp;
+  * newer GGUFs (`attn_k_b` / `attn_v_b`, `attention.key_length_mla`): the absorbed form, as llama.cpp: q_nope is
+    projected into the latent space, attention runs over the cached [latent | k_pe] rows (one KV head), and the
+    per-head v_b maps the result back. The cache then holds kv_lora_rank + qk_rope floats per token and layer.
+Leading dense layers, shared experts beside the routed ones (through the one experts seam), routing by softmax (V2)
+or sigmoid + selection-only bias with grouped top-k (V3), weights optionally normalised, then times
+`expert_weights_scale`; YaRN RoPE (NORM layout) with DeepSeek's mscale folded into the softmax scale.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moecli.errors import MoecliError, UnsupportedError
+from moecli.models.config import Checkpoint, ModelConfig
+from moecli.models.layers import Embedding, TorchLinear, rms_norm, to_torch
+from moecli.models.transformer import swiglu
+
+_f = np.float32
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+def from_gguf(g) -> ModelConfig:
+    t = g.tensors
+    embd = t.get("token_embd.weight")
+    if embd is None:
+        raise MoecliError(f"{g.path.name}: model file lacks tensor token_embd.weight")
+    n_embd, n_head, n_layer = int(g.require("embedding_length")), int(g.require("attention.head_count")), \
+        int(g.require("block_count"))
+    kv_lora = int(g.require("attention.kv_lora_rank"))
+    mla_split = g.arch_get("attention.key_length_mla") is not None
+    if mla_split:
+        qk_head, v_head = int(g.arch_get("attention.key_length_mla")), int(g.require("attention.value_length_mla"))
+    else:
+        qk_head, v_head = int(g.require("attention.key_length")), int(g.require("attention.value_length"))
+    qk_rope = int(g.require("rope.dimension_count"))
+    q_lora = int(t["blk.0.attn_q_a.weight"].ne[1]) if "blk.0.attn_q_a.weight" in t else 0
+    n_dense = int(g.arch_get("leading_dense_block_count", 0) or 0)
+    n_ff_exp = int(g.require("expert_feed_forward_length"))
+    n_shared = int(g.arch_get("expert_shared_count", 0) or 0)
+    gating = {0: "softmax", 1: "softmax", 2: "sigmoid"}.get(int(g.arch_get("expert_gating_func", 0) or 0))
+    if gating is None:
+        raise UnsupportedError(f"{g.path.name}: expert_gating_func {g.arch_get('expert_gating_func')} "
+                               "is not supported (softmax=1, sigmoid=2)")
+    n_ctx_train = int(g.arch_get("context_length", 4096))
+    fields = {}
+    stype = g.arch_get("rope.scaling.type")
+    factor = g.arch_get("rope.scaling.factor")
+    if stype == "yarn":
+        log_mul = g.arch_get("rope.scaling.yarn_log_multiplier")
+        fields = dict(rope_scaling="yarn", rope_factor=float(factor or 1.0),
+                      yarn_orig_ctx=int(g.arch_get("rope.scaling.original_context_length", 0) or n_ctx_train),
+                      # [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX]: llama.cpp divides the stored 0.1 * mscale_all_dim by 0.1f
+                      yarn_log_mul=float(_f(log_mul) / _f(0.1)) if log_mul is not None else 0.0,
+                      yarn_beta_fast=float(g.arch_get("rope.scaling.yarn_beta_fast", 32.0)),
+                      yarn_beta_slow=float(g.arch_get("rope.scaling.yarn_beta_slow", 1.0)),
+                      yarn_ext_factor=float(g.arch_get("rope.scaling.yarn_ext_factor", -1.0)),
+                      yarn_attn_factor=float(g.arch_get("rope.scaling.yarn_attn_factor", 1.0)))
+    elif stype not in (None, "none") or factor not in (None, 1.0):
+        raise UnsupportedError(f"{g.path.name}: RoPE scaling '{stype}' is not supported (only YaRN)")
+    if g.arch_get("rope.scaling.attn_factor") not in (None, 1.0) or g.arch_get("attention.temperature_scale"):
+        raise UnsupportedError(f"{g.path.name}: rope attn_factor / attention temperature scaling is not supported")
+    return ModelConfig(
+        # n_head_kv / head_dim as the GGUF (and llama.cpp's KV cache) has them: n_head x (nope + rope) for legacy
+        # files, 1 x (kv_lora_rank + rope) for the absorbed form; memory estimates read them. The forward pass
+        # uses the MLA fields below.
+        arch=g.arch, n_vocab=int(embd.ne[1]), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        n_head_kv=int(g.arch_get("attention.head_count_kv", n_head)),
+        head_dim=int(g.arch_get("attention.key_length", qk_head)), n_ctx_train=n_ctx_train,
+        rms_eps=float(g.arch_get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(g.arch_get("rope.freq_base", 10000.0)), rope_neox=False, rope_dim=qk_rope,
+        n_ff=int(g.arch_get("feed_forward_length", 0) or 0),
+        n_expert=int(g.arch_get("expert_count", 0) or 0), n_expert_used=int(g.arch_get("expert_used_count", 0) or 0),
+        n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_exp * n_shared,
+        norm_topk=bool(g.arch_get("expert_weights_norm", False)),
+        tie_embeddings="output.weight" not in t,
+        q_lora_rank=q_lora, kv_lora_rank=kv_lora, qk_nope_dim=qk_head - qk_rope, qk_rope_dim=qk_rope,
+        v_head_dim=v_head, mla_split=mla_split, n_dense_layers=n_dense, n_shared=n_shared,
+        routed_scale=float(g.arch_get("expert_weights_scale", 0.0) or 0.0), gating=gating,
+        expert_bias=f"blk.{n_dense}.exp_probs_b.bias" in t,
+        n_group=int(g.arch_get("expert_group_count", 0) or 0),
+        topk_group=int(g.arch_get("expert_group_used_count", 0) or 0), **fields)
+
+
+def validate(ckpt: Checkpoint) -> None:
+    """The deepseek2 tensors against the config (ggml order), naming the first that disagrees."""
+    c, chk = ckpt.config, ckpt.check_shape
+    H, dk, dv, nope, r = c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim, c.qk_nope_dim, c.kv_lora_rank
+    if c.qk_nope_dim < 1 or c.qk_rope_dim % 2:
+        raise MoecliError(f"bad MLA head sizes: qk_nope {c.qk_nope_dim}, qk_rope {c.qk_rope_dim}")
+    if c.n_group > 1 and (c.n_expert % c.n_group or not 0 < c.topk_group <= c.n_group):
+        raise MoecliError(f"bad expert groups: {c.n_expert} experts in {c.n_group} groups, {c.topk_group} used")
+    chk("token_embd.weight", c.n_embd, c.n_vocab)
+    chk("output_norm.weight", c.n_embd)
+    chk("output.weight", c.n_embd, c.n_vocab, optional=True)
+    for l in range(c.n_layer):
+        b = f"blk.{l}."
+        chk(b + "attn_norm.weight", c.n_embd)
+        if c.q_lora_rank:
+            chk(b + "attn_q_a.weight", c.n_embd, c.q_lora_rank)
+            chk(b + "attn_q_a_norm.weight", c.q_lora_rank)
+            chk(b + "attn_q_b.weight", c.q_lora_rank, H * dk)
+        else:
+            chk(b + "attn_q.weight", c.n_embd, H * dk)
+        chk(b + "attn_kv_a_mqa.weight", c.n_embd, r + c.qk_rope_dim)
+        chk(b + "attn_kv_a_norm.weight", r)
+        if c.mla_split:
+            chk(b + "attn_k_b.weight", nope, r, H)
+            chk(b + "attn_v_b.weight", r, dv, H)
+        else:
+            chk(b + "attn_kv_b.weight", r, H * (nope + dv))
+        chk(b + "attn_output.weight", H * dv, c.n_embd)
+        chk(b + "ffn_norm.weight", c.n_embd)
+        if l < c.n_dense_layers:
+            for p, ne in (("gate", (c.n_embd, c.n_ff)), ("up", (c.n_embd, c.n_ff)), ("down", (c.n_ff, c.n_embd))):
+                chk(b + f"ffn_{p}.weight", *ne)
+            continue
+        chk(b + "ffn_gate_inp.weight", c.n_embd, c.n_expert)
+        if c.expert_bias:
+            chk(b + "exp_probs_b.bias", c.n_expert)
+        for kind, ne in (("gate", (c.n_embd, c.n_ff_exp)), ("up", (c.n_embd, c.n_ff_exp)),
+                         ("down", (c.n_ff_exp, c.n_embd))):
+            stack = ckpt.experts.get(f"{b}ffn_{kind}_exps")
+            if stack is None:
+                raise MoecliError(f"model file lacks tensor {b}ffn_{kind}_exps.weight")
+            got = tuple(stack.stacked.ne) if stack.stacked is not None else (*stack.ne, stack.n)
+            if got != (*ne, c.n_expert):
+                raise MoecliError(f"tensor {b}ffn_{kind}_exps.weight has shape {list(got)}, "
+                                  f"expected {[*ne, c.n_expert]} from the model config")
+        if c.n_shared:
+            s = c.n_ff_shexp
+            for p, ne in (("gate", (c.n_embd, s)), ("up", (c.n_embd, s)), ("down", (s, c.n_embd))):
+                chk(b + f"ffn_{p}_shexp.weight", *ne)
+
+
+# ------------------------------------------------------------------------------------------------------ RoPE
+
+def yarn_params(c: ModelConfig) -> dict:
+    """freq_scale, ext_factor, rope attn_factor, corr_dims and the softmax scale exactly as llama.cpp derives them
+    (llama_context's YaRN setup, then deepseek2's graph pre-scaling kq_scale), in float32."""
+    dk = c.qk_nope_dim + c.qk_rope_dim
+    if c.rope_scaling != "yarn":
+        return dict(freq_scale=_f(1), ext_factor=_f(0), attn_factor=_f(1), corr=(0.0, 0.0),
+                    kq_scale=float(_f(1) / np.sqrt(_f(dk))))
+    fs = _f(1) / _f(c.rope_factor)
+    ext = _f(1) if c.yarn_ext_factor < 0 else _f(c.yarn_ext_factor)
+    attn = _f(c.yarn_attn_factor)
+    if ext != 0:
+        factor = _f(1) / fs
+
+        def get_mscale(scale, m):
+            return _f(1) if scale <= 1 else _f(_f(_f(0.1) * _f(m)) * np.log(_f(scale))) + _f(1)
+        if c.yarn_log_mul != 0:
+            m_all = _f(c.yarn_log_mul)
+            m = m_all if m_all != 1 else _f(1)  # llama.cpp special-cases deepseek2: mscale = mscale_all_dim
+            attn = _f(get_mscale(factor, m) / get_mscale(factor, m_all))
+        else:
+            attn = get_mscale(factor, 1.0)
+        attn = _f(attn * _f(_f(1) / _f(_f(1) + _f(_f(0.1) * np.log(factor)))))
+    # deepseek2 graph: cancel the adjustment, then mscale^2 / sqrt(dk)
+    lg = np.log(_f(_f(1) / fs))
+    org = _f(attn * _f(_f(1) + _f(_f(0.1) * lg)))
+    mscale = _f(org * _f(_f(1) + _f(_f(_f(0.1) * _f(c.yarn_log_mul)) * lg)))
+    kq_scale = _f(_f(mscale * mscale) / np.sqrt(_f(dk)))
+    # ggml_rope_yarn_corr_dims
+    n_dims, base = c.qk_rope_dim, _f(c.rope_theta)
+
+    def corr_dim(n_rot):
+        return _f(_f(n_dims) * np.log(_f(_f(c.yarn_orig_ctx) / _f(_f(n_rot) * _f(2) * _f(np.pi))))) / \
+            _f(_f(2) * np.log(base))
+    lo = max(0.0, float(np.floor(corr_dim(c.yarn_beta_fast))))
+    hi = min(float(n_dims - 1), float(np.ceil(corr_dim(c.yarn_beta_slow))))
+    return dict(freq_scale=fs, ext_factor=ext, attn_factor=attn, corr=(lo, hi), kq_scale=float(kq_scale))
+
+
+class YarnRope:
+    """ggml_rope_ext's angles (cache init + rope_yarn) in float32; NORM (adjacent pairs) or NEOX layout."""
+
+    def __init__(self, dim: int, theta: float, neox: bool, max_pos: int, device, freq_scale=1.0, ext_factor=0.0,
+                 attn_factor=1.0, corr=(0.0, 0.0)):
+        scale = _f(_f(theta) ** _f(-2.0 / dim))
+        ext = np.empty((max_pos, dim // 2), dtype=np.float32)  # theta_extrap: p * theta_scale^i, multiplied up
+        ext[:, 0] = np.arange(max_pos, dtype=np.float32)
+        for i in range(1, dim // 2):
+            ext[:, i] = ext[:, i - 1] * scale
+        ang = (_f(freq_scale) * ext).astype(np.float32)  # theta_interp
+        mscale = _f(attn_factor)
+        if ext_factor != 0:
+            lo, hi = corr
+            i = np.arange(dim // 2, dtype=np.float32)
+            y = (i - _f(lo)) / _f(max(0.001, hi - lo))
+            ramp_mix = ((_f(1) - np.minimum(_f(1), np.maximum(_f(0), y))) * _f(ext_factor)).astype(np.float32)
+            ang = (ang * (_f(1) - ramp_mix) + ext * ramp_mix).astype(np.float32)
+            mscale = _f(mscale * _f(_f(1) + _f(_f(0.1) * np.log(_f(_f(1) / _f(freq_scale))))))
+        self.cos = torch.from_numpy(np.cos(ang.astype(np.float64)).astype(np.float32) * mscale).to(device)
+        self.sin = torch.from_numpy(np.sin(ang.astype(np.float64)).astype(np.float32) * mscale).to(device)
+        self.dim, self.neox = dim, neox
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x: [n, heads, dim]; pos: [n]."""
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        out = torch.empty_like(x)
+        if self.neox:
+            h = self.dim // 2
+            a, b = x[..., :h], x[..., h:self.dim]
+            out[..., :h], out[..., h:self.dim] = a * cos - b * sin, a * sin + b * cos
+        else:
+            a, b = x[..., 0:self.dim:2], x[..., 1:self.dim:2]
+            out[..., 0:self.dim:2], out[..., 1:self.dim:2] = a * cos - b * sin, a * sin + b * cos
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------ model
+
+class MLACache:
+    """Per layer: keys [pos, kv_head, dk] and values [pos, kv_head, dv]. With the absorbed (split) form there is
+    one KV head holding [latent | k_pe] and the values are its first kv_lora_rank columns (no separate storage)."""
+
+    def __init__(self, n_layer: int, n_ctx: int, n_kv: int, dk: int, dv: int | None, device, dtype=torch.float32):
+        self.k = torch.zeros(n_layer, n_ctx, n_kv, dk, device=device, dtype=dtype)
+        self.v = torch.zeros(n_layer, n_ctx, n_kv, dv, device=device, dtype=dtype) if dv else None
+        self.n_ctx = n_ctx
+        self.pos = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+
+
+class Layer:
+    def __init__(self, ckpt: Checkpoint, l: int, device, linear, ggml: bool):
+        c, b, T = ckpt.config, f"blk.{l}.", ckpt.tensor
+        self.attn_norm = to_torch(T(b + "attn_norm.weight"), device)
+        self.ffn_norm = to_torch(T(b + "ffn_norm.weight"), device)
+        if c.q_lora_rank:
+            self.q_a, self.q_b = linear(T(b + "attn_q_a.weight")), linear(T(b + "attn_q_b.weight"))
+            self.q_a_norm = to_torch(T(b + "attn_q_a_norm.weight"), device)
+        else:
+            self.q = linear(T(b + "attn_q.weight"))
+        self.kv_a = linear(T(b + "attn_kv_a_mqa.weight"))
+        self.kv_a_norm = to_torch(T(b + "attn_kv_a_norm.weight"), device)
+        if c.mla_split:
+            kb, vb = T(b + "attn_k_b.weight"), T(b + "attn_v_b.weight")
+            if ggml:  # per-head matmuls by ggml on the (possibly quantized) weights, as llama.cpp
+                self.k_b = [linear(kb.expert(h)) for h in range(c.n_head)]
+                self.v_b = [linear(vb.expert(h)) for h in range(c.n_head)]
+            else:  # [H, r, nope] and [H, dv, r]
+                self.k_b, self.v_b = to_torch(kb, device), to_torch(vb, device)
+        else:
+            self.kv_b = linear(T(b + "attn_kv_b.weight"))
+        self.o = linear(T(b + "attn_output.weight"))
+        self.dense = l < c.n_dense_layers
+        if self.dense:
+            self.ffn = tuple(linear(T(b + f"ffn_{p}.weight")) for p in ("gate", "up", "down"))
+            return
+        self.router = linear(T(b + "ffn_gate_inp.weight"))
+        bias = ckpt.optional(b + "exp_probs_b.bias")
+        self.exp_bias = to_torch(bias, device) if bias is not None else None
+        self.shared = None
+        if c.n_shared:
+            self.shared = tuple(linear(T(b + f"ffn_{p}_shexp.weight")) for p in ("gate", "up", "down"))
+
+
+def route(c: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None):
+    """llama.cpp's build_moe_ffn routing -> (scores [n, E], ids [n, k], weights [n, k])."""
+    probs = torch.softmax(logits, -1) if c.gating == "softmax" else torch.sigmoid(logits)
+    sel = probs + bias if bias is not None else probs  # the bias picks experts; weights come from probs
+    if c.n_group > 1:
+        n = sel.shape[0]
+        groups = sel.view(n, c.n_group, c.n_expert // c.n_group)
+        gscore = groups.topk(2, -1).values.sum(-1)  # each group scored by its two best experts
+        keep = gscore.topk(c.topk_group, -1).indices
+        masked = torch.full_like(groups, float("-inf"))
+        idx = keep[:, :, None].expand(-1, -1, groups.shape[-1])
+        sel = masked.scatter(1, idx, groups.gather(1, idx)).view(n, c.n_expert)
+    ids = sel.topk(c.n_expert_used, -1).indices
+    weights = probs.gather(1, ids)
+    if c.norm_topk:
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+    if c.routed_scale not in (0.0, 1.0):
+        weights = weights * np.float32(c.routed_scale).item()
+    return probs, ids, weights
+
+
+class DeepSeek2Transformer:
+    def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
+        c = self.config = ckpt.config
+        self.device = torch.device(device)
+        ggml = linear is not None
+        linear = linear or (lambda w, b=None: TorchLinear(w, self.device, b))
+        self.experts = experts  # experts(layer, hidden, ids, weights, scores) -> output: the executor seam
+        self.embed = Embedding(ckpt.tensor("token_embd.weight"), self.device)
+        self.layers = [Layer(ckpt, l, self.device, linear, ggml) for l in range(c.n_layer)]
+        self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
+        self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
+        self.max_ctx = max_ctx or c.n_ctx_train
+        y = yarn_params(c)
+        self.kq_scale = y.pop("kq_scale")
+        self.rope = YarnRope(c.qk_rope_dim, c.rope_theta, c.rope_neox, self.max_ctx, self.device, **y)
+        self.on_router = None  # optional hook(layer, probs, ids, weights)
+
+    def new_cache(self, n_ctx: int | None = None) -> MLACache:
+        c = self.config
+        n = min(n_ctx or self.max_ctx, self.max_ctx)
+        if c.mla_split:
+            return MLACache(c.n_layer, n, 1, c.kv_lora_rank + c.qk_rope_dim, None, self.device)
+        return MLACache(c.n_layer, n, c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim, self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[int], cache: MLACache, all_logits: bool = True) -> torch.Tensor:
+        c, start, n = self.config, cache.pos, len(tokens)
+        if start + n > cache.n_ctx:
+            raise ValueError(f"context full: {start + n} tokens > {cache.n_ctx}")
+        pos = torch.arange(start, start + n, device=self.device)
+        x = self.embed(tokens)
+        for l, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, c.rms_eps)
+            x = x + self.attention(l, layer, h, pos, cache, start)
+            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
+            x = x + (swiglu(h, *layer.ffn) if layer.dense else self.moe(l, layer, h))
+        cache.pos = start + n
+        if not all_logits:
+            x = x[-1:]
+        return self.output(rms_norm(x, self.norm, c.rms_eps))
+
+    def attention(self, l, layer: Layer, h, pos, cache: MLACache, start: int) -> torch.Tensor:
+        c, n = self.config, h.shape[0]
+        H, nope, rope, r = c.n_head, c.qk_nope_dim, c.qk_rope_dim, c.kv_lora_rank
+        if c.q_lora_rank:
+            q = layer.q_b(rms_norm(layer.q_a(h), layer.q_a_norm, c.rms_eps))
+        else:
+            q = layer.q(h)
+        q = q.view(n, H, nope + rope)
+        q_nope, q_pe = q[..., :nope], self.rope(q[..., nope:], pos)
+        kv = layer.kv_a(h)
+        k_pe = self.rope(kv[:, None, r:], pos)  # one rope head shared by all query heads
+        latent = rms_norm(kv[:, :r], layer.kv_a_norm, c.rms_eps)
+        end = start + n
+        if c.mla_split:  # absorbed: attention in the latent space over [latent | k_pe], one KV head
+            if isinstance(layer.k_b, list):
+                q_abs = torch.stack([layer.k_b[i](q_nope[:, i].contiguous()) for i in range(H)], 1)
+            else:
+                q_abs = torch.einsum("nhd,hrd->nhr", q_nope, layer.k_b)
+            cache.k[l, start:end, 0] = torch.cat([latent, k_pe[:, 0]], -1)
+            keys = cache.k[l, :end, 0]
+            kqv = _attend_mqa(torch.cat([q_abs, q_pe], -1), keys, keys[:, :r], start, self.kq_scale)  # [n, H, r]
+            if isinstance(layer.v_b, list):
+                out = torch.stack([layer.v_b[i](kqv[:, i].contiguous()) for i in range(H)], 1)
+            else:
+                out = torch.einsum("nhr,hvr->nhv", kqv, layer.v_b)
+            return layer.o(out.reshape(n, H * c.v_head_dim))
+        kvb = layer.kv_b(latent).view(n, H, nope + c.v_head_dim)
+        cache.k[l, start:end] = torch.cat([kvb[..., :nope], k_pe.expand(n, H, rope)], -1)
+        cache.v[l, start:end] = kvb[..., nope:]
+        out = _attend_mha(torch.cat([q_nope, q_pe], -1), cache.k[l, :end], cache.v[l, :end], start, self.kq_scale)
+        return layer.o(out)
+
+    def moe(self, l, layer: Layer, h) -> torch.Tensor:
+        probs, ids, weights = route(self.config, layer.router(h), layer.exp_bias)
+        if self.on_router is not None:
+            self.on_router(l, probs, ids, weights)
+        out = self.experts(l, h, ids, weights, probs)
+        if layer.shared is not None:
+            out = out + swiglu(h, *layer.shared)
+        return out
+
+
+def _attend_mha(q, k, v, start: int, scale: float) -> torch.Tensor:
+    """q [n, H, dk], k [T, H, dk], v [T, H, dv] -> [n, H*dv], causal, softmax(q.k * scale)."""
+    n = q.shape[0]
+    if n == 1:
+        p = torch.softmax(torch.bmm(q.transpose(0, 1), k.permute(1, 2, 0)) * scale, -1)  # [H, 1, T]
+        return torch.bmm(p, v.transpose(0, 1)).transpose(0, 1).reshape(1, -1)
+    mask = torch.arange(start + n, device=q.device)[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                         scale=scale)
+    return out.transpose(0, 1).reshape(n, -1)
+
+
+def _attend_mqa(q, k, v, start: int, scale: float) -> torch.Tensor:
+    """q [n, H, dk] against one KV head k [T, dk], v [T, dv] -> [n, H, dv], causal."""
+    n, h, dk = q.shape
+    s = (q.reshape(n * h, dk) @ k.T).view(n, h, -1) * scale
+    if n > 1:
+        kpos = torch.arange(k.shape[0], device=q.device)
+        qpos = torch.arange(start, start + n, device=q.device)
+        s = s.masked_fill((kpos[None, :] > qpos[:, None])[:, None, :], float("-inf"))
+    return (torch.softmax(s, -1).reshape(n * h, -1) @ v).view(n, h, -1)
+
+
+TRANSFORMER = DeepSeek2Transformer
