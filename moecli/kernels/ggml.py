@@ -421,3 +421,52 @@ def matmul(weight: TensorData, x):
         xt.data, yt.data = ptr(x), ptr(y)
         graph.compute()
     return y[0] if squeeze else y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a whole SwiGLU FFN in one graph (dense layers and shared experts in the CPU-only mode)
+
+_ffn_graphs: dict[tuple, tuple] = {}
+
+
+def _ffn_graph(wg, wu, wd, n_in: int, ff: int, n: int):
+    ctx = Ctx(6, 8)
+    x = ctx.tensor(T.F32, n_in, n)
+    g = ggml_mul_mat(ctx.ptr, wg, x)
+    u = ggml_mul_mat(ctx.ptr, wu, x)
+    a = ggml_swiglu_split(ctx.ptr, g, u)  # llama.cpp's own fused silu(gate) * up for these FFNs
+    y = ggml_mul_mat(ctx.ptr, wd, a)
+    scratch = np.empty((3, n, ff), dtype=np.float32)
+    for t, buf in zip((g, u, a), scratch):
+        t.contents.data = buf.ctypes.data
+    return Graph(ctx, [y], 8, keep=[scratch]), x.contents, y.contents
+
+
+def swiglu_ffn(gate: TensorData, up: TensorData, down: TensorData, x):
+    """down(silu(gate x) * up x) on quantized weights in ONE graph: one threadpool wake-up instead of three, and the
+    activation rounded exactly as llama.cpp rounds it. x: float32 [n, in] numpy or CPU torch -> the same kind."""
+    n_in, ff = gate.ne
+    is_torch = hasattr(x, "data_ptr")
+    if is_torch:
+        import torch
+
+        x = x.contiguous()
+    else:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != n_in or up.ne != gate.ne or down.ne != (ff, n_in):
+        raise MoecliError(f"{gate.name}: FFN shapes disagree (x {tuple(x.shape)}, gate {gate.ne}, down {down.ne})")
+    n = x.shape[0]
+    w = [weight_tensor(t) for t in (gate, up, down)]
+    if n <= MATMUL_CACHE_MAX_N:
+        key = (C.addressof(w[0].contents), n)
+        entry = _ffn_graphs.get(key)
+        if entry is None:
+            entry = _ffn_graphs[key] = _ffn_graph(*w, n_in, ff, n)
+    else:
+        entry = _ffn_graph(*w, n_in, ff, n)
+    graph, xt, yt = entry
+    y = torch.empty((n, n_in), dtype=torch.float32) if is_torch else np.empty((n, n_in), dtype=np.float32)
+    with _lock:  # the cached graph's pointers are shared state
+        xt.data, yt.data = ptr(x), ptr(y)
+        graph.compute()
+    return y

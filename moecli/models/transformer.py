@@ -37,6 +37,9 @@ class Layer:
 
 
 def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    fused = getattr(gate, "swiglu", None)  # the ggml engine runs the whole FFN as one graph
+    if fused is not None:
+        return fused(up, down, x)
     return down(F.silu(gate(x)) * up(x))
 
 

@@ -22,6 +22,12 @@ class GgmlLinear:
         y = ggml.matmul(self.weight, x)
         return y + self.bias if self.bias is not None else y
 
+    def swiglu(self, up: "GgmlLinear", down: "GgmlLinear", x: torch.Tensor) -> torch.Tensor:
+        """down(silu(self x) * up x) as one ggml graph (llama.cpp's fused swiglu), this linear being the gate."""
+        if self.bias is not None or up.bias is not None or down.bias is not None:
+            return down(torch.nn.functional.silu(self(x)) * up(x))
+        return ggml.swiglu_ffn(self.weight, up.weight, down.weight, x)
+
 
 class GgmlExperts:
     """The experts seam on the CPU engine: all (token, expert) pairs of a layer in one ggml graph."""
