@@ -97,3 +97,21 @@ def test_threadpool_size_does_not_change_results():
     finally:
         G.set_threads()
     assert G.n_threads() == G.physical_cores()
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])  # cached decode graphs and per-call prefill graphs
+def test_swiglu_ffn_one_graph_equals_its_parts(n):
+    rng = np.random.default_rng(3)
+    d, ff = 64, 96
+    w = {k: rng.standard_normal(s, dtype=np.float32) * 0.2 for k, s in
+         (("gate", (ff, d)), ("up", (ff, d)), ("down", (d, ff)))}
+    t = {k: TensorData(k, T.F32, v.shape[::-1], v.reshape(-1).view(np.uint8)) for k, v in w.items()}
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    g, u = x @ w["gate"].T, x @ w["up"].T
+    want = (g / (1 + np.exp(-g)) * u) @ w["down"].T
+    got = G.swiglu_ffn(t["gate"], t["up"], t["down"], x)
+    assert got.shape == (n, d) and np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    xt = torch.from_numpy(x)
+    assert torch.equal(G.swiglu_ffn(t["gate"], t["up"], t["down"], xt), torch.from_numpy(got))
+    with pytest.raises(MoecliError, match="FFN shapes"):
+        G.swiglu_ffn(t["gate"], t["up"], t["down"], x[:, :10])
