@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.models.config import Checkpoint, ModelConfig
 from moecli.models.layers import Embedding, TorchLinear, rms_norm, to_torch
-from moecli.models.transformer import swiglu
+from moecli.models.transformer import Transformer, swiglu
 
 _f = np.float32
 
@@ -288,7 +288,9 @@ def route(c: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None):
     return probs, ids, weights
 
 
-class DeepSeek2Transformer:
+class DeepSeek2Transformer(Transformer):
+    """Transformer's forward pass with MLA attention, dense leading layers and DeepSeek routing."""
+
     def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
         c = self.config = ckpt.config
         self.device = torch.device(device)
@@ -312,22 +314,8 @@ class DeepSeek2Transformer:
             return MLACache(c.n_layer, n, 1, c.kv_lora_rank + c.qk_rope_dim, None, self.device)
         return MLACache(c.n_layer, n, c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim, self.device)
 
-    @torch.inference_mode()
-    def forward(self, tokens: list[int], cache: MLACache, all_logits: bool = True) -> torch.Tensor:
-        c, start, n = self.config, cache.pos, len(tokens)
-        if start + n > cache.n_ctx:
-            raise ValueError(f"context full: {start + n} tokens > {cache.n_ctx}")
-        pos = torch.arange(start, start + n, device=self.device)
-        x = self.embed(tokens)
-        for l, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            x = x + self.attention(l, layer, h, pos, cache, start)
-            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
-            x = x + (swiglu(h, *layer.ffn) if layer.dense else self.moe(l, layer, h))
-        cache.pos = start + n
-        if not all_logits:
-            x = x[-1:]
-        return self.output(rms_norm(x, self.norm, c.rms_eps))
+    def ffn(self, l, layer, h) -> torch.Tensor:  # leading layers are dense; forward() is Transformer's
+        return swiglu(h, *layer.ffn) if layer.dense else self.moe(l, layer, h)
 
     def attention(self, l, layer: Layer, h, pos, cache: MLACache, start: int) -> torch.Tensor:
         c, n = self.config, h.shape[0]

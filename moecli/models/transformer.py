@@ -73,11 +73,14 @@ class Transformer:
             h = rms_norm(x, layer.attn_norm, c.rms_eps)
             x = x + self.attention(l, layer, h, pos, cache, start)
             h = rms_norm(x, layer.ffn_norm, c.rms_eps)
-            x = x + (self.moe(l, layer, h) if c.is_moe else swiglu(h, *layer.ffn))
+            x = x + self.ffn(l, layer, h)
         cache.pos = start + n
         if not all_logits:
             x = x[-1:]
         return self.output(rms_norm(x, self.norm, c.rms_eps))
+
+    def ffn(self, l, layer: Layer, h) -> torch.Tensor:
+        return self.moe(l, layer, h) if self.config.is_moe else swiglu(h, *layer.ffn)
 
     def attention(self, l, layer: Layer, h, pos, cache: KVCache, start: int) -> torch.Tensor:
         c, n = self.config, h.shape[0]
