@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -96,6 +96,8 @@ def geometry(name: str, n_layer: int = 2, n_vocab: int | None = None) -> SynthDi
         d = _DS_PRESETS[name]
         return dataclasses.replace(d, n_layer=n_layer, n_dense=min(d.n_dense, max(n_layer - 1, 0)),
                                    n_vocab=n_vocab or d.n_vocab)
+    if name in _OSS_PRESETS:
+        return dataclasses.replace(_OSS_PRESETS[name], n_layer=n_layer, n_vocab=n_vocab or _OSS_PRESETS[name].n_vocab)
     presets = {
         "qwen3-30b-a3b": ("qwen3moe", SynthDims(n_vocab=151936, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128,
                                                 n_ff=768, n_expert=128, n_expert_used=8, context_length=40960,
@@ -120,6 +122,8 @@ def geometry_arch(name: str) -> str:
     """GGUF architecture of a geometry preset."""
     if name in _DS_PRESETS:
         return "deepseek2"
+    if name in _OSS_PRESETS:
+        return "gpt-oss"
     return {"qwen3-30b-a3b": "qwen3moe", "mixtral-8x7b": "llama", "qwen2-57b-a14b": "qwen2moe",
             "olmoe-1b-7b": "olmoe"}[name]
 
@@ -127,11 +131,14 @@ def geometry_arch(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- tensor plan
 
 def _plan(arch: str, d: SynthDims) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, numpy shape, init kind) in file order. kinds: embd, embd_tied, norm, w (fan_in = last dim), out, bias, router, shgate."""
+    """(name, numpy shape, init kind) in file order. kinds: embd, embd_tied, norm, w (fan_in = last dim), out, bias,
+    router, shgate, and per family (wk_b, exp_bias, w_oai, sinks: unscaled N(0, 1))."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if arch == "deepseek2":
         return _plan_deepseek2(d)
+    if arch == "gpt-oss":
+        return _plan_gpt_oss(d)
     moe = d.n_expert > 0
     if not moe and arch != "llama":
         raise ValueError(f"{arch} needs n_expert > 0")
@@ -210,6 +217,8 @@ def _chunks(seed: int, name: str, shape: tuple[int, ...], kind: str):
             x *= 1.0 / np.sqrt(shape[1])
         elif kind == "exp_bias":  # deepseek2 selection bias, comparable to the sigmoid scores' spread
             x *= 0.05
+        elif kind == "w_oai":  # gpt-oss expert gate/up: wide enough that the +-7 clamps of its SwiGLU bite
+            x *= 4.0 / np.sqrt(shp[-1])
         yield x
 
 
@@ -218,6 +227,8 @@ def _chunks(seed: int, name: str, shape: tuple[int, ...], kind: str):
 def _add_metadata(w, arch: str, d: SynthDims, ftype_id: int) -> None:
     if arch == "deepseek2":
         return _add_metadata_deepseek2(w, arch, d, ftype_id)
+    if arch == "gpt-oss":
+        return _add_metadata_gpt_oss(w, arch, d, ftype_id)
     import gguf
 
     a = arch
@@ -276,7 +287,7 @@ def _add_tokenizer(w, n_vocab: int) -> None:
 # ---------------------------------------------------------------------------------------------- writing
 
 # ftypes written directly from numpy (gguf.quants); everything else goes through llama.cpp's quantizer.
-_DIRECT = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0"}
+_DIRECT = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "MXFP4_MOE": "Q8_0"}
 # Uniform types: llama_model_quantize with pure=True and this LLAMA_FTYPE (default type == the name).
 _PURE = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K": "Q3_K_M",
          "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS"}
@@ -286,8 +297,9 @@ FTYPES = tuple(_DIRECT) + tuple(_PURE) + _MIX
 
 
 def _keep_f32(name: str, shape: tuple[int, ...]) -> bool:
-    # Same rule as llama.cpp's quantizer: 1-D tensors (norms, biases) and the router stay F32.
-    return len(shape) < 2 or "ffn_gate_inp" in name
+    # Same rule as llama.cpp's quantizer: 1-D tensors (norms), biases (gpt-oss's expert biases are 2-D) and the
+    # router stay F32.
+    return len(shape) < 2 or "ffn_gate_inp" in name or not name.endswith("weight")
 
 
 def write_gguf(path, arch: str, dims: SynthDims, seed: int = 0, ftype: str = "F32") -> Path:
@@ -312,14 +324,16 @@ def _write_direct(path: Path, arch: str, d: SynthDims, seed: int, ftype: str) ->
     import gguf
     from gguf.quants import quantize, quant_shape_to_byte_shape
 
-    qtype = gguf.GGMLQuantizationType[ftype]
-    ftype_id = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7}[ftype]
+    qtype = gguf.GGMLQuantizationType[_DIRECT[ftype]]
+    ftype_id = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "MXFP4_MOE": 38}[ftype]
     plan = _plan(arch, d)
     w = gguf.GGUFWriter(path, arch)
     _add_metadata(w, arch, d, ftype_id)
     types = {}
     for name, shape, _ in plan:
         t = gguf.GGMLQuantizationType.F32 if _keep_f32(name, shape) else qtype
+        if ftype == "MXFP4_MOE" and name.endswith("_exps.weight"):  # as gpt-oss ships: MXFP4 experts
+            t = gguf.GGMLQuantizationType.MXFP4
         types[name] = t
         if t == gguf.GGMLQuantizationType.F32:
             w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
@@ -554,3 +568,79 @@ _DS_PRESETS = {
                                 yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0),
 }
 
+
+
+# ---------------------------------------------------------------------------------------------- gpt-oss
+# gpt-oss-20b / 120b (llama.cpp arch "gpt-oss"): biased attention with sinks, sliding window on even layers,
+# biased experts with the clamped SwiGLU, YaRN. Write with ftype "MXFP4_MOE" for MXFP4 experts (as shipped).
+
+@dataclasses.dataclass(frozen=True)
+class GptOssDims(SynthDims):
+    """SynthDims plus gpt-oss's geometry; n_ff is the per-expert FFN."""
+    sliding_window: int = 128
+    yarn_factor: float = 32.0       # > 0: YaRN
+    yarn_orig_ctx: int = 4096
+
+
+def _plan_gpt_oss(d: GptOssDims) -> list[tuple[str, tuple[int, ...], str]]:
+    if not isinstance(d, GptOssDims):
+        raise TypeError("gpt-oss needs GptOssDims")
+    E, C, ff = d.n_expert, d.n_embd, d.n_ff
+    q, kv = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
+    p = [("token_embd.weight", (d.n_vocab, C), "embd")]
+    for i in range(d.n_layer):
+        b = f"blk.{i}."
+        p += [(b + "attn_norm.weight", (C,), "norm"),
+              (b + "attn_q.weight", (q, C), "w"), (b + "attn_q.bias", (q,), "bias"),
+              (b + "attn_k.weight", (kv, C), "w"), (b + "attn_k.bias", (kv,), "bias"),
+              (b + "attn_v.weight", (kv, C), "w"), (b + "attn_v.bias", (kv,), "bias"),
+              (b + "attn_output.weight", (C, q), "w"), (b + "attn_output.bias", (C,), "bias"),
+              (b + "attn_sinks.weight", (d.n_head,), "sinks"),
+              (b + "post_attention_norm.weight", (C,), "norm"),
+              (b + "ffn_gate_inp.weight", (E, C), "router"), (b + "ffn_gate_inp.bias", (E,), "bias"),
+              (b + "ffn_gate_exps.weight", (E, ff, C), "w_oai"), (b + "ffn_gate_exps.bias", (E, ff), "bias"),
+              (b + "ffn_up_exps.weight", (E, ff, C), "w_oai"), (b + "ffn_up_exps.bias", (E, ff), "bias"),
+              (b + "ffn_down_exps.weight", (E, C, ff), "w"), (b + "ffn_down_exps.bias", (E, C), "bias")]
+    p += [("output_norm.weight", (C,), "norm"), ("output.weight", (d.n_vocab, C), "out")]
+    return p
+
+
+def _add_metadata_gpt_oss(w, arch: str, d: "GptOssDims", ftype_id: int) -> None:
+    import gguf
+
+    a = arch
+    w.add_string("general.name", "moecli-synth-gpt-oss")
+    w.add_uint32("general.file_type", ftype_id)
+    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    w.add_uint32(f"{a}.context_length", d.context_length)
+    w.add_uint32(f"{a}.embedding_length", d.n_embd)
+    w.add_uint32(f"{a}.block_count", d.n_layer)
+    w.add_uint32(f"{a}.feed_forward_length", d.n_ff)
+    w.add_uint32(f"{a}.attention.head_count", d.n_head)
+    w.add_uint32(f"{a}.attention.head_count_kv", d.n_head_kv)
+    w.add_uint32(f"{a}.attention.key_length", d.head_dim)
+    w.add_uint32(f"{a}.attention.value_length", d.head_dim)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", d.rms_eps)
+    w.add_uint32(f"{a}.attention.sliding_window", d.sliding_window)
+    w.add_float32(f"{a}.rope.freq_base", d.rope_theta)
+    w.add_uint32(f"{a}.rope.dimension_count", d.head_dim)
+    if d.yarn_factor:
+        w.add_string(f"{a}.rope.scaling.type", "yarn")
+        w.add_float32(f"{a}.rope.scaling.factor", d.yarn_factor)
+        w.add_uint32(f"{a}.rope.scaling.original_context_length", d.yarn_orig_ctx)
+    w.add_uint32(f"{a}.expert_count", d.n_expert)
+    w.add_uint32(f"{a}.expert_used_count", d.n_expert_used)
+    w.add_uint32(f"{a}.expert_feed_forward_length", d.n_ff)
+    _add_tokenizer(w, d.n_vocab)
+
+
+_OSS_PRESETS = {
+    # gpt-oss-20b: 24 layers, 32 experts (4 used) of 2880, 64 q heads / 8 KV heads of 64, window 128, YaRN x32
+    "gpt-oss-20b": GptOssDims(n_vocab=201088, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880,
+                              n_expert=32, n_expert_used=4, context_length=131072, rope_theta=150000.0,
+                              rms_eps=1e-5, sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096),
+    # gpt-oss-120b: the same with 36 layers and 128 experts
+    "gpt-oss-120b": GptOssDims(n_vocab=201088, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880,
+                               n_expert=128, n_expert_used=4, context_length=131072, rope_theta=150000.0,
+                               rms_eps=1e-5, sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096),
+}

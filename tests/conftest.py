@@ -54,6 +54,14 @@ TINY["deepseek3"] = ("deepseek2", DeepSeekDims(
     v_head_dim=64, n_dense=1, n_ff_dense=512, n_shared=1, gating="sigmoid", expert_bias=True, n_group=4, topk_group=2,
     weights_norm=True, weights_scale=2.5, mla_split=True))
 
+# gpt-oss (tests/test_gpt_oss.py): 3 layers (sliding window 8 on layers 0 and 2), 8 q heads / 2 KV heads of 64
+# (q width 512 != n_embd), 8 experts (3 used) with biases, YaRN x4 from 256
+from moecli.synth import GptOssDims
+
+TINY["gpt-oss"] = ("gpt-oss", GptOssDims(
+    n_vocab=512, n_embd=256, n_layer=3, n_head=8, n_head_kv=2, head_dim=64, n_ff=256, n_expert=8, n_expert_used=3,
+    context_length=2048, rope_theta=150000.0, rms_eps=1e-5, sliding_window=8, yarn_factor=4.0, yarn_orig_ctx=256))
+
 _lock = threading.Lock()
 _dir: Path | None = None
 _built: dict[tuple, Path] = {}

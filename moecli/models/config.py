@@ -13,7 +13,7 @@ from moecli.formats.tensor import TensorData
 
 @dataclass
 class ModelConfig:
-    arch: str  # family name: llama, qwen2moe, qwen3moe, olmoe (deepseek2, gpt-oss: their own files later)
+    arch: str  # family name: llama, qwen2moe, qwen3moe, olmoe, deepseek2, gpt-oss
     n_vocab: int
     n_embd: int
     n_layer: int
@@ -45,7 +45,7 @@ class ModelConfig:
     n_dense_layers: int = 0  # leading dense FFN layers
     n_shared: int = 0  # shared experts (their FFN width is n_ff_shexp)
     routed_scale: float = 0.0  # expert_weights_scale (0 or 1: no scaling, as llama.cpp)
-    gating: str = "softmax"  # "softmax" | "sigmoid"
+    gating: str = "softmax"  # "softmax" | "sigmoid" | "softmax_weight" (top-k of the logits, softmax over those)
     expert_bias: bool = False  # exp_probs_b: selection-only bias (V3)
     n_group: int = 0
     topk_group: int = 0
@@ -57,6 +57,11 @@ class ModelConfig:
     yarn_beta_slow: float = 1.0
     yarn_ext_factor: float = -1.0  # -1: 1.0 when YaRN
     yarn_attn_factor: float = 1.0
+    # gpt-oss: attention sinks, sliding-window layers, expert biases and the clamped SwiGLU
+    sliding_window: int = 0  # keys a sliding-window layer sees (its own position included)
+    swa_layers: tuple = ()  # layer indices that use the sliding window
+    attn_sinks: bool = False  # a learned per-head logit in every softmax denominator
+    expert_act: str = "swiglu"  # "swiglu" | "swiglu_oai" (x = min(g, 7); x * sigmoid(1.702 x) * (clamp(u, ±7) + 1))
 
     def __post_init__(self):
         if not self.rope_dim:
@@ -71,12 +76,19 @@ class ExpertStack:
     """One projection (gate, up or down) of all routed experts of a layer.
 
     GGUF stores a 3-D tensor (`stacked`); safetensors one 2-D tensor per expert. Both give `expert(e)` zero-copy.
+    `bias` (gpt-oss): one bias row per expert, ggml ne = (out, E).
     """
 
-    def __init__(self, stacked: TensorData | None = None, experts: list[TensorData] | None = None):
+    def __init__(self, stacked: TensorData | None = None, experts: list[TensorData] | None = None,
+                 bias: TensorData | None = None):
         self.stacked = stacked
         self._experts = experts
         self.n = stacked.ne[2] if stacked is not None else len(experts)
+        self.bias = bias
+
+    def bias_rows(self):
+        """The biases as float32 numpy [E, out], or None."""
+        return None if self.bias is None else self.bias.numpy().reshape(self.n, -1)
 
     def expert(self, e: int) -> TensorData:
         return self.stacked.expert(e) if self.stacked is not None else self._experts[e]

@@ -7,11 +7,12 @@ from pathlib import Path
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.gguf import GGUFFile
 from moecli.formats.safetensors import SafetensorsModel
-from moecli.models import deepseek2, llama, olmoe, qwen2moe, qwen3moe
+from moecli.models import deepseek2, gpt_oss, llama, olmoe, qwen2moe, qwen3moe
 from moecli.models.config import Checkpoint, ExpertStack
 
-# GGUF `general.architecture` -> family module. deepseek2 and gpt-oss get their own files here.
-GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe": olmoe, "deepseek2": deepseek2}
+# GGUF `general.architecture` -> family module.
+GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe": olmoe, "deepseek2": deepseek2,
+              "gpt-oss": gpt_oss}
 # Hugging Face `model_type` -> family module.
 HF_ARCHS = {"llama": llama, "mistral": llama, "mixtral": llama, "qwen2_moe": qwen2moe, "qwen3_moe": qwen3moe,
             "olmoe": olmoe}
@@ -41,7 +42,7 @@ def _from_gguf(g: GGUFFile) -> Checkpoint:
         for kind in _EXPS:
             t = g.tensors.get(f"blk.{l}.{kind}.weight")
             if t is not None:
-                experts[f"blk.{l}.{kind}"] = ExpertStack(stacked=t)
+                experts[f"blk.{l}.{kind}"] = ExpertStack(stacked=t, bias=g.tensors.get(f"blk.{l}.{kind}.bias"))
     return Checkpoint(cfg, dict(g.tensors), experts, g.file_bytes, g)
 
 

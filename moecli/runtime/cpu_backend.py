@@ -33,13 +33,15 @@ class GgmlExperts:
     """The experts seam on the CPU engine: all (token, expert) pairs of a layer in one ggml graph."""
 
     def __init__(self, ckpt: Checkpoint, kernel: str = "auto"):
-        layers = {}
+        layers, biases = {}, {}
         for l in range(ckpt.config.n_layer):
             stacks = [ckpt.experts.get(f"blk.{l}.ffn_{p}_exps") for p in ("gate", "up", "down")]
             if all(stacks):
                 layers[l] = tuple(s.stacked if s.stacked is not None else [s.expert(e) for e in range(s.n)]
                                   for s in stacks)
-        self.engine = CpuExperts(layers, kernel=kernel)
+                if any(s.bias is not None for s in stacks):
+                    biases[l] = tuple(s.bias for s in stacks)
+        self.engine = CpuExperts(layers, kernel=kernel, biases=biases, act=ckpt.config.expert_act)
 
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  scores: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType
 from moecli.errors import MoecliError
 from moecli.formats.tensor import TensorData
 from moecli.kernels import ggml as G
+from moecli.runtime.experts import OAI_ALPHA, OAI_LIMIT
 
 T = GGMLQuantizationType
 # Types whose per-expert mul_mat goes through llamafile's sgemm and beats mul_mat_id on big batches (FACTS §1).
@@ -35,9 +36,12 @@ Experts = TensorData | Sequence[TensorData]  # a 3-D `ffn_*_exps` tensor, or one
 
 class _Layer:
     """One layer's expert weights: 3-D ggml tensors for mul_mat_id when the experts are evenly spaced in memory, and
-    per-expert 2-D TensorData for the loop."""
+    per-expert 2-D TensorData for the loop. `biases` (gpt-oss): F32 TensorData of ne (out, E) per projection, or
+    None; `act`: "swiglu" or "swiglu_oai"."""
 
-    def __init__(self, layer: int, gate: Experts, up: Experts, down: Experts):
+    def __init__(self, layer: int, gate: Experts, up: Experts, down: Experts, biases=None, act: str = "swiglu"):
+        self.act = act
+        self.biases = [G.weight_tensor(b) if b is not None else None for b in (biases or (None,) * 3)]
         self.per_expert = [self._split(t) for t in (gate, up, down)]
         g, u, dn = (p[0] for p in self.per_expert)
         self.n_expert = len(self.per_expert[0])
@@ -49,6 +53,9 @@ class _Layer:
         self._ctx = G.Ctx(3)
         stacked = [self._stack(t, p) for t, p in zip((gate, up, down), self.per_expert)]
         self.stacked = stacked if all(s is not None for s in stacked) else None
+        self.plain = act == "swiglu" and not any(self.biases)  # the loop kernel handles only plain experts
+        if not self.plain and self.stacked is None:
+            raise MoecliError(f"layer {layer}: experts with biases or {act} need evenly spaced expert tensors")
 
     @staticmethod
     def _split(t: Experts) -> list[TensorData]:
@@ -91,14 +98,16 @@ class CpuExperts:
     `layers` maps a layer index to (gate, up, down): each either a 3-D GGUF `ffn_{gate,up,down}_exps` tensor
     (gate/up ne = (d, ff, E), down ne = (ff, d, E)) or a list of per-expert 2-D tensors. Weights are never copied.
     `kernel`: "auto" (by batch shape), "id" (always mul_mat_id) or "loop" (always per-expert mul_mat).
+    `biases` maps a layer to its (gate, up, down) bias tensors (gpt-oss); `act` is the gated activation.
     """
 
     def __init__(self, layers: Mapping[int, tuple[Experts, Experts, Experts]], kernel: str = "auto",
-                 max_cached_pairs: int = 64):
+                 max_cached_pairs: int = 64, biases: Mapping[int, tuple] | None = None, act: str = "swiglu"):
         if kernel not in ("auto", "id", "loop"):
             raise MoecliError(f"unknown expert kernel {kernel!r} (auto, id, loop)")
         self.kernel = kernel
-        self.layers = {int(l): _Layer(int(l), *gud) for l, gud in layers.items()}
+        biases = biases or {}
+        self.layers = {int(l): _Layer(int(l), *gud, biases=biases.get(l), act=act) for l, gud in layers.items()}
         if not self.layers:
             raise MoecliError("CpuExperts needs at least one layer")
         self.d = next(iter(self.layers.values())).d
@@ -106,8 +115,10 @@ class CpuExperts:
             raise MoecliError("expert layers disagree on the hidden size")
         ff = max(L.ff for L in self.layers.values())
         self.max_cached_pairs = max_cached_pairs
-        # gate, up and activation of every cached graph live here (one run at a time).
-        self._scratch = np.empty((3, max_cached_pairs, ff), dtype=np.float32)
+        # gate, up and activation of every cached graph live here (one run at a time); biased experts add the
+        # biased gate, up and the unbiased down projection.
+        self._n_scratch = 3 if all(L.plain for L in self.layers.values()) else 6
+        self._scratch = np.empty((self._n_scratch, max_cached_pairs, max(ff, self.d)), dtype=np.float32)
         self._bufs: dict[int, _Bufs] = {}
         self._graphs: dict[tuple[int, int], G.Graph] = {}
         self._lock = threading.Lock()
@@ -149,6 +160,8 @@ class CpuExperts:
 
     def choose_kernel(self, layer: int, n_pairs: int, n_active: int) -> str:
         L = self.layers[layer]
+        if not L.plain:
+            return "id"
         if self.kernel != "auto":
             return "loop" if L.stacked is None else self.kernel
         if L.stacked is None:
@@ -208,7 +221,7 @@ class CpuExperts:
                 b = self._bufs[P] = _Bufs(P, self.d)
             s = self._scratch
             g = self._graphs[(layer, P)] = self._build_id(self.layers[layer], P, b.x, b.ids, b.y,
-                                                          [s[i, :P].ctypes.data for i in range(3)])
+                                                          [s[i, :P].ctypes.data for i in range(self._n_scratch)])
         return g
 
     def _id_uncached(self, L: _Layer, x, tok, ids) -> np.ndarray:
@@ -216,23 +229,38 @@ class CpuExperts:
         xb = np.take(x, tok, axis=0)
         idb = ids.astype(np.int32)
         y = np.empty((P, L.d), dtype=np.float32)
-        s = np.empty((3, P, L.ff), dtype=np.float32)
-        self._build_id(L, P, xb, idb, y, [s[i].ctypes.data for i in range(3)], keep=[s]).compute()
+        s = np.empty((self._n_scratch, P, max(L.ff, L.d)), dtype=np.float32)
+        self._build_id(L, P, xb, idb, y, [s[i].ctypes.data for i in range(self._n_scratch)], keep=[s]).compute()
         return y
 
     @staticmethod
     def _build_id(L: _Layer, P: int, xb, idb, yb, scratch, keep=()) -> G.Graph:
         gate, up, down = L.stacked
-        ctx = G.Ctx(8, 8)
+        bg, bu, bd = L.biases
+        ctx = G.Ctx(12, 12)
         xt = ctx.tensor(T.F32, L.d, 1, P, data=xb.ctypes.data)
         it = ctx.tensor(G.GGML_TYPE_I32, 1, P, data=idb.ctypes.data)
-        g = G.ggml_mul_mat_id(ctx.ptr, gate, xt, it)
-        u = G.ggml_mul_mat_id(ctx.ptr, up, xt, it)
-        a = G.ggml_swiglu_split(ctx.ptr, g, u)
+        nodes = [G.ggml_mul_mat_id(ctx.ptr, gate, xt, it), G.ggml_mul_mat_id(ctx.ptr, up, xt, it)]
+        g, u = nodes
+        if bg:  # as llama.cpp's build_moe_ffn: each pair's expert bias added by ggml_add_id
+            g = G.ggml_add_id(ctx.ptr, g, bg, it)
+            nodes.append(g)
+        if bu:
+            u = G.ggml_add_id(ctx.ptr, u, bu, it)
+            nodes.append(u)
+        if L.act == "swiglu_oai":
+            a = G.ggml_swiglu_oai(ctx.ptr, g, u, OAI_ALPHA, OAI_LIMIT)
+        else:
+            a = G.ggml_swiglu_split(ctx.ptr, g, u)
         y = G.ggml_mul_mat_id(ctx.ptr, down, a, it)
-        for t, p in zip((g, u, a, y), (*scratch, yb.ctypes.data)):
+        nodes += [a, y]
+        if bd:
+            y = G.ggml_add_id(ctx.ptr, y, bd, it)
+            nodes.append(y)
+        for t, p in zip(nodes[:-1], scratch):
             t.contents.data = p
-        return G.Graph(ctx, [y], 8, keep=[xb, idb, yb, *keep])
+        nodes[-1].contents.data = yb.ctypes.data
+        return G.Graph(ctx, [y], 12, keep=[xb, idb, yb, *keep])
 
     def _loop(self, L: _Layer, x, tok, ids) -> np.ndarray:
         """Per-expert ggml_mul_mat in one graph built for this call (its shape depends on the routing)."""

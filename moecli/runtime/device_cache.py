@@ -14,10 +14,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from moecli.models.config import Checkpoint
+from moecli.runtime.experts import expert_biases, expert_ffn
 
 log = logging.getLogger("moecli")
 T = GGMLQuantizationType
@@ -133,6 +133,10 @@ class DeviceExpertCache:
         self.resident: dict[int, dict[int, int]] = {l: {} for l in self.layers}  # layer -> expert -> slot
         self.pending: dict[tuple[int, int], object] = {}  # (layer, expert) -> copy handle
         self.copy_engine = CopyEngine(self.device, off)
+        # gpt-oss: every expert's biases stay on the device (a few KB per expert), and its clamped SwiGLU
+        self.act = c.expert_act
+        self.biases = {l: tuple(t.to(dtype) for t in b) for l in self.layers
+                       if (b := expert_biases(ckpt, l, self.device)) is not None}
 
     @property
     def nbytes(self) -> int:
@@ -180,8 +184,9 @@ class DeviceExpertCache:
 
     def compute(self, layer: int, e: int, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         gate, up, down = self.weights(layer, e, scratch)
-        x = x.to(self.dtype)
-        return ((F.silu(x @ gate.T) * (x @ up.T)) @ down.T).float()
+        biases = self.biases.get(layer)
+        b = None if biases is None else tuple(t[e] for t in biases)
+        return expert_ffn(x.to(self.dtype), gate, up, down, b, self.act).float()
 
     def evict(self, layer: int, e: int) -> None:
         self.resident[layer].pop(e, None)
