@@ -8,6 +8,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from moecli.chat import harmony
 from moecli.chat_template import render
 from moecli.errors import MoecliError
 from moecli.models.loader import GGUF_ARCHS, load_checkpoint
@@ -106,11 +107,23 @@ class Model:
         """Text of `tokens`; control tokens (<|im_end|>...) included unless special=False."""
         return b"".join(self.tokenizer.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own template; gpt-oss files without one get harmony (None: ChatML)."""
+        if self.tokenizer.chat_template or self.config.arch != "gpt-oss":
+            return self.tokenizer.chat_template
+        return harmony.TEMPLATE
+
+    @property
+    def harmony(self) -> bool:
+        """Whether answers come in harmony channels (gpt-oss): the chat separates reasoning from the answer."""
+        return harmony.is_harmony(self.chat_template)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         tok = self.tokenizer
         bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
         eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
-        return render(tok.chat_template, messages, add_generation_prompt, bos_token=bos, eos_token=eos)
+        return render(self.chat_template, messages, add_generation_prompt, bos_token=bos, eos_token=eos, **extra)
 
     # --- compute ------------------------------------------------------------------------------------------------
     def logits(self, token_ids: list[int]) -> np.ndarray:
@@ -144,9 +157,9 @@ class Model:
             yield token
             feed = [token]
 
-    def stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
-        """Text pieces for generated tokens, never splitting a UTF-8 character."""
-        stream = TextStream(self.tokenizer)
+    def stream_text(self, tokens: Iterator[int], special: bool = False) -> Iterator[str]:
+        """Text pieces for generated tokens, never splitting a UTF-8 character; control tokens only with `special`."""
+        stream = TextStream(self.tokenizer, special)
         for t in tokens:
             piece = stream.push(t)
             if piece:

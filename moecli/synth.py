@@ -45,7 +45,7 @@ TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5  # llama.cpp's llama_token_t
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer_json(vocab_size: int) -> str:
+def _tokenizer_json(vocab_size: int, specials: tuple[str, ...] = SPECIAL_TOKENS) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -53,7 +53,7 @@ def _tokenizer_json(vocab_size: int) -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size, special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
@@ -256,15 +256,16 @@ def _add_metadata(w, arch: str, d: SynthDims, ftype_id: int) -> None:
     _add_tokenizer(w, d.n_vocab)
 
 
-def _add_tokenizer(w, n_vocab: int) -> None:
-    spec = json.loads(_tokenizer_json(384))
+def _add_tokenizer(w, n_vocab: int, specials: tuple[str, ...] = SPECIAL_TOKENS, template: str = CHATML_TEMPLATE,
+                   eos: str = "<|endoftext|>") -> None:
+    spec = json.loads(_tokenizer_json(384 + len(specials) - len(SPECIAL_TOKENS), specials))
     vocab = spec["model"]["vocab"]
     tokens = [None] * len(vocab)
     for t, i in vocab.items():
         tokens[i] = t
     if len(tokens) > n_vocab:
         raise ValueError(f"n_vocab {n_vocab} < tokenizer size {len(tokens)}")
-    types = [TOKEN_CONTROL if t in SPECIAL_TOKENS else TOKEN_NORMAL for t in tokens]
+    types = [TOKEN_CONTROL if t in specials else TOKEN_NORMAL for t in tokens]
     pad = n_vocab - len(tokens)
     tokens += [f"[PAD{i}]" for i in range(pad)]
     types += [TOKEN_UNUSED] * pad
@@ -276,12 +277,12 @@ def _add_tokenizer(w, n_vocab: int) -> None:
     w.add_array("tokenizer.ggml.token_type", types)
     w.add_array("tokenizer.ggml.merges", merges)
     w.add_uint32("tokenizer.ggml.bos_token_id", eot)
-    w.add_uint32("tokenizer.ggml.eos_token_id", eot)
+    w.add_uint32("tokenizer.ggml.eos_token_id", vocab[eos])
     w.add_uint32("tokenizer.ggml.padding_token_id", eot)
     # Explicit so that llama_tokenize(add_special=True) equals tokenizers' encode() (no BOS/EOS added).
     w.add_bool("tokenizer.ggml.add_bos_token", False)
     w.add_bool("tokenizer.ggml.add_eos_token", False)
-    w.add_string("tokenizer.chat_template", CHATML_TEMPLATE)
+    w.add_string("tokenizer.chat_template", template)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -631,7 +632,9 @@ def _add_metadata_gpt_oss(w, arch: str, d: "GptOssDims", ftype_id: int) -> None:
     w.add_uint32(f"{a}.expert_count", d.n_expert)
     w.add_uint32(f"{a}.expert_used_count", d.n_expert_used)
     w.add_uint32(f"{a}.expert_feed_forward_length", d.n_ff)
-    _add_tokenizer(w, d.n_vocab)
+    from moecli.chat import harmony  # gpt-oss speaks harmony: its control tokens and template, <|return|> ends
+
+    _add_tokenizer(w, d.n_vocab, SPECIAL_TOKENS + harmony.SPECIAL_TOKENS, harmony.TEMPLATE, eos="<|return|>")
 
 
 _OSS_PRESETS = {

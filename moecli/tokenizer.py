@@ -136,12 +136,12 @@ def _byte_decoder() -> dict[str, int]:
 class TextStream:
     """Turns generated tokens into text pieces, holding back bytes of a UTF-8 character split across tokens."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, special: bool = False):
+        self.tokenizer, self.special = tokenizer, special  # special: control tokens as text (harmony's markers)
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def push(self, token: int) -> str:
-        return self._decoder.decode(self.tokenizer.token_bytes(token))
+        return self._decoder.decode(self.tokenizer.token_bytes(token, self.special))
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)

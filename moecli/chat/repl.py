@@ -16,6 +16,7 @@ from typing import Callable
 
 from moecli.api import common_prefix
 from moecli.chat import stats as st
+from moecli.chat.harmony import HarmonyParser
 from moecli.errors import MoecliError
 
 PROMPT, MORE = ">>> ", "... "
@@ -127,6 +128,8 @@ class Chat:
                 yield t
 
         status = "ok"
+        parser = HarmonyParser() if m.harmony else None  # gpt-oss: reasoning and answer come in channels
+        thinking: list[str] = []
         try:
             ids = m.tokenize(m.chat_prompt(self.conversation()), add_special=True)
             turn.prompt_tokens = len(ids)
@@ -134,10 +137,13 @@ class Chat:
             t0 = time.perf_counter()
             try:
                 for piece in m.stream_text(timed(m.generate(ids, s.max_tokens, session=self.session,
-                                                            **s.sampling()))):
-                    pieces.append(piece)
-                    self.out.write(piece)
-                    self.out.flush()
+                                                            **s.sampling())), special=parser is not None):
+                    if parser is None:
+                        pieces.append(piece)
+                        self.out.write(piece)
+                        self.out.flush()
+                    else:
+                        self._show(parser.push(piece), pieces, thinking)
             except MoecliError:
                 if len(ids) + turn.gen_tokens <= self.session.n_ctx:
                     raise  # something else than the context filling up
@@ -147,6 +153,10 @@ class Chat:
         except BaseException:
             self.messages.pop()
             raise
+        if parser is not None:
+            self._show(parser.flush(), pieces, thinking)
+            if thinking and not pieces:
+                self.err.write("\n")
         reply = "".join(pieces)
         if pieces:
             self.out.write("\n")
@@ -156,6 +166,8 @@ class Chat:
 
         if reply or status == "ok":
             msg = {"role": "assistant", "content": reply}
+            if thinking:  # kept in the saved conversation; harmony leaves earlier reasoning out of the prompt
+                msg["thinking"] = "".join(thinking)
             if status != "ok":
                 msg["interrupted" if status == "interrupted" else "truncated"] = True
             self.messages.append(msg)
@@ -173,6 +185,22 @@ class Chat:
                            f"{st.format_experts(m, before)}\n")
         self.err.flush()
         return status
+
+    def _show(self, parts: list[tuple[str, str]], answer: list[str], thinking: list[str]) -> None:
+        """Harmony channels: the answer ("final") to stdout, reasoning and tool preambles dimmed on stderr."""
+        for channel, text in parts:
+            if channel == "final":
+                if thinking and not answer:
+                    self.err.write("\n")
+                    self.err.flush()
+                answer.append(text)
+                self.out.write(text)
+                self.out.flush()
+            else:
+                thinking.append(text)
+                dim = getattr(self.err, "isatty", lambda: False)()
+                self.err.write(f"\033[2m{text}\033[0m" if dim else text)
+                self.err.flush()
 
     def context_line(self) -> str:
         return st.format_context(len(self.session.tokens), self.session.n_ctx)

@@ -1,0 +1,108 @@
+"""OpenAI's harmony chat format (gpt-oss): a fallback template, and a parser that splits the streamed completion into
+channels, so the chat shows the reasoning ("analysis") apart from the answer ("final") and keeps only the answer in
+the conversation (harmony drops earlier turns' reasoning from the prompt).
+
+A completion after the generation prompt `<|start|>assistant` looks like
+    <|channel|>analysis<|message|>...thinking...<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>
+where `<|return|>` (and `<|call|>` for a tool call) ends generation; llama.cpp's vocabulary marks both end-of-
+generation and takes `<|end|>` off that list when they exist, so the chat runs through the analysis to the answer.
+"""
+from __future__ import annotations
+
+import re
+
+SPECIAL_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")
+
+# Used for gpt-oss files without a template of their own (synthetic ones). A system message in the conversation
+# becomes harmony's developer instructions; `reasoning_effort` (low / medium / high) may be passed to render().
+TEMPLATE = (
+    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+    "Knowledge cutoff: 2024-06\nCurrent date: {{ strftime_now('%Y-%m-%d') }}\n\n"
+    "Reasoning: {{ reasoning_effort | default('medium') }}\n\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
+    "{% set instructions = messages | selectattr('role', 'in', ['system', 'developer']) | map(attribute='content')"
+    " | join('\n') %}"
+    "{% if instructions %}<|start|>developer<|message|># Instructions\n\n{{ instructions }}<|end|>{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'user' %}<|start|>user<|message|>{{ m.content }}<|end|>"
+    "{% elif m.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+
+_MARKER = re.compile(r"<\|[a-z_]+\|>")
+_ENDS = ("<|end|>", "<|return|>", "<|call|>")
+
+
+def is_harmony(template: str | None) -> bool:
+    return bool(template) and "<|channel|>" in template
+
+
+class HarmonyParser:
+    """Streaming split of a harmony completion into (channel, text) pieces of message bodies.
+
+    Headers (`assistant<|channel|>analysis`, `assistant to=functions.f<|channel|>commentary json`) are consumed;
+    text outside any header (a model that ignores the format) counts as "final". A marker split across two pushes
+    is held back until it is complete.
+    """
+
+    def __init__(self):
+        self._buf = ""
+        self._state = "between"  # "header" | "body" | "between" (after an end marker, or before anything)
+        self._header = ""
+        self.channel = "final"
+
+    def push(self, text: str) -> list[tuple[str, str]]:
+        self._buf += text
+        out: list[tuple[str, str]] = []
+        while True:
+            m = _MARKER.search(self._buf)
+            if m is None:
+                keep = self._partial_marker_start()
+                self._text(self._buf[:keep], out)
+                self._buf = self._buf[keep:]
+                return out
+            self._text(self._buf[:m.start()], out)
+            self._marker(m.group(), out)
+            self._buf = self._buf[m.end():]
+
+    def flush(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        self._text(self._buf, out)
+        self._buf = ""
+        return out
+
+    def _partial_marker_start(self) -> int:
+        i = self._buf.rfind("<")
+        if i >= 0 and len(self._buf) - i < 16 and re.fullmatch(r"<(\|[a-z_]*\|?)?", self._buf[i:]):
+            return i
+        return len(self._buf)
+
+    def _text(self, text: str, out: list) -> None:
+        if not text:
+            return
+        if self._state == "header":
+            self._header += text
+            return
+        if self._state == "between":  # text with no header: not harmony-shaped, show it as the answer
+            self._state, self.channel = "body", "final"
+        if out and out[-1][0] == self.channel:
+            out[-1] = (self.channel, out[-1][1] + text)
+        else:
+            out.append((self.channel, text))
+
+    def _marker(self, marker: str, out: list) -> None:
+        if marker in ("<|start|>", "<|channel|>", "<|constrain|>") and self._state != "body":
+            if marker == "<|start|>":
+                self._header = ""
+            else:
+                self._header += marker
+            self._state = "header"
+        elif marker == "<|message|>" and self._state == "header":
+            ch = re.search(r"<\|channel\|>\s*([A-Za-z_]+)", self._header)
+            self.channel = ch.group(1) if ch else "final"
+            self._state = "body"
+        elif marker in _ENDS:
+            self._state = "between"
+        else:  # a marker where the format puts none: it is text
+            self._text(marker, out)
