@@ -17,7 +17,7 @@ from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.tensor import TensorData, check_size
 
 T = GGMLQuantizationType
-_DTYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
+_DTYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "U8": T.I8}  # U8: raw bytes (gpt-oss MXFP4 blocks/scales)
 
 
 def _read_shard(path: Path) -> dict[str, TensorData]:

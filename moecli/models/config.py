@@ -57,6 +57,7 @@ class ModelConfig:
     yarn_beta_slow: float = 1.0
     yarn_ext_factor: float = -1.0  # -1: 1.0 when YaRN
     yarn_attn_factor: float = 1.0
+    yarn_truncate: bool = True  # round the correction range to whole dims (llama.cpp; transformers' gpt-oss: no)
     # gpt-oss: attention sinks, sliding-window layers, expert biases and the clamped SwiGLU
     sliding_window: int = 0  # keys a sliding-window layer sees (its own position included)
     swa_layers: tuple = ()  # layer indices that use the sliding window

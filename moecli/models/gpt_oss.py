@@ -14,9 +14,11 @@ import dataclasses
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as T
 
 from moecli.errors import MoecliError, UnsupportedError
-from moecli.models.config import Checkpoint, ModelConfig
+from moecli.formats.tensor import TensorData
+from moecli.models.config import Checkpoint, ExpertStack, ModelConfig
 from moecli.models.deepseek2 import YarnRope, yarn_params
 from moecli.models.layers import Embedding, TorchLinear, to_torch
 from moecli.models.transformer import Transformer
@@ -158,6 +160,8 @@ class GptOssTransformer(Transformer):
         # YaRN as llama.cpp derives it (the rope part only: gpt-oss scales q.k by 1/sqrt(head_dim))
         y = yarn_params(dataclasses.replace(c, qk_nope_dim=0, qk_rope_dim=c.head_dim))
         y.pop("kq_scale")
+        if c.rope_scaling == "yarn" and not c.yarn_truncate:  # transformers' gpt-oss: unrounded correction range
+            y["corr"] = _yarn_corr(c)
         self.kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(c.head_dim)))
         self.rope = YarnRope(c.head_dim, c.rope_theta, True, self.max_ctx, self.device, **y)
         self.on_router = None  # optional hook(layer, probs, ids, weights)
@@ -188,4 +192,123 @@ class GptOssTransformer(Transformer):
         return self.experts(l, h, ids, weights, probs)
 
 
+def _yarn_corr(c: ModelConfig) -> tuple[float, float]:
+    """YaRN's correction range without rounding to whole dims (transformers with rope_parameters.truncate=False)."""
+    def dim(n_rot):
+        return c.head_dim * np.log(c.yarn_orig_ctx / (n_rot * 2 * np.pi)) / (2 * np.log(c.rope_theta))
+    return max(0.0, float(dim(c.yarn_beta_fast))), min(float(c.head_dim - 1), float(dim(c.yarn_beta_slow)))
+
+
 TRANSFORMER = GptOssTransformer
+
+
+# ------------------------------------------------------------------------------------------------------ Hugging Face
+_L = r"model\.layers\.(\d+)\."
+HF_NAMES = [
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (_L + r"input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
+    (_L + r"post_attention_layernorm\.weight", r"blk.\1.post_attention_norm.weight"),
+    (_L + r"self_attn\.([qkv])_proj\.(weight|bias)", r"blk.\1.attn_\2.\3"),
+    (_L + r"self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
+    (_L + r"self_attn\.sinks", r"blk.\1.attn_sinks.weight"),
+    (_L + r"mlp\.router\.(weight|bias)", r"blk.\1.ffn_gate_inp.\2"),
+]  # the fused experts (mlp.experts.*) are read by hf_experts()
+
+
+def from_hf(cfg: dict) -> ModelConfig:
+    try:
+        n_layer, n_embd, n_head = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("yarn", "default"):
+            raise UnsupportedError(f"gpt-oss: RoPE scaling '{kind}' is not supported (only YaRN)")
+        types = cfg.get("layer_types") or ["sliding_attention" if l % 2 == 0 else "full_attention"
+                                           for l in range(n_layer)]
+        yarn = {}
+        if kind == "yarn":
+            yarn = dict(rope_scaling="yarn", rope_factor=float(rope["factor"]),
+                        yarn_orig_ctx=int(rope["original_max_position_embeddings"]),
+                        yarn_beta_fast=float(rope.get("beta_fast", 32.0)),
+                        yarn_beta_slow=float(rope.get("beta_slow", 1.0)),
+                        yarn_truncate=bool(rope.get("truncate", True)))
+        if (cfg.get("swiglu_limit", 7.0), cfg.get("swiglu_alpha", 1.702)) != (7.0, 1.702):
+            raise UnsupportedError("gpt-oss: only swiglu_limit 7 and swiglu_alpha 1.702 are supported")
+        return ModelConfig(
+            arch="gpt-oss", n_vocab=int(cfg["vocab_size"]), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+            n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+            head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+            n_ctx_train=int(cfg.get("max_position_embeddings", 131072)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 150000.0), rope_neox=True,
+            n_expert=int(cfg["num_local_experts"]), n_expert_used=int(cfg.get("num_experts_per_tok", 4)),
+            n_ff_exp=int(cfg["intermediate_size"]), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            gating="softmax_weight", sliding_window=int(cfg.get("sliding_window") or 0),
+            swa_layers=tuple(l for l, t in enumerate(types) if t == "sliding_attention"), attn_sinks=True,
+            expert_act="swiglu_oai", **yarn)
+    except KeyError as e:
+        raise MoecliError(f"config.json lacks {e.args[0]}") from None
+
+
+def hf_experts(m, c: ModelConfig) -> dict:
+    """Expert stacks in ggml's layout from transformers' fused tensors, per layer: gate_up_proj [E, d, 2ff] (gate
+    and up interleaved column by column) and down_proj [E, ff, d] (x @ W), or their MXFP4 `_blocks`/`_scales`
+    (rows of 32-value blocks). Both are transposed against ggml, so this is a one-time copy of the experts; the
+    MXFP4 blocks are repacked to ggml's block_mxfp4 (the bytes stay 4.25 bits per weight)."""
+    out = {}
+    for l in range(c.n_layer):
+        p = f"model.layers.{l}.mlp.experts."
+        gate_up, down = _hf_expert_weights(m.tensors, p + "gate_up_proj", c), _hf_expert_weights(m.tensors, p +
+                                                                                                  "down_proj", c)
+        if gate_up is None or down is None:
+            raise MoecliError(f"{m.path.name}: layer {l} lacks {p}gate_up_proj / down_proj (or their MXFP4 blocks)")
+        gu_bias, d_bias = _f32_rows(m.tensors.get(p + "gate_up_proj_bias")), _f32_rows(m.tensors.get(p + "down_proj_bias"))
+        b = f"blk.{l}."
+        for kind, w, bias in (("gate", gate_up[0], None if gu_bias is None else gu_bias[:, 0::2]),
+                              ("up", gate_up[1], None if gu_bias is None else gu_bias[:, 1::2]),
+                              ("down", down[0], d_bias)):
+            bt = None if bias is None else _tensor(f"{b}ffn_{kind}_exps.bias", T.F32,
+                                                   (bias.shape[1], bias.shape[0]), np.ascontiguousarray(bias))
+            out[f"{b}ffn_{kind}_exps"] = ExpertStack(stacked=w, bias=bt)
+    return out
+
+
+_NP = {T.F32: np.float32, T.F16: np.uint16, T.BF16: np.uint16}  # bf16/f16 moved as 16-bit patterns
+
+
+def _tensor(name, ggml_type, ne, arr: np.ndarray) -> TensorData:
+    return TensorData(name, ggml_type, tuple(int(n) for n in ne), arr.reshape(-1).view(np.uint8))
+
+
+def _f32_rows(t: TensorData | None) -> np.ndarray | None:
+    return None if t is None else t.numpy().reshape(t.ne[1], t.ne[0]).astype(np.float32)
+
+
+def _hf_expert_weights(tensors, name: str, c: ModelConfig):
+    """(gate, up) for gate_up_proj or (down,) for down_proj as 3-D ggml-layout TensorData, or None if absent."""
+    fused = name.endswith("gate_up_proj")
+    if name in tensors:  # float: [E, in, out] -> ggml rows of `in` per output
+        t = tensors[name]
+        E, n_in, n_out = t.shape
+        a = t.raw.view(_NP[t.type]).reshape(E, n_in, n_out)
+        cols = (a[:, :, 0::2], a[:, :, 1::2]) if fused else (a,)
+        return tuple(_tensor(f"{name}[{i}]", t.type, (n_in, w.shape[2], E),
+                             np.ascontiguousarray(w.transpose(0, 2, 1))) for i, w in enumerate(cols))
+    blocks, scales = tensors.get(name + "_blocks"), tensors.get(name + "_scales")
+    if blocks is None or scales is None:
+        return None
+    E, n_out, nb, _ = blocks.shape  # [E, out, in/32, 16] nibbles, [E, out, in/32] E8M0 exponents
+    q = blocks.raw.reshape(E, n_out, nb, 16)
+    e = scales.raw.reshape(E, n_out, nb, 1)
+    rows = (slice(0, None, 2), slice(1, None, 2)) if fused else (slice(None),)
+    return tuple(_tensor(f"{name}[{i}]", T.MXFP4, (nb * 32, q[:, r].shape[1], E),
+                         np.concatenate([e[:, r], _mxfp4_qs(q[:, r])], axis=-1)) for i, r in enumerate(rows))
+
+
+def _mxfp4_qs(q: np.ndarray) -> np.ndarray:
+    """OpenAI's MXFP4 packing (byte i = value 2i in the low nibble, 2i+1 in the high one) -> ggml's block_mxfp4
+    (byte j = value j low, value j + 16 high)."""
+    v = np.empty(q.shape[:-1] + (32,), dtype=np.uint8)
+    v[..., 0::2], v[..., 1::2] = q & 0x0F, q >> 4
+    return v[..., :16] | (v[..., 16:] << 4)

@@ -15,7 +15,7 @@ GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe
               "gpt-oss": gpt_oss}
 # Hugging Face `model_type` -> family module.
 HF_ARCHS = {"llama": llama, "mistral": llama, "mixtral": llama, "qwen2_moe": qwen2moe, "qwen3_moe": qwen3moe,
-            "olmoe": olmoe}
+            "olmoe": olmoe, "gpt_oss": gpt_oss}
 _EXPS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
@@ -63,7 +63,7 @@ def _from_hf(m: SafetensorsModel) -> Checkpoint:
             per_expert.setdefault(e[1], {})[int(e[2])] = t
         else:
             tensors[new] = t
-    experts = {}
+    experts = family.hf_experts(m, cfg) if hasattr(family, "hf_experts") else {}  # fused layouts (gpt-oss)
     for key, by_id in per_expert.items():
         if sorted(by_id) != list(range(cfg.n_expert)):
             raise MoecliError(f"{m.path.name}: {key} has experts {sorted(by_id)[:8]}..., expected {cfg.n_expert}")
