@@ -95,3 +95,15 @@ def test_mxfp4_blocks_repack_value_for_value():
     for e in range(E):
         assert np.array_equal(ggml.to_float(gate.expert(e)), want[e, 0::2])
         assert np.array_equal(ggml.to_float(up.expert(e)), want[e, 1::2])
+
+
+def test_show_counts_the_fused_experts(hf_dir):
+    """`moecli show`: the same geometry as the tiny GGUF gives the same parameter counts, fused experts included."""
+    from conftest import tiny_gguf
+
+    from moecli.cli.pull import summarize
+    from moecli.models.loader import load_checkpoint
+
+    hf, gg = summarize(load_checkpoint(hf_dir)), summarize(load_checkpoint(tiny_gguf("gpt-oss", "F32")))
+    assert (hf["params_total"], hf["params_active"], hf["expert_params"]) == \
+        (gg["params_total"], gg["params_active"], gg["expert_params"])

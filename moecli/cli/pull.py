@@ -119,11 +119,14 @@ def summarize(ckpt) -> dict:
     for stack in ckpt.experts.values():
         n = stack.n * math.prod(stack.ne)
         expert_params += n
-        if stack.stacked is None:  # safetensors: per-expert tensors are not in `tensors`
+        if stack.stacked is None or stack.stacked.name not in ckpt.tensors:  # safetensors: not in `tensors`
             total += n
             for e in range(stack.n):
                 t = stack.expert(e)
                 by_type[t.type.name] += t.nbytes
+            if stack.bias is not None:
+                total += stack.bias.n_elements
+                by_type[stack.bias.type.name] += stack.bias.nbytes
     active = total - expert_params
     if c.n_expert:
         active += expert_params * c.n_expert_used // c.n_expert
