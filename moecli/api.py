@@ -75,6 +75,10 @@ class Model:
             experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
         cls = getattr(GGUF_ARCHS.get(self.config.arch), "TRANSFORMER", Transformer)  # a family's own decoder
         self.transformer = cls(self.checkpoint, self.device, experts, linear=linear, max_ctx=n_ctx)
+        if engine == "ggml" and cls is Transformer:  # the attention block as one ggml graph, as llama.cpp builds it
+            from moecli.runtime.ggml_attention import GgmlAttention
+
+            self.transformer.fused_attention = GgmlAttention(self.checkpoint, self.transformer.max_ctx)
         if hasattr(experts, "attach"):
             experts.attach(self.transformer)
 

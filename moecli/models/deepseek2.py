@@ -365,10 +365,13 @@ def _attend_mha(q, k, v, start: int, scale: float) -> torch.Tensor:
     if n == 1:
         p = torch.softmax(torch.bmm(q.transpose(0, 1), k.permute(1, 2, 0)) * scale, -1)  # [H, 1, T]
         return torch.bmm(p, v.transpose(0, 1)).transpose(0, 1).reshape(1, -1)
-    mask = torch.arange(start + n, device=q.device)[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                         scale=scale)
-    return out.transpose(0, 1).reshape(n, -1)
+    mask = None  # a fresh prompt: plain causal on 4-D inputs puts SDPA on its flash kernel (as layers.attend)
+    if start:
+        mask = torch.arange(start + n, device=q.device)[None, :] <= torch.arange(start, start + n,
+                                                                                 device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out[0].transpose(0, 1).reshape(n, -1)
 
 
 def _attend_mqa(q, k, v, start: int, scale: float) -> torch.Tensor:

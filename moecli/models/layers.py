@@ -112,12 +112,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
         qg = q.view(n_kv, n_head // n_kv, d)
         scores = torch.softmax(torch.bmm(qg, k.permute(1, 2, 0)) * d ** -0.5, dim=-1)
         return torch.bmm(scores, v.transpose(0, 1)).reshape(1, n_head * d)
-    kpos = torch.arange(start + n, device=q.device)
-    qpos = torch.arange(start, start + n, device=q.device)
-    mask = kpos[None, :] <= qpos[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                         scale=d ** -0.5, enable_gqa=n_kv != n_head)
-    return out.transpose(0, 1).reshape(n, n_head * d)
+    # 4-D inputs (a batch of one) and, for a fresh prompt, plain causal masking put SDPA on its flash kernel,
+    # which skips the masked half: 2x+ faster than 3-D inputs with an explicit mask
+    mask = None
+    if start:
+        kpos = torch.arange(start + n, device=q.device)
+        qpos = torch.arange(start, start + n, device=q.device)
+        mask = kpos[None, :] <= qpos[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, is_causal=mask is None, scale=d ** -0.5,
+                                         enable_gqa=n_kv != n_head)
+    return out[0].transpose(0, 1).reshape(n, n_head * d)
 
 
 def route(logits: torch.Tensor, k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

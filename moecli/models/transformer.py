@@ -44,6 +44,8 @@ def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
 
 
 class Transformer:
+    fused_attention = None  # set by the ggml engine: moecli.runtime.ggml_attention.GgmlAttention
+
     def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
         c = self.config = ckpt.config
         self.device = torch.device(device)
@@ -58,6 +60,8 @@ class Transformer:
         self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        if self.fused_attention is not None:
+            return self.fused_attention.new_cache(n_ctx)
         c = self.config
         return KVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim, self.device)
 
@@ -70,14 +74,21 @@ class Transformer:
         pos = torch.arange(start, start + n, device=self.device)
         x = self.embed(tokens)
         for l, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            x = x + self.attention(l, layer, h, pos, cache, start)
-            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
+            x, h = self.attention_block(l, layer, x, pos, cache, start)
             x = x + self.ffn(l, layer, h)
         cache.pos = start + n
         if not all_logits:
             x = x[-1:]
         return self.output(rms_norm(x, self.norm, c.rms_eps))
+
+    def attention_block(self, l, layer, x, pos, cache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """attn_norm -> attention -> residual -> ffn_norm: (residual stream, FFN input). The ggml engine runs it as
+        one graph (`fused_attention`)."""
+        if self.fused_attention is not None:
+            return self.fused_attention(l, x, cache, start)
+        eps = self.config.rms_eps
+        x = x + self.attention(l, layer, rms_norm(x, layer.attn_norm, eps), pos, cache, start)
+        return x, rms_norm(x, layer.ffn_norm, eps)
 
     def ffn(self, l, layer: Layer, h) -> torch.Tensor:
         return self.moe(l, layer, h) if self.config.is_moe else swiglu(h, *layer.ffn)
