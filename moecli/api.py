@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -58,6 +59,11 @@ class Model:
             from moecli.runtime.cpu_backend import GgmlExperts, GgmlLinear
 
             ggml.set_threads(threads)
+            repack = os.environ.get("MOECLI_REPACK")
+            if repack:
+                from moecli.runtime.cpu_backend import repack_weights
+
+                repack_weights(self.checkpoint, [x for x in repack.split(",") if x])
             linear = GgmlLinear
             experts = GgmlExperts(self.checkpoint) if self.config.is_moe else None
         elif engine == "hybrid":
@@ -75,10 +81,12 @@ class Model:
             experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
         cls = getattr(GGUF_ARCHS.get(self.config.arch), "TRANSFORMER", Transformer)  # a family's own decoder
         self.transformer = cls(self.checkpoint, self.device, experts, linear=linear, max_ctx=n_ctx)
-        if engine == "ggml" and cls is Transformer:  # the attention block as one ggml graph, as llama.cpp builds it
-            from moecli.runtime.ggml_attention import GgmlAttention
+        if engine == "ggml" and cls is Transformer:
+            from moecli.runtime import ggml_forward
 
-            self.transformer.fused_attention = GgmlAttention(self.checkpoint, self.transformer.max_ctx)
+            if ggml_forward.supported(self.checkpoint, experts):  # the whole forward as one graph, as llama.cpp
+                self.transformer.fused_forward = ggml_forward.GgmlForward(self.checkpoint, experts,
+                                                                          self.transformer.max_ctx)
         if hasattr(experts, "attach"):
             experts.attach(self.transformer)
 

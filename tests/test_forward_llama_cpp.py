@@ -8,7 +8,6 @@ from conftest import MOE_ARCHS, TINY_ARCHS, TINY_FTYPES, tiny_f32_twin, tiny_ggu
 from llama_oracle import greedy_tokens, run_llama
 
 TEXT = "Experts route tokens; the router picks two of eight. The quick brown fox jumps over 13 lazy dogs!"
-TOL_GGML = 2e-3  # ggml engine vs llama.cpp on F32 weights
 TOL_TORCH_F32 = 1e-4  # fp32 torch vs llama.cpp on F32 weights (and on F32 twins)
 # (max |Δlogit|, routing agreement) per (arch, ftype, engine); printed at the end with `pytest -s`
 REPORT: dict = {}
@@ -39,11 +38,11 @@ def _rel(got, ref):
 @pytest.mark.parametrize("ftype", TINY_FTYPES)
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_ggml_engine_matches_llama_cpp(arch, ftype):
-    """Same kernels on the same bytes. On F32 weights that is tight everywhere. On quantized weights ggml rounds
-    every matmul input to Q8, so a ~1e-7 difference in torch's glue (attention softmax order) occasionally flips one
-    rounding step (measured: kqv_out equal to 9e-7 gives o-proj outputs 6e-4 apart); later a near-tie in a router
-    can then pick another expert and that token's logits part ways. So: tight up to the first token whose routing
-    differs, and nearly all routing decisions and argmaxes equal overall."""
+    """The whole forward as llama.cpp's own graph (moecli.runtime.ggml_forward): on F32 and Q8_0 weights the logits
+    are identical. On Q4_K / Q4_K_M llama.cpp runs its repacked Q4_K kernels (another summation order; moecli uses
+    them in decode only), and since ggml rounds every matmul input to Q8 a ~1e-7 difference can flip one rounding
+    step and later a near-tie in a router: tight up to the first token whose routing differs, and nearly all
+    routing decisions and argmaxes equal overall."""
     path = tiny_gguf(arch, ftype)
     m = moecli.load(path, engine="ggml")
     ids = m.tokenize(TEXT)
@@ -58,10 +57,9 @@ def test_ggml_engine_matches_llama_cpp(arch, ftype):
         same &= (np.sort(picks[l].numpy(), 1) == np.sort(cap[f"ffn_moe_topk-{l}"], 1)).all(1)
     first_flip = int(np.argmin(same)) if not same.all() else n
     REPORT[(arch, ftype, "ggml")] = (float(np.abs(got - ref).max()), float(same.mean()))
-    if ftype == "F32":
+    if ftype in ("F32", "Q8_0"):
         assert same.all()
-        assert _rel(got, ref) < TOL_GGML, _rel(got, ref)
-        assert (got.argmax(-1) == ref.argmax(-1)).all()
+        assert np.array_equal(got, ref), float(np.abs(got - ref).max())
     else:
         assert same.mean() >= 0.9, same.mean()
         assert _rel(got[:first_flip], ref[:first_flip]) < 0.1, _rel(got[:first_flip], ref[:first_flip])

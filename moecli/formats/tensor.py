@@ -1,7 +1,7 @@
 """One tensor of a checkpoint as it lies in the file: its ggml type, its ggml shape and a zero-copy byte view."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -24,6 +24,8 @@ class TensorData:
     type: GGMLQuantizationType
     ne: tuple[int, ...]
     raw: np.ndarray
+    # the ggml engine's repacked copy of this tensor (moecli.kernels.ggml.repack), owned with the checkpoint
+    repacked: object = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -138,7 +138,7 @@ ggml_swiglu_split = _fn(_base, "ggml_swiglu_split", _T, _P, _T, _T)
 # gpt-oss experts: per-expert biases (dst[:, i1, i2] = a[:, i1, i2] + b[:, ids[i1, i2]]) and the clamped SwiGLU
 ggml_add_id = _fn(_base, "ggml_add_id", _T, _P, _T, _T, _T)
 ggml_swiglu_oai = _fn(_base, "ggml_swiglu_oai", _T, _P, _T, _T, C.c_float, C.c_float)
-# the attention block as llama.cpp builds it (moecli.runtime.ggml_attention)
+# a whole forward pass as llama.cpp builds it (moecli.runtime.ggml_forward): the attention block ...
 _f = C.c_float
 ggml_nbytes = _fn(_base, "ggml_nbytes", C.c_size_t, _T)
 ggml_rms_norm = _fn(_base, "ggml_rms_norm", _T, _P, _T, _f)
@@ -157,6 +157,20 @@ ggml_soft_max_ext = _fn(_base, "ggml_soft_max_ext", _T, _P, _T, _T, _f, _f)
 ggml_soft_max_add_sinks = _fn(_base, "ggml_soft_max_add_sinks", None, _T, _T)
 ggml_rope_ext = _fn(_base, "ggml_rope_ext", _T, _P, _T, _T, _T, C.c_int, C.c_int, C.c_int, _f, _f, _f, _f, _f, _f)
 GGML_ROPE_TYPE_NORMAL, GGML_ROPE_TYPE_NEOX = 0, 2
+# ... the MoE block and the rest of a forward pass (moecli.runtime.ggml_forward)
+ggml_get_rows = _fn(_base, "ggml_get_rows", _T, _P, _T, _T)
+ggml_soft_max = _fn(_base, "ggml_soft_max", _T, _P, _T)
+ggml_argsort_top_k = _fn(_base, "ggml_argsort_top_k", _T, _P, _T, C.c_int)
+ggml_sum_rows = _fn(_base, "ggml_sum_rows", _T, _P, _T)
+ggml_div = _fn(_base, "ggml_div", _T, _P, _T, _T)
+ggml_clamp = _fn(_base, "ggml_clamp", _T, _P, _T, _f, _f)
+ggml_silu = _fn(_base, "ggml_silu", _T, _P, _T)
+ggml_cont = _fn(_base, "ggml_cont", _T, _P, _T)
+ggml_set_output = _fn(_base, "ggml_set_output", None, _T)
+ggml_backend_cpu_buffer_type = _fn(_base, "ggml_backend_cpu_buffer_type", _P)
+ggml_gallocr_new = _fn(_base, "ggml_gallocr_new", _P, _P)
+ggml_gallocr_free = _fn(_base, "ggml_gallocr_free", None, _P)
+ggml_gallocr_alloc_graph = _fn(_base, "ggml_gallocr_alloc_graph", C.c_bool, _P, _P)
 ggml_new_graph_custom = _fn(_base, "ggml_new_graph_custom", _P, _P, C.c_size_t, C.c_bool)
 ggml_build_forward_expand = _fn(_base, "ggml_build_forward_expand", None, _P, _T)
 ggml_row_size = _fn(_base, "ggml_row_size", C.c_size_t, C.c_int, C.c_int64)
@@ -373,9 +387,12 @@ _weight_left = 0
 _weight_tensors: dict[tuple, C.POINTER(ggml_tensor)] = {}
 
 
-def weight_tensor(t: TensorData, n_dims: int | None = None):
-    """A ggml tensor over `t`'s bytes (cached by address, type and shape); `t.raw` must outlive it."""
+def weight_tensor(t: TensorData, repacked: bool = True):
+    """A ggml tensor over `t`'s bytes (cached by address, type and shape), or its repacked copy if it has one (see
+    `repack`) and `repacked`; `t.raw` must outlive it."""
     global _weight_left
+    if repacked and t.repacked is not None:
+        return t.repacked.tensor
     key = (t.raw.ctypes.data, int(t.type), t.ne)
     w = _weight_tensors.get(key)
     if w is None:
@@ -388,6 +405,85 @@ def weight_tensor(t: TensorData, n_dims: int | None = None):
             _weight_left -= 1
             w = _weight_tensors[key] = _weight_ctxs[-1].tensor(t.type, *t.ne, data=key[0])
     return w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# repacked weights: llama.cpp's CPU_REPACK buffer type, rows interleaved for its AVX2 / NEON kernels
+
+ggml_backend_cpu_reg = _fn(_cpu, "ggml_backend_cpu_reg", _P)
+ggml_backend_reg_dev_get = _fn(_base, "ggml_backend_reg_dev_get", _P, _P, C.c_size_t)
+ggml_backend_reg_get_proc_address = _fn(_base, "ggml_backend_reg_get_proc_address", _P, _P, C.c_char_p)
+ggml_backend_buft_name = _fn(_base, "ggml_backend_buft_name", C.c_char_p, _P)
+ggml_backend_buft_get_alloc_size = _fn(_base, "ggml_backend_buft_get_alloc_size", C.c_size_t, _P, _T)
+ggml_backend_buft_alloc_buffer = _fn(_base, "ggml_backend_buft_alloc_buffer", _P, _P, C.c_size_t)
+ggml_backend_buffer_get_base = _fn(_base, "ggml_backend_buffer_get_base", _P, _P)
+ggml_backend_buffer_free = _fn(_base, "ggml_backend_buffer_free", None, _P)
+ggml_backend_tensor_alloc = _fn(_base, "ggml_backend_tensor_alloc", C.c_int, _P, _T, _P)
+ggml_backend_tensor_set = _fn(_base, "ggml_backend_tensor_set", None, _T, _P, C.c_size_t, C.c_size_t)
+_libc = C.CDLL(None)
+_MADV_DONTNEED, _PAGE = 4, os.sysconf("SC_PAGE_SIZE")
+
+
+def _repack_buffer_type():
+    """The CPU backend's CPU_REPACK buffer type (None where this build has none)."""
+    reg = ggml_backend_cpu_reg()
+    fn = ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if not fn:
+        return None
+    bufts = C.CFUNCTYPE(C.POINTER(_P), _P)(fn)(ggml_backend_reg_dev_get(reg, 0))
+    i = 0
+    while bufts[i]:
+        if ggml_backend_buft_name(bufts[i]) == b"CPU_REPACK":
+            return bufts[i]
+        i += 1
+    return None
+
+
+_REPACK_BUFT = _repack_buffer_type()
+
+
+class Repacked:
+    """A weight in its own CPU_REPACK buffer; ggml's mul_mat / mul_mat_id pick the repacked kernel from the tensor's
+    buffer type. Freed with the checkpoint tensor that holds it."""
+
+    def __init__(self, ctx: Ctx, tensor, buffer):
+        self.ctx, self.tensor, self.buffer = ctx, tensor, buffer
+
+    def __del__(self):
+        if self.buffer and ggml_backend_buffer_free is not None:
+            ggml_backend_buffer_free(self.buffer)
+            self.buffer = None
+
+
+def repack(t: TensorData, release_source: bool = True) -> bool:
+    """Give `t` a repacked copy that `weight_tensor(t)` returns from now on, when ggml has a repack kernel for its
+    type and shape on this CPU (llama.cpp's rule: e.g. Q4_0/Q4_K/IQ4_NL/MXFP4 with rows % 8 == 0 on AVX2). With
+    `release_source` the file pages it was read from are dropped from this process (they are not read again), so
+    the copy costs no resident memory. Returns whether it repacked."""
+    if t.repacked is not None:
+        return True
+    if _REPACK_BUFT is None or t.type in (T.F32, T.F16, T.BF16) or len(t.ne) not in (2, 3):
+        return False
+    from moecli.kernels.llama_log import quiet_llama
+
+    quiet_llama()  # ggml logs every repacked tensor
+    ctx = Ctx(1)
+    w = ctx.tensor(t.type, *t.ne)
+    buf = ggml_backend_buft_alloc_buffer(_REPACK_BUFT, ggml_backend_buft_get_alloc_size(_REPACK_BUFT, w))
+    if not buf:
+        return False
+    if ggml_backend_tensor_alloc(buf, w, ggml_backend_buffer_get_base(buf)) != 0 or not w.contents.extra:
+        ggml_backend_buffer_free(buf)  # no repack kernel for this type / shape: the tensor stays as it is
+        return False
+    src = np.ascontiguousarray(t.raw)
+    ggml_backend_tensor_set(w, src.ctypes.data, 0, src.nbytes)
+    object.__setattr__(t, "repacked", Repacked(ctx, w, buf))
+    if release_source:
+        start = -(-t.raw.ctypes.data // _PAGE) * _PAGE
+        end = (t.raw.ctypes.data + t.raw.nbytes) // _PAGE * _PAGE
+        if end > start:
+            _libc.madvise(C.c_void_p(start), C.c_size_t(end - start), _MADV_DONTNEED)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,22 +26,21 @@ class TorchLinear:
 
 
 class Embedding:
-    """Token embedding that dequantizes only the rows it is asked for (the table can be GBs in fp32)."""
+    """Token embedding that dequantizes only the rows it is asked for (the table can be GBs in fp32), all missing
+    rows of a call in one go."""
 
     def __init__(self, table: TensorData, device):
         self.table, self.device = table, device
         self._rows: dict[int, torch.Tensor] = {}
 
     def __call__(self, tokens: list[int]) -> torch.Tensor:
-        rows = []
-        for tok in tokens:
-            row = self._rows.get(tok)
-            if row is None:
-                rb = self.table.row_bytes
-                t = TensorData("row", self.table.type, (self.table.ne[0], 1), self.table.raw[tok * rb:(tok + 1) * rb])
-                row = self._rows[tok] = to_torch(t, self.device)[0]
-            rows.append(row)
-        return torch.stack(rows)
+        missing = [t for t in dict.fromkeys(tokens) if t not in self._rows]
+        if missing:
+            t = self.table
+            raw = t.raw.reshape(-1, t.row_bytes)[missing].reshape(-1)
+            rows = to_torch(TensorData("rows", t.type, (t.ne[0], len(missing)), raw), self.device)
+            self._rows.update(zip(missing, rows))
+        return torch.stack([self._rows[tok] for tok in tokens])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

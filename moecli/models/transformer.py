@@ -44,7 +44,7 @@ def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
 
 
 class Transformer:
-    fused_attention = None  # set by the ggml engine: moecli.runtime.ggml_attention.GgmlAttention
+    fused_forward = None  # the ggml engine's whole forward as one graph (moecli.runtime.ggml_forward)
 
     def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
         c = self.config = ckpt.config
@@ -60,8 +60,8 @@ class Transformer:
         self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
-        if self.fused_attention is not None:
-            return self.fused_attention.new_cache(n_ctx)
+        if self.fused_forward is not None:
+            return self.fused_forward.new_cache(n_ctx)
         c = self.config
         return KVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim, self.device)
 
@@ -71,6 +71,10 @@ class Transformer:
         c, start, n = self.config, cache.pos, len(tokens)
         if start + n > cache.n_ctx:
             raise ValueError(f"context full: {start + n} tokens > {cache.n_ctx}")
+        if self.fused_forward is not None:
+            logits = self.fused_forward(list(tokens), cache, all_logits, self.on_router)
+            cache.pos = start + n
+            return logits
         pos = torch.arange(start, start + n, device=self.device)
         x = self.embed(tokens)
         for l, layer in enumerate(self.layers):
@@ -82,10 +86,7 @@ class Transformer:
         return self.output(rms_norm(x, self.norm, c.rms_eps))
 
     def attention_block(self, l, layer, x, pos, cache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """attn_norm -> attention -> residual -> ffn_norm: (residual stream, FFN input). The ggml engine runs it as
-        one graph (`fused_attention`)."""
-        if self.fused_attention is not None:
-            return self.fused_attention(l, x, cache, start)
+        """attn_norm -> attention -> residual -> ffn_norm: (residual stream, FFN input)."""
         eps = self.config.rms_eps
         x = x + self.attention(l, layer, rms_norm(x, layer.attn_norm, eps), pos, cache, start)
         return x, rms_norm(x, layer.ffn_norm, eps)

@@ -3,12 +3,28 @@ torch does only the glue (norms, RoPE, attention over the KV cache, routing)."""
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType as T
 
 from moecli.formats.tensor import TensorData
 from moecli.kernels import ggml
 from moecli.models.config import Checkpoint
 from moecli.models.layers import to_torch
 from moecli.runtime.cpu_experts import CpuExperts
+
+
+def repack_weights(ckpt: Checkpoint, types) -> int:
+    """Repack the matmul weights of these ggml types (linears and expert stacks) for llama.cpp's interleaved CPU
+    kernels, releasing the file pages they were read from. The token embedding stays as it is (torch reads its
+    rows). Returns the bytes repacked."""
+    types = {T[n] if isinstance(n, str) else n for n in types}
+    done = 0
+    stacks = {id(s.stacked) for s in ckpt.experts.values() if s.stacked is not None}
+    tensors = [t for name, t in ckpt.tensors.items()
+               if name != "token_embd.weight" and len(t.ne) >= 2 and name.endswith(".weight")]
+    for t in tensors:
+        if t.type in types and (len(t.ne) == 2 or id(t) in stacks) and ggml.repack(t):
+            done += t.nbytes
+    return done
 
 
 class GgmlLinear:

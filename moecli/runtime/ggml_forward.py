@@ -1,0 +1,274 @@
+"""The CPU engine's forward pass as ONE ggml graph, built as llama.cpp builds it (its non-flash path), for the
+families on the shared decoder (llama/Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+
+Per layer: attn_norm -> q/k/v (+ biases, q/k RMSNorm) -> RoPE -> K and V stored in the cache -> kq = K·q,
+softmax with the causal mask and 1/sqrt(d) -> kqv = V·kq -> o (+ bias) -> residual -> ffn_norm -> router ->
+softmax -> top-k -> weights (renormalised where the family does) -> gate/up `mul_mat_id` -> swiglu -> down ->
+weighted sum in slot order (+ the shared expert behind its sigmoid gate) -> residual; then output_norm and the
+output head. The KV cache has llama.cpp's F32 layout (K [pos, kv_head, dim], V transposed [kv_head, dim, pos]) and
+its attended key count padded to 256, so every sum runs over llama.cpp's shapes and the logits are bit-exact where
+the weights need no repacking.
+
+Why one graph: a decode step then costs one call into ggml (no Python between layers), as in llama.cpp. The
+routing each layer chose is still reported (`on_router`) from the graph's outputs. Graphs for small batches
+(decode) are built once per 256-key bucket and kept; their inputs (token ids, positions, mask) are written into
+buffers they point at and the K/V destinations are re-pointed at the current position. Prompts build theirs per
+call. ggml's graph allocator lays out the intermediate tensors (reusing memory between layers).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from moecli.kernels import ggml as G
+from moecli.models.config import Checkpoint
+
+T = GGMLQuantizationType
+KV_PAD = 256  # llama.cpp pads its cache size and the attended key count to 256
+CACHED_MAX_N = 4  # batches up to this size keep their graphs (decode, short drafts)
+
+
+class GgmlKVCache:
+    """K [layer, pos, kv_head, dim] and V transposed [layer, kv_head, dim, pos], float32, capacity padded to 256."""
+
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int):
+        cap = -(-n_ctx // KV_PAD) * KV_PAD
+        self.k = torch.zeros(n_layer, cap, n_head_kv, head_dim)
+        self.vt = torch.zeros(n_layer, n_head_kv, head_dim, cap)
+        self.n_ctx, self.capacity = n_ctx, cap
+        self.pos = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * 4
+
+
+def supported(ckpt: Checkpoint, experts) -> bool:
+    """Whether the one-graph forward can run this checkpoint: expert stacks ggml can address as 3-D tensors."""
+    if not ckpt.config.is_moe:
+        return True
+    return experts is not None and all(L.stacked is not None and L.plain for L in experts.engine.layers.values())
+
+
+class _Step:
+    """The graph of one forward shape: n tokens over n_kv keys, logits of every token or of the last one."""
+
+    def __init__(self, fwd: "GgmlForward", n: int, n_kv: int, all_logits: bool, cache: GgmlKVCache):
+        c = fwd.config
+        d, H, Hkv, hd, cap = c.n_embd, c.n_head, c.n_head_kv, c.head_dim, cache.capacity
+        self.cache_ptrs = (cache.k.data_ptr(), cache.vt.data_ptr())
+        self.n = n
+        # decode reads llama.cpp's repacked copies of the dense weights where they exist (its faster gemv);
+        # prompts the file's own layout (this CPU's AVX-512 kernels beat the repacked ones on big batches)
+        rp = n <= CACHED_MAX_N
+        W = lambda t: None if t is None else G.weight_tensor(t, rp)  # noqa: E731
+        n_nodes = 96 * c.n_layer + 64
+        ctx = self.ctx = G.Ctx(n_nodes, 2 * n_nodes)
+        p = ctx.ptr
+        self.tokens = np.zeros(n, dtype=np.int32)
+        self.pos = np.zeros(n, dtype=np.int32)
+        self.mask = np.zeros((n, n_kv), dtype=np.float32)
+        tok_t = ctx.tensor(G.GGML_TYPE_I32, n, data=self.tokens.ctypes.data)
+        pos_t = ctx.tensor(G.GGML_TYPE_I32, n, data=self.pos.ctypes.data)
+        mask_t = ctx.tensor(T.F32, n_kv, n, data=self.mask.ctypes.data)
+        kc = ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=self.cache_ptrs[0])
+        vc = ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=self.cache_ptrs[1])
+        layer_bytes = cap * Hkv * hd * 4
+
+        def norm(a, w):
+            return G.ggml_mul(p, G.ggml_rms_norm(p, a, c.rms_eps), w)
+
+        def linear(wb, a):
+            w, b = wb
+            y = G.ggml_mul_mat(p, W(w), a)
+            return G.ggml_add(p, y, W(b)) if b is not None else y
+
+        def swiglu(gate, up, down, a):
+            return G.ggml_mul_mat(p, W(down), G.ggml_swiglu_split(p, G.ggml_mul_mat(p, W(gate), a),
+                                                                  G.ggml_mul_mat(p, W(up), a)))
+        self.W = W
+
+        mode = G.GGML_ROPE_TYPE_NEOX if c.rope_neox else G.GGML_ROPE_TYPE_NORMAL
+        self.stores, self.routing = [], []
+        x = G.ggml_get_rows(p, W(fwd.token_embd), tok_t)
+        m = n
+        for l, L in enumerate(fwd.layers):
+            inp = x
+            h = norm(x, W(L["attn_norm"]))
+            q, k, v = (linear(L[name], h) for name in ("q", "k", "v"))
+            if c.qk_norm == "full":  # OLMoE: over the whole projection
+                q, k = norm(q, W(L["q_norm"])), norm(k, W(L["k_norm"]))
+            q = G.ggml_reshape_3d(p, q, hd, H, n)
+            k = G.ggml_reshape_3d(p, k, hd, Hkv, n)
+            if c.qk_norm == "head":  # Qwen3: per head
+                q, k = norm(q, W(L["q_norm"])), norm(k, W(L["k_norm"]))
+            q = G.ggml_rope_ext(p, q, pos_t, None, c.rope_dim, mode, c.n_ctx_train, c.rope_theta, 1.0, 0.0, 1.0,
+                                32.0, 1.0)
+            k = G.ggml_rope_ext(p, k, pos_t, None, c.rope_dim, mode, c.n_ctx_train, c.rope_theta, 1.0, 0.0, 1.0,
+                                32.0, 1.0)
+            # store K rows and V columns at positions start.. (destinations re-pointed per call)
+            k_dst = G.ggml_view_2d(p, kc, hd * Hkv, n, hd * Hkv * 4, 0)
+            v_dst = G.ggml_view_2d(p, vc, n, hd * Hkv, cap * 4, 0)
+            k_store = G.ggml_cpy(p, G.ggml_reshape_2d(p, k, hd * Hkv, n), k_dst)
+            v_store = G.ggml_cpy(p, G.ggml_transpose(p, v), v_dst)
+            self.stores.append((k_dst, k_store, self.cache_ptrs[0] + l * layer_bytes, hd * Hkv * 4))
+            self.stores.append((v_dst, v_store, self.cache_ptrs[1] + l * layer_bytes, 4))
+            # attention over the first n_kv positions, as llama.cpp's build_attn_mha (non-flash)
+            K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * layer_bytes)
+            V = G.ggml_view_3d(p, vc, n_kv, Hkv, hd, cap * hd * 4, cap * 4, l * layer_bytes)
+            kq = G.ggml_mul_mat(p, G.ggml_permute(p, K, 0, 2, 1, 3), G.ggml_permute(p, q, 0, 2, 1, 3))
+            kq = G.ggml_soft_max_ext(p, kq, mask_t, fwd.kq_scale, 0.0)
+            kqv = G.ggml_mul_mat(p, G.ggml_permute(p, V, 0, 2, 1, 3), kq)
+            att = linear(L["o"], G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), hd * H, n))
+            if l == c.n_layer - 1 and not all_logits and n > 1:  # only the last token goes on (llama.cpp)
+                att = G.ggml_view_2d(p, att, d, 1, d * 4, (n - 1) * d * 4)
+                inp = G.ggml_view_2d(p, inp, d, 1, d * 4, (n - 1) * d * 4)
+                m = 1
+            ffn_inp = G.ggml_add(p, att, inp)
+            h = norm(ffn_inp, W(L["ffn_norm"]))
+            if not c.is_moe:
+                out = swiglu(*L["ffn"], h)
+            else:
+                out = self._moe(p, c, L, h, m, l)
+            x = G.ggml_add(p, out, ffn_inp)
+        logits = G.ggml_mul_mat(p, W(fwd.output), norm(x, W(fwd.output_norm)))
+        G.ggml_set_output(logits)
+        self.logits, self.m, self.n_vocab = logits, m, c.n_vocab
+        self.graph = G.Graph(ctx, [], 2 * n_nodes)
+        for k_dst, store, _, _ in self.stores:  # the stores first: the attention reads what they write
+            G.ggml_build_forward_expand(self.graph.ptr, store)
+        G.ggml_build_forward_expand(self.graph.ptr, logits)
+        self.galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type())
+        if not G.ggml_gallocr_alloc_graph(self.galloc, self.graph.ptr):
+            raise MemoryError("ggml could not allocate the forward graph")
+
+    def _moe(self, p, c, L, h, m: int, l: int):
+        """llama.cpp's build_moe_ffn with softmax gating (+ Qwen2-MoE's gated shared expert)."""
+        E, k, d, W = c.n_expert, c.n_expert_used, c.n_embd, self.W
+        probs = G.ggml_soft_max(p, G.ggml_mul_mat(p, W(L["router"]), h))  # [E, m]
+        sel = G.ggml_argsort_top_k(p, probs, k)  # [k, m]
+        w = G.ggml_get_rows(p, G.ggml_reshape_3d(p, probs, 1, E, m), sel)  # [1, k, m]
+        if c.norm_topk:
+            w2 = G.ggml_reshape_2d(p, w, k, m)
+            total = G.ggml_clamp(p, G.ggml_sum_rows(p, w2), 6.103515625e-5, float("inf"))
+            w = G.ggml_reshape_3d(p, G.ggml_div(p, w2, total), 1, k, m)
+        for t in (probs, sel, w):
+            G.ggml_set_output(t)
+        self.routing.append((l, probs, sel, w))
+        gate, up, down = L["experts"]
+        x3 = G.ggml_reshape_3d(p, h, d, 1, m)
+        a = G.ggml_swiglu_split(p, G.ggml_mul_mat_id(p, gate, x3, sel), G.ggml_mul_mat_id(p, up, x3, sel))
+        y = G.ggml_mul(p, G.ggml_mul_mat_id(p, down, a, sel), w)  # [d, k, m]
+        nb1, nb2 = d * 4, d * k * 4
+        out = G.ggml_view_2d(p, y, d, m, nb2, 0)
+        for i in range(1, k):  # the k expert outputs added in slot order
+            out = G.ggml_add(p, out, G.ggml_view_2d(p, y, d, m, nb2, i * nb1))
+        if k == 1:
+            out = G.ggml_cont(p, out)
+        if "shared" in L:
+            down_s, gate_s, up_s = (W(t) for t in L["shared"])
+            s = G.ggml_mul_mat(p, down_s, G.ggml_swiglu_split(p, G.ggml_mul_mat(p, gate_s, h),
+                                                              G.ggml_mul_mat(p, up_s, h)))
+            if L.get("shared_gate") is not None:  # sigmoid as llama.cpp writes it: silu(g) / g
+                g = G.ggml_mul_mat(p, W(L["shared_gate"]), h)
+                s = G.ggml_mul(p, s, G.ggml_div(p, G.ggml_silu(p, g), g))
+            out = G.ggml_add(p, out, s)
+        return out
+
+    def run(self, tokens: list[int], start: int) -> torch.Tensor:
+        n = self.n
+        self.tokens[:] = tokens
+        qpos = np.arange(start, start + n, dtype=np.int32)
+        self.pos[:] = qpos
+        # causal: token start+i sees keys 0..start+i; the padding keys beyond are masked too
+        np.copyto(self.mask, np.where(np.arange(self.mask.shape[1])[None, :] <= qpos[:, None], 0.0, -np.inf))
+        for dst, store, base, stride in self.stores:  # a cpy writes through its result, a view of dst
+            dst.contents.data = store.contents.data = base + start * stride
+        self.graph.compute()
+        return torch.from_numpy(_read(self.logits, (self.m, self.n_vocab), np.float32).copy())
+
+    def report_routing(self, hook) -> None:
+        for l, probs, sel, w in self.routing:
+            E, k = probs.contents.ne[0], sel.contents.ne[0]
+            m = sel.contents.ne[1]
+            hook(l, torch.from_numpy(_read(probs, (m, E), np.float32).copy()),
+                 torch.from_numpy(_read(sel, (m, k), np.int32).astype(np.int64)),
+                 torch.from_numpy(_read(w, (m, k), np.float32, row_dim=2).copy()))  # w is [1, k, m]
+
+    def __del__(self):
+        if getattr(self, "galloc", None) and G.ggml_gallocr_free is not None:
+            G.ggml_gallocr_free(self.galloc)
+            self.galloc = None
+
+
+def _read(t, shape, dtype, row_dim: int = 1) -> np.ndarray:
+    """A tensor's values as numpy [rows, cols]: cols along ne[0], rows along ne[row_dim] with its stride (a view;
+    argsort_top_k's result is itself a strided view)."""
+    rows, cols = shape
+    size = np.dtype(dtype).itemsize
+    row_bytes = t.contents.nb[row_dim]
+    buf = (G.C.c_char * (row_bytes * (rows - 1) + cols * size)).from_address(t.contents.data)
+    return np.lib.stride_tricks.as_strided(np.frombuffer(buf, dtype=dtype), shape, (row_bytes, size))
+
+
+class GgmlForward:
+    """`Transformer.fused_forward` of the ggml engine."""
+
+    def __init__(self, ckpt: Checkpoint, experts, max_ctx: int):
+        c = self.config = ckpt.config
+        self.max_ctx = max_ctx
+        self.kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(c.head_dim)))
+        W, opt = ckpt.tensor, ckpt.optional
+        self.token_embd = W("token_embd.weight")
+        self.output_norm = W("output_norm.weight")
+        self.output = W("output.weight") if opt("output.weight") is not None else self.token_embd
+        self.layers = []
+        for l in range(c.n_layer):
+            b = f"blk.{l}."
+            L = {"attn_norm": W(b + "attn_norm.weight"), "ffn_norm": W(b + "ffn_norm.weight")}
+            for name, w in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
+                bias = opt(f"{b}{w}.bias")
+                L[name] = (W(f"{b}{w}.weight"), bias)
+            if c.qk_norm:
+                L["q_norm"], L["k_norm"] = W(b + "attn_q_norm.weight"), W(b + "attn_k_norm.weight")
+            if c.is_moe:
+                L["router"] = W(b + "ffn_gate_inp.weight")
+                L["experts"] = experts.engine.layers[l].stacked
+                if c.n_ff_shexp:
+                    L["shared"] = tuple(W(f"{b}ffn_{p}_shexp.weight") for p in ("down", "gate", "up"))
+                    g = opt(b + "ffn_gate_inp_shexp.weight")
+                    L["shared_gate"] = g
+            else:
+                L["ffn"] = tuple(W(f"{b}ffn_{p}.weight") for p in ("gate", "up", "down"))
+            self.layers.append(L)
+        for t in self._dense_weights():  # repacked copies for decode; the file's bytes stay for prompts
+            G.repack(t, release_source=False)
+        self._steps: dict[tuple, _Step] = {}
+
+    def _dense_weights(self):
+        for L in self.layers:
+            for key in ("q", "k", "v", "o"):
+                yield L[key][0]
+            yield from L.get("ffn", ())
+            yield from L.get("shared", ())
+        if self.output is not self.token_embd:
+            yield self.output
+
+    def new_cache(self, n_ctx: int | None = None) -> GgmlKVCache:
+        c = self.config
+        return GgmlKVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim)
+
+    def __call__(self, tokens: list[int], cache: GgmlKVCache, all_logits: bool, on_router=None) -> torch.Tensor:
+        n, start = len(tokens), cache.pos
+        n_kv = min(cache.capacity, max(KV_PAD, -(-(start + n) // KV_PAD) * KV_PAD))  # llama.cpp's get_n_kv
+        key = (n, n_kv, all_logits or n == 1)
+        step = self._steps.get(key)
+        if step is None or step.cache_ptrs != (cache.k.data_ptr(), cache.vt.data_ptr()):
+            step = _Step(self, n, n_kv, key[2], cache)
+            if n <= CACHED_MAX_N:
+                self._steps[key] = step
+        logits = step.run(tokens, start)
+        if on_router is not None:
+            step.report_routing(on_router)
+        return logits

@@ -1,0 +1,68 @@
+"""The CPU engine's one-graph forward (moecli.runtime.ggml_forward) against llama.cpp and against itself: decoding
+across the 256-key buckets of the KV cache, sessions that continue a cache, the last-token-only path of prompts, and
+the routing it reports from inside the graph."""
+import numpy as np
+import pytest
+from conftest import tiny_gguf
+from llama_oracle import greedy_tokens, run_llama
+
+import moecli
+from moecli.runtime.ggml_forward import GgmlKVCache
+
+TEXT = "Experts route tokens; the router picks two of eight. The quick brown fox jumps over 13 lazy dogs!"
+
+
+def _fused(m) -> bool:
+    return m.transformer.fused_forward is not None
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "llama-dense"])
+def test_q8_0_logits_bit_exact(arch):
+    """Same graph, same shapes, same kernels as llama.cpp (which repacks none of Q8_0 on x86): identical logits."""
+    path = tiny_gguf(arch, "Q8_0")
+    m = moecli.load(path, engine="ggml")
+    assert _fused(m)
+    ids = m.tokenize(TEXT)
+    ref, _ = run_llama(path, ids)
+    assert np.array_equal(m.logits(ids), ref)
+
+
+def test_decode_across_kv_buckets_equals_llama_cpp():
+    """A 250-token prompt then 14 greedy steps: the attended key count goes 256 -> 512 as in llama.cpp."""
+    path = tiny_gguf("qwen3moe", "Q8_0")
+    m = moecli.load(path, engine="ggml")
+    ids = (m.tokenize(TEXT) * 12)[:250]
+    got = list(m.generate(ids, max_tokens=14, stop_at_eog=False))
+    assert got == greedy_tokens(path, ids, 14)
+
+
+def test_cache_layout_and_session_reuse():
+    m = moecli.load(tiny_gguf("mixtral", "F32"), engine="ggml")
+    cache = m.transformer.new_cache(300)
+    assert isinstance(cache, GgmlKVCache) and cache.capacity == 512 and cache.n_ctx == 300
+    ids = m.tokenize(TEXT)
+    full = m.logits(ids)
+    cache = m.transformer.new_cache(len(ids))
+    parts = [m.transformer.forward(ids[:7], cache).numpy(), m.transformer.forward(ids[7:10], cache).numpy()]
+    parts += [m.transformer.forward([t], cache).numpy() for t in ids[10:]]
+    assert np.abs(np.concatenate(parts) - full).max() < 1e-4
+    # the last-token-only prompt (llama.cpp's out_ids) gives that token's logits
+    cache.pos = 0
+    last = m.transformer.forward(ids, cache, all_logits=False).numpy()
+    assert last.shape == (1, full.shape[1]) and np.abs(last[0] - full[-1]).max() < 1e-5
+
+
+def test_routing_reported_from_the_graph_equals_the_reference():
+    ids = None
+    seen = {}
+    for engine in ("ggml", "torch"):
+        m = moecli.load(tiny_gguf("qwen2moe", "F32"), engine=engine)
+        ids = ids or m.tokenize(TEXT)
+        got = seen[engine] = {}
+        m.transformer.on_router = lambda l, probs, sel, w: got.setdefault(l, (probs, sel, w))
+        m.logits(ids)
+    for l in seen["torch"]:
+        (pg, sg, wg), (pt, st, wt) = seen["ggml"][l], seen["torch"][l]
+        assert sg.dtype == st.dtype and sg.shape == st.shape == (len(ids), 2)
+        assert (np.sort(sg.numpy(), 1) == np.sort(st.numpy(), 1)).all()
+        assert np.abs(pg.numpy() - pt.numpy()).max() < 1e-5 and np.abs(wg.numpy() - wt.numpy()).max() < 1e-5
