@@ -27,6 +27,7 @@ from moecli.models.config import Checkpoint
 T = GGMLQuantizationType
 KV_PAD = 256  # llama.cpp pads its cache size and the attended key count to 256
 CACHED_MAX_N = 4  # batches up to this size keep their graphs (decode, short drafts)
+_SEGMENT_NODES = 256  # graph size of one layer's segment in split mode (a layer has ~60 nodes)
 
 
 class GgmlKVCache:
@@ -54,7 +55,8 @@ def supported(ckpt: Checkpoint, experts) -> bool:
 class _Step:
     """The graph of one forward shape: n tokens over n_kv keys, logits of every token or of the last one."""
 
-    def __init__(self, fwd: "GgmlForward", n: int, n_kv: int, all_logits: bool, cache: GgmlKVCache):
+    def __init__(self, fwd: "GgmlForward", n: int, n_kv: int, all_logits: bool, cache: GgmlKVCache,
+                 split: bool = False):
         c = fwd.config
         d, H, Hkv, hd, cap = c.n_embd, c.n_head, c.n_head_kv, c.head_dim, cache.capacity
         self.cache_ptrs = (cache.k.data_ptr(), cache.vt.data_ptr())
@@ -64,7 +66,8 @@ class _Step:
         rp = n <= CACHED_MAX_N
         W = lambda t: None if t is None else G.weight_tensor(t, rp)  # noqa: E731
         n_nodes = 96 * c.n_layer + 64
-        ctx = self.ctx = G.Ctx(n_nodes, 2 * n_nodes)
+        # room for one graph of the whole pass, or (split) one graph per layer plus the head
+        ctx = self.ctx = G.Ctx(n_nodes, 2 * n_nodes if not split else _SEGMENT_NODES * 2 * (c.n_layer + 1))
         p = ctx.ptr
         self.tokens = np.zeros(n, dtype=np.int32)
         self.pos = np.zeros(n, dtype=np.int32)
@@ -91,6 +94,9 @@ class _Step:
 
         mode = G.GGML_ROPE_TYPE_NEOX if c.rope_neox else G.GGML_ROPE_TYPE_NORMAL
         self.stores, self.routing = [], []
+        # `split` (prompts whose experts run faster as per-expert matmuls, see CpuExperts): one graph per layer
+        # that ends at the routing; the experts then run through CpuExperts and their sum feeds the next graph
+        self.split, self.fwd, self.segments = split, fwd, []
         x = G.ggml_get_rows(p, W(fwd.token_embd), tok_t)
         m = n
         for l, L in enumerate(fwd.layers):
@@ -129,22 +135,46 @@ class _Step:
             h = norm(ffn_inp, W(L["ffn_norm"]))
             if not c.is_moe:
                 out = swiglu(*L["ffn"], h)
+            elif split:
+                shared = self._moe(p, c, L, h, m, l, experts=False)
+                for t in (ffn_inp, h) + ((shared,) if shared is not None else ()):
+                    G.ggml_set_output(t)
+                self.segments.append(self._segment([ffn_inp, h, shared, *self.routing[-1][1:]], l, m, ffn_inp, h,
+                                                   shared))
+                x_buf = np.zeros((m, d), dtype=np.float32)
+                x = ctx.tensor(T.F32, d, m, data=x_buf.ctypes.data)
+                self.segments[-1]["next_x"] = x_buf
+                continue
             else:
                 out = self._moe(p, c, L, h, m, l)
             x = G.ggml_add(p, out, ffn_inp)
         logits = G.ggml_mul_mat(p, W(fwd.output), norm(x, W(fwd.output_norm)))
         G.ggml_set_output(logits)
         self.logits, self.m, self.n_vocab = logits, m, c.n_vocab
+        self.galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type())
+        if split:
+            self.segments.append(self._segment([logits], None, m))
+            return
         self.graph = G.Graph(ctx, [], 2 * n_nodes)
         for k_dst, store, _, _ in self.stores:  # the stores first: the attention reads what they write
             G.ggml_build_forward_expand(self.graph.ptr, store)
         G.ggml_build_forward_expand(self.graph.ptr, logits)
-        self.galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type())
         if not G.ggml_gallocr_alloc_graph(self.galloc, self.graph.ptr):
             raise MemoryError("ggml could not allocate the forward graph")
 
-    def _moe(self, p, c, L, h, m: int, l: int):
-        """llama.cpp's build_moe_ffn with softmax gating (+ Qwen2-MoE's gated shared expert)."""
+    def _segment(self, outs, l, m, ffn_inp=None, h=None, shared=None) -> dict:
+        """A graph over the nodes added since the previous segment: this layer's stores first, then `outs`."""
+        g = G.Graph(self.ctx, [], _SEGMENT_NODES)
+        for _, store, _, _ in self.stores[-2:] if l is not None else ():
+            G.ggml_build_forward_expand(g.ptr, store)
+        for t in outs:
+            if t is not None:
+                G.ggml_build_forward_expand(g.ptr, t)
+        return dict(graph=g, layer=l, m=m, ffn_inp=ffn_inp, h=h, shared=shared)
+
+    def _moe(self, p, c, L, h, m: int, l: int, experts: bool = True):
+        """llama.cpp's build_moe_ffn with softmax gating (+ Qwen2-MoE's gated shared expert). Without `experts`:
+        the routing and the shared expert's output only (None without one)."""
         E, k, d, W = c.n_expert, c.n_expert_used, c.n_embd, self.W
         probs = G.ggml_soft_max(p, G.ggml_mul_mat(p, W(L["router"]), h))  # [E, m]
         sel = G.ggml_argsort_top_k(p, probs, k)  # [k, m]
@@ -156,6 +186,8 @@ class _Step:
         for t in (probs, sel, w):
             G.ggml_set_output(t)
         self.routing.append((l, probs, sel, w))
+        if not experts:
+            return self._shared(p, L, h)
         gate, up, down = L["experts"]
         x3 = G.ggml_reshape_3d(p, h, d, 1, m)
         a = G.ggml_swiglu_split(p, G.ggml_mul_mat_id(p, gate, x3, sel), G.ggml_mul_mat_id(p, up, x3, sel))
@@ -166,6 +198,12 @@ class _Step:
             out = G.ggml_add(p, out, G.ggml_view_2d(p, y, d, m, nb2, i * nb1))
         if k == 1:
             out = G.ggml_cont(p, out)
+        shared = self._shared(p, L, h)
+        return out if shared is None else G.ggml_add(p, out, shared)
+
+    def _shared(self, p, L, h):
+        """Qwen2-MoE's shared expert behind its sigmoid gate, or None."""
+        W, s = self.W, None
         if "shared" in L:
             down_s, gate_s, up_s = (W(t) for t in L["shared"])
             s = G.ggml_mul_mat(p, down_s, G.ggml_swiglu_split(p, G.ggml_mul_mat(p, gate_s, h),
@@ -173,8 +211,7 @@ class _Step:
             if L.get("shared_gate") is not None:  # sigmoid as llama.cpp writes it: silu(g) / g
                 g = G.ggml_mul_mat(p, W(L["shared_gate"]), h)
                 s = G.ggml_mul(p, s, G.ggml_div(p, G.ggml_silu(p, g), g))
-            out = G.ggml_add(p, out, s)
-        return out
+        return s
 
     def run(self, tokens: list[int], start: int) -> torch.Tensor:
         n = self.n
@@ -185,8 +222,31 @@ class _Step:
         np.copyto(self.mask, np.where(np.arange(self.mask.shape[1])[None, :] <= qpos[:, None], 0.0, -np.inf))
         for dst, store, base, stride in self.stores:  # a cpy writes through its result, a view of dst
             dst.contents.data = store.contents.data = base + start * stride
-        self.graph.compute()
+        if self.split:
+            self._run_split()
+        else:
+            self.graph.compute()
         return torch.from_numpy(_read(self.logits, (self.m, self.n_vocab), np.float32).copy())
+
+    def _run_split(self) -> None:
+        c, engine = self.fwd.config, self.fwd.experts.engine
+        k, d = c.n_expert_used, c.n_embd
+        routing = {l: (sel, w) for l, _, sel, w in self.routing}
+        for seg in self.segments:
+            if not G.ggml_gallocr_alloc_graph(self.galloc, seg["graph"].ptr):
+                raise MemoryError("ggml could not allocate the forward graph")
+            seg["graph"].compute()
+            l, m = seg["layer"], seg["m"]
+            if l is None:
+                return
+            sel, w = routing[l]
+            ids = _read(sel, (m, k), np.int32).reshape(-1).copy()
+            wt = _read(w, (m, k), np.float32, row_dim=2).reshape(-1).copy()
+            h = _read(seg["h"], (m, d), np.float32)
+            out = engine.run(l, np.ascontiguousarray(h), np.repeat(np.arange(m, dtype=np.int32), k), ids, wt)
+            if seg["shared"] is not None:  # the order of llama.cpp's adds: (experts + shared) + residual
+                out += _read(seg["shared"], (m, d), np.float32)
+            np.add(out, _read(seg["ffn_inp"], (m, d), np.float32), out=seg["next_x"])
 
     def report_routing(self, hook) -> None:
         for l, probs, sel, w in self.routing:
@@ -217,7 +277,7 @@ class GgmlForward:
 
     def __init__(self, ckpt: Checkpoint, experts, max_ctx: int):
         c = self.config = ckpt.config
-        self.max_ctx = max_ctx
+        self.max_ctx, self.experts = max_ctx, experts
         self.kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(c.head_dim)))
         W, opt = ckpt.tensor, ckpt.optional
         self.token_embd = W("token_embd.weight")
@@ -255,6 +315,15 @@ class GgmlForward:
         if self.output is not self.token_embd:
             yield self.output
 
+    def _split(self, n: int) -> bool:
+        """Run this batch's experts outside the graph? When CpuExperts would pick its per-expert matmul kernel
+        (Q8_0/F16/BF16/F32 experts and prompt-sized batches: llamafile's sgemm beats mul_mat_id there)."""
+        c = self.config
+        if not c.is_moe or n <= CACHED_MAX_N:
+            return False
+        pairs = n * c.n_expert_used
+        return self.experts.engine.choose_kernel(0, pairs, min(c.n_expert, pairs)) == "loop"
+
     def new_cache(self, n_ctx: int | None = None) -> GgmlKVCache:
         c = self.config
         return GgmlKVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim)
@@ -265,7 +334,7 @@ class GgmlForward:
         key = (n, n_kv, all_logits or n == 1)
         step = self._steps.get(key)
         if step is None or step.cache_ptrs != (cache.k.data_ptr(), cache.vt.data_ptr()):
-            step = _Step(self, n, n_kv, key[2], cache)
+            step = _Step(self, n, n_kv, key[2], cache, split=self._split(n))
             if n <= CACHED_MAX_N:
                 self._steps[key] = step
         logits = step.run(tokens, start)
