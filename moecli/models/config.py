@@ -49,6 +49,7 @@ class ModelConfig:
     expert_bias: bool = False  # exp_probs_b: selection-only bias (V3)
     n_group: int = 0
     topk_group: int = 0
+    group_score: str = "top2"  # how a group of experts is scored: its two best (V3, llama.cpp) or its best ("max")
     rope_scaling: str | None = None  # "yarn"
     rope_factor: float = 1.0
     yarn_orig_ctx: int = 0

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moecli.errors import MoecliError, UnsupportedError
+from moecli.models.common import DENSE_NAMES, EXPERT_NAMES
 from moecli.models.config import Checkpoint, ModelConfig
 from moecli.models.layers import Embedding, TorchLinear, rms_norm, to_torch
 from moecli.models.transformer import Transformer, swiglu
@@ -86,6 +87,74 @@ def from_gguf(g) -> ModelConfig:
         expert_bias=f"blk.{n_dense}.exp_probs_b.bias" in t,
         n_group=int(g.arch_get("expert_group_count", 0) or 0),
         topk_group=int(g.arch_get("expert_group_used_count", 0) or 0), **fields)
+
+
+_L = r"model\.layers\.(\d+)\."
+HF_NAMES = DENSE_NAMES + EXPERT_NAMES + [
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (_L + r"input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
+    (_L + r"post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
+    (_L + r"self_attn\.q_proj\.weight", r"blk.\1.attn_q.weight"),
+    (_L + r"self_attn\.q_a_proj\.weight", r"blk.\1.attn_q_a.weight"),
+    (_L + r"self_attn\.q_a_layernorm\.weight", r"blk.\1.attn_q_a_norm.weight"),
+    (_L + r"self_attn\.q_b_proj\.weight", r"blk.\1.attn_q_b.weight"),
+    (_L + r"self_attn\.kv_a_proj_with_mqa\.weight", r"blk.\1.attn_kv_a_mqa.weight"),
+    (_L + r"self_attn\.kv_a_layernorm\.weight", r"blk.\1.attn_kv_a_norm.weight"),
+    (_L + r"self_attn\.kv_b_proj\.weight", r"blk.\1.attn_kv_b.weight"),
+    (_L + r"self_attn\.o_proj\.weight", r"blk.\1.attn_output.weight"),
+    (_L + r"mlp\.gate\.e_score_correction_bias", r"blk.\1.exp_probs_b.bias"),
+    (_L + r"mlp\.shared_experts\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
+]
+
+
+def from_hf(cfg: dict) -> ModelConfig:
+    """DeepSeek-V2 / V2-Lite (`deepseek_v2`) and V3 / R1 (`deepseek_v3`) config.json, as transformers reads them."""
+    v3 = cfg.get("model_type") == "deepseek_v3"
+    try:
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        fields = {}
+        if kind == "yarn":
+            mscale, mscale_all = float(rope.get("mscale", 0) or 0), float(rope.get("mscale_all_dim", 0) or 0)
+            if mscale_all and mscale != mscale_all:
+                raise UnsupportedError("DeepSeek YaRN with mscale != mscale_all_dim is not supported")
+            fields = dict(rope_scaling="yarn", rope_factor=float(rope["factor"]),
+                          yarn_orig_ctx=int(rope["original_max_position_embeddings"]), yarn_log_mul=mscale_all,
+                          yarn_beta_fast=float(rope.get("beta_fast", 32.0)),
+                          yarn_beta_slow=float(rope.get("beta_slow", 1.0)))
+        elif kind != "default":
+            raise UnsupportedError(f"DeepSeek RoPE scaling '{kind}' is not supported (only YaRN)")
+        scoring = cfg.get("scoring_func", "sigmoid" if v3 else "softmax")
+        if scoring not in ("softmax", "sigmoid"):
+            raise UnsupportedError(f"DeepSeek scoring_func '{scoring}' is not supported")
+        method = cfg.get("topk_method", "noaux_tc" if v3 else "greedy")
+        n_group = int(cfg.get("n_group") or 1) if method != "greedy" else 1
+        nope, rope_dim = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"])
+        n_head, n_embd = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+        n_shared = int(cfg.get("n_shared_experts") or 0)
+        n_ff_exp = int(cfg["moe_intermediate_size"])
+        return ModelConfig(
+            arch="deepseek2", n_vocab=int(cfg["vocab_size"]), n_embd=n_embd, n_layer=int(cfg["num_hidden_layers"]),
+            n_head=n_head, n_head_kv=n_head, head_dim=nope + rope_dim,
+            n_ctx_train=int(cfg.get("max_position_embeddings", 4096)), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
+            # V2 rotates adjacent pairs (complex view), V3 too unless rope_interleave is off (then halves)
+            rope_neox=bool(v3 and not cfg.get("rope_interleave", True)), rope_dim=rope_dim,
+            n_ff=int(cfg.get("intermediate_size") or 0), n_expert=int(cfg["n_routed_experts"]),
+            n_expert_used=int(cfg["num_experts_per_tok"]), n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_exp * n_shared,
+            # transformers' V2 router never renormalises; V3's does when norm_topk_prob
+            norm_topk=bool(v3 and cfg.get("norm_topk_prob", True)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            q_lora_rank=int(cfg.get("q_lora_rank") or 0), kv_lora_rank=int(cfg["kv_lora_rank"]),
+            qk_nope_dim=nope, qk_rope_dim=rope_dim, v_head_dim=int(cfg["v_head_dim"]), mla_split=False,
+            n_dense_layers=int(cfg.get("first_k_dense_replace") or 0), n_shared=n_shared,
+            routed_scale=float(cfg.get("routed_scaling_factor", 1.0) or 0.0), gating=scoring,
+            expert_bias=v3, n_group=n_group, topk_group=int(cfg.get("topk_group") or 1) if n_group > 1 else 0,
+            group_score="max" if method == "group_limited_greedy" else "top2", **fields)
+    except KeyError as e:
+        raise MoecliError(f"config.json lacks {e.args[0]}") from None
 
 
 def validate(ckpt: Checkpoint) -> None:
@@ -274,7 +343,8 @@ def route(c: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None):
     if c.n_group > 1:
         n = sel.shape[0]
         groups = sel.view(n, c.n_group, c.n_expert // c.n_group)
-        gscore = groups.topk(2, -1).values.sum(-1)  # each group scored by its two best experts
+        # each group scored by its two best experts (V3, llama.cpp), or its best one (transformers' V2)
+        gscore = groups.amax(-1) if c.group_score == "max" else groups.topk(2, -1).values.sum(-1)
         keep = gscore.topk(c.topk_group, -1).indices
         masked = torch.full_like(groups, float("-inf"))
         idx = keep[:, :, None].expand(-1, -1, groups.shape[-1])
