@@ -87,7 +87,7 @@ class Model:
             experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
         cls = getattr(GGUF_ARCHS.get(self.config.arch), "TRANSFORMER", Transformer)  # a family's own decoder
         self.transformer = cls(self.checkpoint, self.device, experts, linear=linear, max_ctx=n_ctx)
-        if engine == "ggml" and cls is Transformer:
+        if engine == "ggml" and getattr(cls, "GGML_FORWARD", cls is Transformer):
             from moecli.runtime import ggml_forward
 
             if ggml_forward.supported(self.checkpoint, experts):  # the whole forward as one graph, as llama.cpp

@@ -147,6 +147,8 @@ def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int)
 class GptOssTransformer(Transformer):
     """Transformer's forward pass with gpt-oss attention (sinks, sliding window) and routing."""
 
+    GGML_FORWARD = True  # the ggml engine runs it as one graph (moecli.runtime.ggml_forward), as llama.cpp
+
     def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
         c = self.config = ckpt.config
         self.device = torch.device(device)

@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType
 
 from moecli.kernels import ggml as G
 from moecli.models.config import Checkpoint
+from moecli.runtime.experts import OAI_ALPHA, OAI_LIMIT
 
 T = GGMLQuantizationType
 KV_PAD = 256  # llama.cpp pads its cache size and the attended key count to 256
@@ -46,10 +47,15 @@ class GgmlKVCache:
 
 
 def supported(ckpt: Checkpoint, experts) -> bool:
-    """Whether the one-graph forward can run this checkpoint: expert stacks ggml can address as 3-D tensors."""
-    if not ckpt.config.is_moe:
+    """Whether the one-graph forward can run this checkpoint: expert stacks ggml can address as 3-D tensors (and,
+    but for gpt-oss's, plain SwiGLU experts without biases)."""
+    c = ckpt.config
+    if c.rope_scaling == "yarn" and not c.yarn_truncate:  # ggml's rope rounds YaRN's correction range
+        return False
+    if not c.is_moe:
         return True
-    return experts is not None and all(L.stacked is not None and L.plain for L in experts.engine.layers.values())
+    return experts is not None and all(L.stacked is not None and (L.plain or c.arch == "gpt-oss")
+                                       for L in experts.engine.layers.values())
 
 
 class _Step:
@@ -72,9 +78,11 @@ class _Step:
         self.tokens = np.zeros(n, dtype=np.int32)
         self.pos = np.zeros(n, dtype=np.int32)
         self.mask = np.zeros((n, n_kv), dtype=np.float32)
+        self.mask_swa = np.zeros((n, n_kv), dtype=np.float32) if c.sliding_window else None
         tok_t = ctx.tensor(G.GGML_TYPE_I32, n, data=self.tokens.ctypes.data)
         pos_t = ctx.tensor(G.GGML_TYPE_I32, n, data=self.pos.ctypes.data)
         mask_t = ctx.tensor(T.F32, n_kv, n, data=self.mask.ctypes.data)
+        swa_t = ctx.tensor(T.F32, n_kv, n, data=self.mask_swa.ctypes.data) if c.sliding_window else None
         kc = ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=self.cache_ptrs[0])
         vc = ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=self.cache_ptrs[1])
         layer_bytes = cap * Hkv * hd * 4
@@ -109,10 +117,8 @@ class _Step:
             k = G.ggml_reshape_3d(p, k, hd, Hkv, n)
             if c.qk_norm == "head":  # Qwen3: per head
                 q, k = norm(q, W(L["q_norm"])), norm(k, W(L["k_norm"]))
-            q = G.ggml_rope_ext(p, q, pos_t, None, c.rope_dim, mode, c.n_ctx_train, c.rope_theta, 1.0, 0.0, 1.0,
-                                32.0, 1.0)
-            k = G.ggml_rope_ext(p, k, pos_t, None, c.rope_dim, mode, c.n_ctx_train, c.rope_theta, 1.0, 0.0, 1.0,
-                                32.0, 1.0)
+            q = G.ggml_rope_ext(p, q, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
+            k = G.ggml_rope_ext(p, k, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
             # store K rows and V columns at positions start.. (destinations re-pointed per call)
             k_dst = G.ggml_view_2d(p, kc, hd * Hkv, n, hd * Hkv * 4, 0)
             v_dst = G.ggml_view_2d(p, vc, n, hd * Hkv, cap * 4, 0)
@@ -124,7 +130,9 @@ class _Step:
             K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * layer_bytes)
             V = G.ggml_view_3d(p, vc, n_kv, Hkv, hd, cap * hd * 4, cap * 4, l * layer_bytes)
             kq = G.ggml_mul_mat(p, G.ggml_permute(p, K, 0, 2, 1, 3), G.ggml_permute(p, q, 0, 2, 1, 3))
-            kq = G.ggml_soft_max_ext(p, kq, mask_t, fwd.kq_scale, 0.0)
+            kq = G.ggml_soft_max_ext(p, kq, swa_t if L.get("swa") else mask_t, fwd.kq_scale, 0.0)
+            if "sinks" in L:  # gpt-oss: a per-head logit joins every softmax denominator
+                G.ggml_soft_max_add_sinks(kq, W(L["sinks"]))
             kqv = G.ggml_mul_mat(p, G.ggml_permute(p, V, 0, 2, 1, 3), kq)
             att = linear(L["o"], G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), hd * H, n))
             if l == c.n_layer - 1 and not all_logits and n > 1:  # only the last token goes on (llama.cpp)
@@ -159,6 +167,8 @@ class _Step:
         for k_dst, store, _, _ in self.stores:  # the stores first: the attention reads what they write
             G.ggml_build_forward_expand(self.graph.ptr, store)
         G.ggml_build_forward_expand(self.graph.ptr, logits)
+        for _, probs, _, _ in self.routing:  # reported to on_router; nothing else may consume them (gpt-oss)
+            G.ggml_build_forward_expand(self.graph.ptr, probs)
         if not G.ggml_gallocr_alloc_graph(self.galloc, self.graph.ptr):
             raise MemoryError("ggml could not allocate the forward graph")
 
@@ -176,9 +186,17 @@ class _Step:
         """llama.cpp's build_moe_ffn with softmax gating (+ Qwen2-MoE's gated shared expert). Without `experts`:
         the routing and the shared expert's output only (None without one)."""
         E, k, d, W = c.n_expert, c.n_expert_used, c.n_embd, self.W
-        probs = G.ggml_soft_max(p, G.ggml_mul_mat(p, W(L["router"]), h))  # [E, m]
-        sel = G.ggml_argsort_top_k(p, probs, k)  # [k, m]
-        w = G.ggml_get_rows(p, G.ggml_reshape_3d(p, probs, 1, E, m), sel)  # [1, k, m]
+        logits = G.ggml_mul_mat(p, W(L["router"]), h)  # [E, m]
+        if L.get("router_b") is not None:
+            logits = G.ggml_add(p, logits, W(L["router_b"]))
+        probs = G.ggml_soft_max(p, logits)
+        if c.gating == "softmax_weight":  # gpt-oss: top-k of the logits, softmax over those k
+            sel = G.ggml_argsort_top_k(p, logits, k)
+            w = G.ggml_get_rows(p, G.ggml_reshape_3d(p, logits, 1, E, m), sel)
+            w = G.ggml_reshape_3d(p, G.ggml_soft_max(p, G.ggml_reshape_2d(p, w, k, m)), 1, k, m)
+        else:
+            sel = G.ggml_argsort_top_k(p, probs, k)  # [k, m]
+            w = G.ggml_get_rows(p, G.ggml_reshape_3d(p, probs, 1, E, m), sel)  # [1, k, m]
         if c.norm_topk:
             w2 = G.ggml_reshape_2d(p, w, k, m)
             total = G.ggml_clamp(p, G.ggml_sum_rows(p, w2), 6.103515625e-5, float("inf"))
@@ -189,9 +207,19 @@ class _Step:
         if not experts:
             return self._shared(p, L, h)
         gate, up, down = L["experts"]
+        bg, bu, bd = (W(b) for b in L.get("expert_biases", (None,) * 3))
         x3 = G.ggml_reshape_3d(p, h, d, 1, m)
-        a = G.ggml_swiglu_split(p, G.ggml_mul_mat_id(p, gate, x3, sel), G.ggml_mul_mat_id(p, up, x3, sel))
-        y = G.ggml_mul(p, G.ggml_mul_mat_id(p, down, a, sel), w)  # [d, k, m]
+        g, u = G.ggml_mul_mat_id(p, gate, x3, sel), G.ggml_mul_mat_id(p, up, x3, sel)
+        if bg is not None:  # gpt-oss: each pair's expert bias (llama.cpp's add_id)
+            g, u = G.ggml_add_id(p, g, bg, sel), G.ggml_add_id(p, u, bu, sel)
+        if c.expert_act == "swiglu_oai":
+            a = G.ggml_swiglu_oai(p, g, u, OAI_ALPHA, OAI_LIMIT)
+        else:
+            a = G.ggml_swiglu_split(p, g, u)
+        y = G.ggml_mul_mat_id(p, down, a, sel)
+        if bd is not None:
+            y = G.ggml_add_id(p, y, bd, sel)
+        y = G.ggml_mul(p, y, w)  # [d, k, m]
         nb1, nb2 = d * 4, d * k * 4
         out = G.ggml_view_2d(p, y, d, m, nb2, 0)
         for i in range(1, k):  # the k expert outputs added in slot order
@@ -219,7 +247,11 @@ class _Step:
         qpos = np.arange(start, start + n, dtype=np.int32)
         self.pos[:] = qpos
         # causal: token start+i sees keys 0..start+i; the padding keys beyond are masked too
-        np.copyto(self.mask, np.where(np.arange(self.mask.shape[1])[None, :] <= qpos[:, None], 0.0, -np.inf))
+        kpos = np.arange(self.mask.shape[1])[None, :]
+        np.copyto(self.mask, np.where(kpos <= qpos[:, None], 0.0, -np.inf))
+        if self.mask_swa is not None:  # and within the window (llama.cpp's LLAMA_SWA_TYPE_STANDARD)
+            window = self.fwd.config.sliding_window
+            np.copyto(self.mask_swa, np.where((kpos <= qpos[:, None]) & (qpos[:, None] - kpos < window), 0.0, -np.inf))
         for dst, store, base, stride in self.stores:  # a cpy writes through its result, a view of dst
             dst.contents.data = store.contents.data = base + start * stride
         if self.split:
@@ -279,6 +311,16 @@ class GgmlForward:
         c = self.config = ckpt.config
         self.max_ctx, self.experts = max_ctx, experts
         self.kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(c.head_dim)))
+        # ggml_rope_ext's n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow
+        self.rope_args = (c.n_ctx_train, c.rope_theta, 1.0, 0.0, 1.0, 32.0, 1.0)
+        if c.rope_scaling == "yarn":  # gpt-oss (the deepseek2 decoder is not on this graph)
+            import dataclasses
+
+            from moecli.models.deepseek2 import yarn_params
+
+            y = yarn_params(dataclasses.replace(c, qk_nope_dim=0, qk_rope_dim=c.rope_dim))
+            self.rope_args = (c.yarn_orig_ctx, c.rope_theta, float(y["freq_scale"]), float(y["ext_factor"]),
+                              float(y["attn_factor"]), c.yarn_beta_fast, c.yarn_beta_slow)
         W, opt = ckpt.tensor, ckpt.optional
         self.token_embd = W("token_embd.weight")
         self.output_norm = W("output_norm.weight")
@@ -286,7 +328,15 @@ class GgmlForward:
         self.layers = []
         for l in range(c.n_layer):
             b = f"blk.{l}."
-            L = {"attn_norm": W(b + "attn_norm.weight"), "ffn_norm": W(b + "ffn_norm.weight")}
+            gpt_oss = c.arch == "gpt-oss"
+            L = {"attn_norm": W(b + "attn_norm.weight"),
+                 "ffn_norm": W(b + ("post_attention_norm.weight" if gpt_oss else "ffn_norm.weight"))}
+            if gpt_oss:
+                L["sinks"], L["swa"] = W(b + "attn_sinks.weight"), l in c.swa_layers
+                L["router_b"] = opt(b + "ffn_gate_inp.bias")
+                stacks = [ckpt.experts[f"{b}ffn_{p}_exps"] for p in ("gate", "up", "down")]
+                if all(st.bias is not None for st in stacks):
+                    L["expert_biases"] = tuple(st.bias for st in stacks)
             for name, w in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
                 bias = opt(f"{b}{w}.bias")
                 L[name] = (W(f"{b}{w}.weight"), bias)
