@@ -66,3 +66,20 @@ def test_routing_reported_from_the_graph_equals_the_reference():
         assert sg.dtype == st.dtype and sg.shape == st.shape == (len(ids), 2)
         assert (np.sort(sg.numpy(), 1) == np.sort(st.numpy(), 1)).all()
         assert np.abs(pg.numpy() - pt.numpy()).max() < 1e-5 and np.abs(wg.numpy() - wt.numpy()).max() < 1e-5
+
+
+def test_long_prompts_go_in_micro_batches(monkeypatch):
+    """Prompts longer than UBATCH run in chunks (the attention scores of one batch are n x n_kv per head); the
+    logits do not depend on the chunking."""
+    import moecli.runtime.ggml_forward as F
+    from moecli.errors import MoecliError
+
+    m = moecli.load(tiny_gguf("qwen3moe", "Q8_0"), engine="ggml")
+    ids = (m.tokenize(TEXT) * 20)[:700]
+    whole = m.logits(ids)
+    monkeypatch.setattr(F, "UBATCH", 96)
+    assert np.array_equal(m.logits(ids), whole)
+    cache = m.transformer.new_cache(len(ids))
+    assert np.array_equal(m.transformer.forward(ids, cache, all_logits=False).numpy()[0], whole[-1])
+    with pytest.raises(MoecliError, match="out of range"):
+        m.transformer.forward([m.config.n_vocab], m.transformer.new_cache(4))

@@ -28,6 +28,7 @@ from moecli.runtime.experts import OAI_ALPHA, OAI_LIMIT
 T = GGMLQuantizationType
 KV_PAD = 256  # llama.cpp pads its cache size and the attended key count to 256
 CACHED_MAX_N = 4  # batches up to this size keep their graphs (decode, short drafts)
+UBATCH = 512  # the most tokens one graph takes (llama.cpp's default n_ubatch)
 _SEGMENT_NODES = 256  # graph size of one layer's segment in split mode (a layer has ~60 nodes)
 
 
@@ -379,12 +380,29 @@ class GgmlForward:
         return GgmlKVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim)
 
     def __call__(self, tokens: list[int], cache: GgmlKVCache, all_logits: bool, on_router=None) -> torch.Tensor:
-        n, start = len(tokens), cache.pos
+        """Logits of `tokens` at positions cache.pos.. (all of them or the last one); the caller advances pos.
+        Long prompts go in micro-batches of UBATCH tokens, as llama.cpp's n_ubatch (the attention scores of one
+        batch are n x n_kv floats per head)."""
+        if min(tokens) < 0 or max(tokens) >= self.config.n_vocab:  # ggml's get_rows would read out of bounds
+            from moecli.errors import MoecliError
+
+            raise MoecliError(f"token id out of range [0, {self.config.n_vocab})")
+        start, out = cache.pos, []
+        for i in range(0, len(tokens), UBATCH):
+            chunk = tokens[i:i + UBATCH]
+            last = i + UBATCH >= len(tokens)
+            logits = self._batch(chunk, cache, start + i, all_logits or len(chunk) == 1, on_router)
+            if all_logits or last:
+                out.append(logits)
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _batch(self, tokens: list[int], cache: GgmlKVCache, start: int, all_logits: bool, on_router):
+        n = len(tokens)
         n_kv = min(cache.capacity, max(KV_PAD, -(-(start + n) // KV_PAD) * KV_PAD))  # llama.cpp's get_n_kv
-        key = (n, n_kv, all_logits or n == 1)
+        key = (n, n_kv, all_logits)
         step = self._steps.get(key)
         if step is None or step.cache_ptrs != (cache.k.data_ptr(), cache.vt.data_ptr()):
-            step = _Step(self, n, n_kv, key[2], cache, split=self._split(n))
+            step = _Step(self, n, n_kv, all_logits, cache, split=self._split(n))
             if n <= CACHED_MAX_N:
                 self._steps[key] = step
         logits = step.run(tokens, start)
