@@ -24,8 +24,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         p = self.p
-        logits = logits.float().cpu().clone()  # a normal tensor: the forward returns an inference tensor
+        logits = logits.float().cpu()
         if p.repeat_penalty != 1.0 and history:
+            logits = logits.clone()  # a normal tensor to modify: the forward returns an inference tensor
             recent = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
             vals = logits[recent]
             logits[recent] = torch.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
