@@ -83,3 +83,24 @@ def test_long_prompts_go_in_micro_batches(monkeypatch):
     assert np.array_equal(m.transformer.forward(ids, cache, all_logits=False).numpy()[0], whole[-1])
     with pytest.raises(MoecliError, match="out of range"):
         m.transformer.forward([m.config.n_vocab], m.transformer.new_cache(4))
+
+
+def test_deepseek2_on_the_graph_bit_exact(tmp_path):
+    """deepseek2 with the decompressed MLA cache runs as llama.cpp's graph: V2-Lite style (softmax, YaRN) and a V3
+    routing on the same attention (sigmoid + selection bias, 4 groups of 4 with 2 kept, top-4 renormalised x2.5)."""
+    import dataclasses
+
+    from conftest import TINY
+
+    from moecli.synth import write_gguf
+
+    lite = TINY["deepseek2-lite"][1]
+    v3_routing = dataclasses.replace(lite, n_expert=16, n_expert_used=4, gating="sigmoid", expert_bias=True,
+                                     n_group=4, topk_group=2, weights_norm=True, weights_scale=2.5)
+    for name, dims in (("lite", lite), ("v3-routing", v3_routing)):
+        path = write_gguf(tmp_path / f"{name}.gguf", "deepseek2", dims, 0, "F32")
+        m = moecli.load(path, engine="ggml")
+        assert m.transformer.fused_forward is not None, name
+        ids = m.tokenize(TEXT)
+        ref, _ = run_llama(path, ids)
+        assert np.array_equal(m.logits(ids), ref), name

@@ -361,6 +361,8 @@ def route(c: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None):
 class DeepSeek2Transformer(Transformer):
     """Transformer's forward pass with MLA attention, dense leading layers and DeepSeek routing."""
 
+    GGML_FORWARD = True  # the ggml engine runs it as one graph where supported (moecli.runtime.ggml_forward)
+
     def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
         c = self.config = ckpt.config
         self.device = torch.device(device)
@@ -378,6 +380,8 @@ class DeepSeek2Transformer(Transformer):
         self.on_router = None  # optional hook(layer, probs, ids, weights)
 
     def new_cache(self, n_ctx: int | None = None) -> MLACache:
+        if self.fused_forward is not None:  # the ggml engine's one-graph forward keeps llama.cpp's cache layout
+            return self.fused_forward.new_cache(n_ctx)
         c = self.config
         n = min(n_ctx or self.max_ctx, self.max_ctx)
         if c.mla_split:

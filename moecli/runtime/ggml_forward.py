@@ -33,18 +33,19 @@ _SEGMENT_NODES = 256  # graph size of one layer's segment in split mode (a layer
 
 
 class GgmlKVCache:
-    """K [layer, pos, kv_head, dim] and V transposed [layer, kv_head, dim, pos], float32, capacity padded to 256."""
+    """K [layer, pos, kv_head, dim] and V transposed [layer, kv_head, v_dim, pos], float32, capacity padded to 256
+    (v_dim differs from dim for DeepSeek's MLA)."""
 
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int):
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, v_dim: int | None = None):
         cap = -(-n_ctx // KV_PAD) * KV_PAD
         self.k = torch.zeros(n_layer, cap, n_head_kv, head_dim)
-        self.vt = torch.zeros(n_layer, n_head_kv, head_dim, cap)
+        self.vt = torch.zeros(n_layer, n_head_kv, v_dim or head_dim, cap)
         self.n_ctx, self.capacity = n_ctx, cap
         self.pos = 0
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * 4
+        return (self.k.numel() + self.vt.numel()) * 4
 
 
 def supported(ckpt: Checkpoint, experts) -> bool:
@@ -52,6 +53,8 @@ def supported(ckpt: Checkpoint, experts) -> bool:
     but for gpt-oss's, plain SwiGLU experts without biases)."""
     c = ckpt.config
     if c.rope_scaling == "yarn" and not c.yarn_truncate:  # ggml's rope rounds YaRN's correction range
+        return False
+    if c.arch == "deepseek2" and (c.mla_split or c.group_score != "top2"):  # latent attention: not yet
         return False
     if not c.is_moe:
         return True
@@ -65,7 +68,8 @@ class _Step:
     def __init__(self, fwd: "GgmlForward", n: int, n_kv: int, all_logits: bool, cache: GgmlKVCache,
                  split: bool = False):
         c = fwd.config
-        d, H, Hkv, hd, cap = c.n_embd, c.n_head, c.n_head_kv, c.head_dim, cache.capacity
+        d, H, cap = c.n_embd, c.n_head, cache.capacity
+        Hkv, hd, dv = fwd.kv_shape
         self.cache_ptrs = (cache.k.data_ptr(), cache.vt.data_ptr())
         self.n = n
         # decode reads llama.cpp's repacked copies of the dense weights where they exist (its faster gemv);
@@ -85,8 +89,8 @@ class _Step:
         mask_t = ctx.tensor(T.F32, n_kv, n, data=self.mask.ctypes.data)
         swa_t = ctx.tensor(T.F32, n_kv, n, data=self.mask_swa.ctypes.data) if c.sliding_window else None
         kc = ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=self.cache_ptrs[0])
-        vc = ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=self.cache_ptrs[1])
-        layer_bytes = cap * Hkv * hd * 4
+        vc = ctx.tensor(T.F32, cap * Hkv * dv * c.n_layer, data=self.cache_ptrs[1])
+        k_layer, v_layer = cap * Hkv * hd * 4, cap * Hkv * dv * 4
 
         def norm(a, w):
             return G.ggml_mul(p, G.ggml_rms_norm(p, a, c.rms_eps), w)
@@ -111,38 +115,41 @@ class _Step:
         for l, L in enumerate(fwd.layers):
             inp = x
             h = norm(x, W(L["attn_norm"]))
-            q, k, v = (linear(L[name], h) for name in ("q", "k", "v"))
-            if c.qk_norm == "full":  # OLMoE: over the whole projection
-                q, k = norm(q, W(L["q_norm"])), norm(k, W(L["k_norm"]))
-            q = G.ggml_reshape_3d(p, q, hd, H, n)
-            k = G.ggml_reshape_3d(p, k, hd, Hkv, n)
-            if c.qk_norm == "head":  # Qwen3: per head
-                q, k = norm(q, W(L["q_norm"])), norm(k, W(L["k_norm"]))
-            q = G.ggml_rope_ext(p, q, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
-            k = G.ggml_rope_ext(p, k, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
+            if c.arch == "deepseek2":
+                q, k, v = self._mla(p, c, L, h, n, pos_t, norm, linear)
+            else:
+                q, k, v = (linear(L[name], h) for name in ("q", "k", "v"))
+                if c.qk_norm == "full":  # OLMoE: over the whole projection
+                    q, k = norm(q, W(L["q_norm"])), norm(k, W(L["k_norm"]))
+                q = G.ggml_reshape_3d(p, q, hd, H, n)
+                k = G.ggml_reshape_3d(p, k, hd, Hkv, n)
+                if c.qk_norm == "head":  # Qwen3: per head
+                    q, k = norm(q, W(L["q_norm"])), norm(k, W(L["k_norm"]))
+                q = G.ggml_rope_ext(p, q, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
+                k = G.ggml_rope_ext(p, k, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
             # store K rows and V columns at positions start.. (destinations re-pointed per call)
             k_dst = G.ggml_view_2d(p, kc, hd * Hkv, n, hd * Hkv * 4, 0)
-            v_dst = G.ggml_view_2d(p, vc, n, hd * Hkv, cap * 4, 0)
+            v_dst = G.ggml_view_2d(p, vc, n, dv * Hkv, cap * 4, 0)
             k_store = G.ggml_cpy(p, G.ggml_reshape_2d(p, k, hd * Hkv, n), k_dst)
-            v_store = G.ggml_cpy(p, G.ggml_transpose(p, v), v_dst)
-            self.stores.append((k_dst, k_store, self.cache_ptrs[0] + l * layer_bytes, hd * Hkv * 4))
-            self.stores.append((v_dst, v_store, self.cache_ptrs[1] + l * layer_bytes, 4))
+            v_store = G.ggml_cpy(p, G.ggml_transpose(p, G.ggml_reshape_2d(p, v, dv * Hkv, n)), v_dst)
+            self.stores.append((k_dst, k_store, self.cache_ptrs[0] + l * k_layer, hd * Hkv * 4))
+            self.stores.append((v_dst, v_store, self.cache_ptrs[1] + l * v_layer, 4))
             # attention over the first n_kv positions, as llama.cpp's build_attn_mha (non-flash)
-            K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * layer_bytes)
-            V = G.ggml_view_3d(p, vc, n_kv, Hkv, hd, cap * hd * 4, cap * 4, l * layer_bytes)
+            K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
+            V = G.ggml_view_3d(p, vc, n_kv, Hkv, dv, cap * dv * 4, cap * 4, l * v_layer)
             kq = G.ggml_mul_mat(p, G.ggml_permute(p, K, 0, 2, 1, 3), G.ggml_permute(p, q, 0, 2, 1, 3))
             kq = G.ggml_soft_max_ext(p, kq, swa_t if L.get("swa") else mask_t, fwd.kq_scale, 0.0)
             if "sinks" in L:  # gpt-oss: a per-head logit joins every softmax denominator
                 G.ggml_soft_max_add_sinks(kq, W(L["sinks"]))
             kqv = G.ggml_mul_mat(p, G.ggml_permute(p, V, 0, 2, 1, 3), kq)
-            att = linear(L["o"], G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), hd * H, n))
+            att = linear(L["o"], G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), dv * H, n))
             if l == c.n_layer - 1 and not all_logits and n > 1:  # only the last token goes on (llama.cpp)
                 att = G.ggml_view_2d(p, att, d, 1, d * 4, (n - 1) * d * 4)
                 inp = G.ggml_view_2d(p, inp, d, 1, d * 4, (n - 1) * d * 4)
                 m = 1
             ffn_inp = G.ggml_add(p, att, inp)
             h = norm(ffn_inp, W(L["ffn_norm"]))
-            if not c.is_moe:
+            if "ffn" in L:  # dense models, and deepseek2's leading dense layers
                 out = swiglu(*L["ffn"], h)
             elif split:
                 shared = self._moe(p, c, L, h, m, l, experts=False)
@@ -183,6 +190,28 @@ class _Step:
                 G.ggml_build_forward_expand(g.ptr, t)
         return dict(graph=g, layer=l, m=m, ffn_inp=ffn_inp, h=h, shared=shared)
 
+    def _mla(self, p, c, L, h, n: int, pos_t, norm, linear):
+        """deepseek2's attention inputs as llama.cpp builds them for a decompressed cache: q (or q_a -> norm -> q_b)
+        roped on its last qk_rope dims, the compressed kv split into the normed latent and one roped k_pe head,
+        kv_b's k_nope and v per head; K = [k_nope | k_pe repeated over the heads]."""
+        W, H, nope, rope, r, dv = self.W, c.n_head, c.qk_nope_dim, c.qk_rope_dim, c.kv_lora_rank, c.v_head_dim
+        dk = nope + rope
+        q = linear((L["q"], None), h) if "q" in L else \
+            G.ggml_mul_mat(p, W(L["q_b"]), norm(G.ggml_mul_mat(p, W(L["q_a"]), h), W(L["q_a_norm"])))
+        q = G.ggml_reshape_3d(p, q, dk, H, n)
+        kv_pe = G.ggml_mul_mat(p, W(L["kv_a"]), h)  # [r + rope, n]
+        row = (r + rope) * 4
+        latent = norm(G.ggml_view_2d(p, kv_pe, r, n, row, 0), W(L["kv_a_norm"]))
+        k_pe = G.ggml_view_3d(p, kv_pe, rope, 1, n, row, row, r * 4)
+        k_pe = G.ggml_rope_ext(p, k_pe, pos_t, None, rope, G.GGML_ROPE_TYPE_NORMAL, *self.fwd.rope_args)
+        kv = G.ggml_mul_mat(p, W(L["kv_b"]), latent)  # [(nope + dv) * H, n]
+        k_nope = G.ggml_view_3d(p, kv, nope, H, n, (nope + dv) * 4, (nope + dv) * H * 4, 0)
+        v = G.ggml_cont(p, G.ggml_view_3d(p, kv, dv, H, n, (nope + dv) * 4, (nope + dv) * H * 4, nope * 4))
+        q = G.ggml_rope_set_offset(G.ggml_rope_ext(p, q, pos_t, None, rope, G.GGML_ROPE_TYPE_NORMAL,
+                                                   *self.fwd.rope_args), nope)
+        k = G.ggml_concat(p, k_nope, G.ggml_repeat_4d(p, k_pe, rope, H, n, 1), 0)
+        return q, k, v
+
     def _moe(self, p, c, L, h, m: int, l: int, experts: bool = True):
         """llama.cpp's build_moe_ffn with softmax gating (+ Qwen2-MoE's gated shared expert). Without `experts`:
         the routing and the shared expert's output only (None without one)."""
@@ -190,18 +219,20 @@ class _Step:
         logits = G.ggml_mul_mat(p, W(L["router"]), h)  # [E, m]
         if L.get("router_b") is not None:
             logits = G.ggml_add(p, logits, W(L["router_b"]))
-        probs = G.ggml_soft_max(p, logits)
+        probs = G.ggml_sigmoid(p, logits) if c.gating == "sigmoid" else G.ggml_soft_max(p, logits)
         if c.gating == "softmax_weight":  # gpt-oss: top-k of the logits, softmax over those k
             sel = G.ggml_argsort_top_k(p, logits, k)
             w = G.ggml_get_rows(p, G.ggml_reshape_3d(p, logits, 1, E, m), sel)
             w = G.ggml_reshape_3d(p, G.ggml_soft_max(p, G.ggml_reshape_2d(p, w, k, m)), 1, k, m)
         else:
-            sel = G.ggml_argsort_top_k(p, probs, k)  # [k, m]
+            sel = G.ggml_argsort_top_k(p, self._selection(p, c, L, probs, m), k)  # [k, m]
             w = G.ggml_get_rows(p, G.ggml_reshape_3d(p, probs, 1, E, m), sel)  # [1, k, m]
         if c.norm_topk:
             w2 = G.ggml_reshape_2d(p, w, k, m)
             total = G.ggml_clamp(p, G.ggml_sum_rows(p, w2), 6.103515625e-5, float("inf"))
             w = G.ggml_reshape_3d(p, G.ggml_div(p, w2, total), 1, k, m)
+        if c.routed_scale not in (0.0, 1.0):  # DeepSeek's routed_scaling_factor
+            w = G.ggml_scale(p, w, c.routed_scale)
         for t in (probs, sel, w):
             G.ggml_set_output(t)
         self.routing.append((l, probs, sel, w))
@@ -229,6 +260,23 @@ class _Step:
             out = G.ggml_cont(p, out)
         shared = self._shared(p, L, h)
         return out if shared is None else G.ggml_add(p, out, shared)
+
+    def _selection(self, p, c, L, probs, m: int):
+        """The scores experts are picked by: probs (+ DeepSeek-V3's selection bias), restricted to the best
+        `topk_group` of `n_group` groups, each scored by its two best experts (llama.cpp's build_moe_ffn)."""
+        W, E = self.W, c.n_expert
+        sel = G.ggml_add(p, probs, W(L["exp_probs_b"])) if L.get("exp_probs_b") is not None else probs
+        if c.n_group <= 1:
+            return sel
+        per = E // c.n_group
+        groups = G.ggml_reshape_3d(p, sel, per, c.n_group, m)
+        best2 = G.ggml_get_rows(p, G.ggml_reshape_4d(p, groups, 1, per, c.n_group, m),
+                                G.ggml_argsort_top_k(p, groups, 2))  # [1, 2, n_group, m]
+        score = G.ggml_reshape_2d(p, G.ggml_sum_rows(p, G.ggml_reshape_3d(p, best2, 2, c.n_group, m)), c.n_group, m)
+        keep = G.ggml_argsort_top_k(p, score, c.topk_group)  # [topk_group, m]
+        kept = G.ggml_get_rows(p, groups, keep)
+        masked = G.ggml_set_rows(p, G.ggml_fill(p, groups, float("-inf")), kept, keep)
+        return G.ggml_reshape_2d(p, masked, E, m)
 
     def _shared(self, p, L, h):
         """Qwen2-MoE's shared expert behind its sigmoid gate, or None."""
@@ -312,16 +360,22 @@ class GgmlForward:
         c = self.config = ckpt.config
         self.max_ctx, self.experts = max_ctx, experts
         self.kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(c.head_dim)))
+        self.kv_shape = (c.n_head_kv, c.head_dim, c.head_dim)  # KV heads, K dims, V dims
         # ggml_rope_ext's n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow
         self.rope_args = (c.n_ctx_train, c.rope_theta, 1.0, 0.0, 1.0, 32.0, 1.0)
-        if c.rope_scaling == "yarn":  # gpt-oss (the deepseek2 decoder is not on this graph)
+        if c.arch == "deepseek2":  # decompressed MLA: every head keeps [k_nope | k_pe] and its own v
+            self.kv_shape = (c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim)
+        if c.rope_scaling == "yarn" or c.arch == "deepseek2":
             import dataclasses
 
             from moecli.models.deepseek2 import yarn_params
 
-            y = yarn_params(dataclasses.replace(c, qk_nope_dim=0, qk_rope_dim=c.rope_dim))
-            self.rope_args = (c.yarn_orig_ctx, c.rope_theta, float(y["freq_scale"]), float(y["ext_factor"]),
-                              float(y["attn_factor"]), c.yarn_beta_fast, c.yarn_beta_slow)
+            ds = c.arch == "deepseek2"  # its own kq scale (mscale^2 / sqrt(dk)); gpt-oss keeps 1/sqrt(d)
+            y = yarn_params(c if ds else dataclasses.replace(c, qk_nope_dim=0, qk_rope_dim=c.rope_dim))
+            if ds:
+                self.kq_scale = float(y["kq_scale"])
+            self.rope_args = (c.yarn_orig_ctx or c.n_ctx_train, c.rope_theta, float(y["freq_scale"]),
+                              float(y["ext_factor"]), float(y["attn_factor"]), c.yarn_beta_fast, c.yarn_beta_slow)
         W, opt = ckpt.tensor, ckpt.optional
         self.token_embd = W("token_embd.weight")
         self.output_norm = W("output_norm.weight")
@@ -338,13 +392,22 @@ class GgmlForward:
                 stacks = [ckpt.experts[f"{b}ffn_{p}_exps"] for p in ("gate", "up", "down")]
                 if all(st.bias is not None for st in stacks):
                     L["expert_biases"] = tuple(st.bias for st in stacks)
-            for name, w in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
-                bias = opt(f"{b}{w}.bias")
-                L[name] = (W(f"{b}{w}.weight"), bias)
+            if c.arch == "deepseek2":
+                for key, name in (("q", "attn_q"), ("q_a", "attn_q_a"), ("q_a_norm", "attn_q_a_norm"),
+                                  ("q_b", "attn_q_b"), ("kv_a", "attn_kv_a_mqa"), ("kv_a_norm", "attn_kv_a_norm"),
+                                  ("kv_b", "attn_kv_b")):
+                    if opt(f"{b}{name}.weight") is not None:
+                        L[key] = W(f"{b}{name}.weight")
+                L["o"] = (W(b + "attn_output.weight"), None)
+            else:
+                for name, w in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
+                    bias = opt(f"{b}{w}.bias")
+                    L[name] = (W(f"{b}{w}.weight"), bias)
             if c.qk_norm:
                 L["q_norm"], L["k_norm"] = W(b + "attn_q_norm.weight"), W(b + "attn_k_norm.weight")
-            if c.is_moe:
+            if c.is_moe and l >= c.n_dense_layers:
                 L["router"] = W(b + "ffn_gate_inp.weight")
+                L["exp_probs_b"] = opt(b + "exp_probs_b.bias")
                 L["experts"] = experts.engine.layers[l].stacked
                 if c.n_ff_shexp:
                     L["shared"] = tuple(W(f"{b}ffn_{p}_shexp.weight") for p in ("down", "gate", "up"))
@@ -360,7 +423,11 @@ class GgmlForward:
     def _dense_weights(self):
         for L in self.layers:
             for key in ("q", "k", "v", "o"):
-                yield L[key][0]
+                if key in L:
+                    yield L[key][0] if isinstance(L[key], tuple) else L[key]
+            for key in ("q_a", "q_b", "kv_a", "kv_b"):
+                if key in L:
+                    yield L[key]
             yield from L.get("ffn", ())
             yield from L.get("shared", ())
         if self.output is not self.token_embd:
@@ -373,11 +440,13 @@ class GgmlForward:
         if not c.is_moe or n <= CACHED_MAX_N:
             return False
         pairs = n * c.n_expert_used
-        return self.experts.engine.choose_kernel(0, pairs, min(c.n_expert, pairs)) == "loop"
+        first = next(iter(self.experts.engine.layers))  # deepseek2's leading layers are dense
+        return self.experts.engine.choose_kernel(first, pairs, min(c.n_expert, pairs)) == "loop"
 
     def new_cache(self, n_ctx: int | None = None) -> GgmlKVCache:
         c = self.config
-        return GgmlKVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim)
+        Hkv, dk, dv = self.kv_shape
+        return GgmlKVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), Hkv, dk, dv)
 
     def __call__(self, tokens: list[int], cache: GgmlKVCache, all_logits: bool, on_router=None) -> torch.Tensor:
         """Logits of `tokens` at positions cache.pos.. (all of them or the last one); the caller advances pos.
