@@ -86,8 +86,9 @@ def test_long_prompts_go_in_micro_batches(monkeypatch):
 
 
 def test_deepseek2_on_the_graph_bit_exact(tmp_path):
-    """deepseek2 with the decompressed MLA cache runs as llama.cpp's graph: V2-Lite style (softmax, YaRN) and a V3
-    routing on the same attention (sigmoid + selection bias, 4 groups of 4 with 2 kept, top-4 renormalised x2.5)."""
+    """deepseek2 runs as llama.cpp's graph, both MLA forms: the decompressed cache (V2-Lite style: softmax, YaRN;
+    and a V3 routing on it: sigmoid + selection bias, 4 groups of 4 with 2 kept, top-4 renormalised x2.5) and the
+    absorbed latent attention of split k_b/v_b files (the "deepseek3" fixture, also in Q8_0)."""
     import dataclasses
 
     from conftest import TINY
@@ -104,3 +105,10 @@ def test_deepseek2_on_the_graph_bit_exact(tmp_path):
         ids = m.tokenize(TEXT)
         ref, _ = run_llama(path, ids)
         assert np.array_equal(m.logits(ids), ref), name
+    for arch, ftype in (("deepseek3", "F32"), ("deepseek3", "Q8_0")):
+        path = tiny_gguf(arch, ftype)
+        m = moecli.load(path, engine="ggml")
+        assert m.transformer.fused_forward is not None and m.config.mla_split
+        ids = m.tokenize(TEXT)
+        ref, _ = run_llama(path, ids)
+        assert np.array_equal(m.logits(ids), ref), (arch, ftype)

@@ -54,7 +54,7 @@ def supported(ckpt: Checkpoint, experts) -> bool:
     c = ckpt.config
     if c.rope_scaling == "yarn" and not c.yarn_truncate:  # ggml's rope rounds YaRN's correction range
         return False
-    if c.arch == "deepseek2" and (c.mla_split or c.group_score != "top2"):  # latent attention: not yet
+    if c.arch == "deepseek2" and c.group_score != "top2":  # transformers' V2 group scoring: not llama.cpp's
         return False
     if not c.is_moe:
         return True
@@ -106,7 +106,8 @@ class _Step:
         self.W = W
 
         mode = G.GGML_ROPE_TYPE_NEOX if c.rope_neox else G.GGML_ROPE_TYPE_NORMAL
-        self.stores, self.routing = [], []
+        self.stores, self.routing, self.layer_stores = [], [], []
+        c_dv = c.v_head_dim if c.arch == "deepseek2" else dv  # per-head output width of the attention
         # `split` (prompts whose experts run faster as per-expert matmuls, see CpuExperts): one graph per layer
         # that ends at the routing; the experts then run through CpuExperts and their sum feeds the next graph
         self.split, self.fwd, self.segments = split, fwd, []
@@ -127,22 +128,32 @@ class _Step:
                     q, k = norm(q, W(L["q_norm"])), norm(k, W(L["k_norm"]))
                 q = G.ggml_rope_ext(p, q, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
                 k = G.ggml_rope_ext(p, k, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
-            # store K rows and V columns at positions start.. (destinations re-pointed per call)
+            # store K rows (and V columns) at positions start.. (destinations re-pointed per call)
+            first_store = len(self.stores)
             k_dst = G.ggml_view_2d(p, kc, hd * Hkv, n, hd * Hkv * 4, 0)
-            v_dst = G.ggml_view_2d(p, vc, n, dv * Hkv, cap * 4, 0)
             k_store = G.ggml_cpy(p, G.ggml_reshape_2d(p, k, hd * Hkv, n), k_dst)
-            v_store = G.ggml_cpy(p, G.ggml_transpose(p, G.ggml_reshape_2d(p, v, dv * Hkv, n)), v_dst)
             self.stores.append((k_dst, k_store, self.cache_ptrs[0] + l * k_layer, hd * Hkv * 4))
-            self.stores.append((v_dst, v_store, self.cache_ptrs[1] + l * v_layer, 4))
-            # attention over the first n_kv positions, as llama.cpp's build_attn_mha (non-flash)
             K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
-            V = G.ggml_view_3d(p, vc, n_kv, Hkv, dv, cap * dv * 4, cap * 4, l * v_layer)
+            if v is None:  # latent attention: the values are the cached latents (the first kv_lora_rank dims)
+                r = c.kv_lora_rank
+                Vt = G.ggml_view_3d(p, kc, r, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
+                V = G.ggml_cont(p, G.ggml_transpose(p, G.ggml_permute(p, Vt, 0, 2, 1, 3)))  # [n_kv, r, 1]
+            else:
+                v_dst = G.ggml_view_2d(p, vc, n, dv * Hkv, cap * 4, 0)
+                v_store = G.ggml_cpy(p, G.ggml_transpose(p, G.ggml_reshape_2d(p, v, dv * Hkv, n)), v_dst)
+                self.stores.append((v_dst, v_store, self.cache_ptrs[1] + l * v_layer, 4))
+                V = G.ggml_permute(p, G.ggml_view_3d(p, vc, n_kv, Hkv, dv, cap * dv * 4, cap * 4, l * v_layer),
+                                   0, 2, 1, 3)
+            self.layer_stores.append(self.stores[first_store:])
+            # attention over the first n_kv positions, as llama.cpp's build_attn_mha (non-flash)
             kq = G.ggml_mul_mat(p, G.ggml_permute(p, K, 0, 2, 1, 3), G.ggml_permute(p, q, 0, 2, 1, 3))
             kq = G.ggml_soft_max_ext(p, kq, swa_t if L.get("swa") else mask_t, fwd.kq_scale, 0.0)
             if "sinks" in L:  # gpt-oss: a per-head logit joins every softmax denominator
                 G.ggml_soft_max_add_sinks(kq, W(L["sinks"]))
-            kqv = G.ggml_mul_mat(p, G.ggml_permute(p, V, 0, 2, 1, 3), kq)
-            att = linear(L["o"], G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), dv * H, n))
+            kqv = G.ggml_mul_mat(p, V, kq)
+            if v is None:  # back from the latent space, per head: v_b [r, dv, H]
+                kqv = G.ggml_mul_mat(p, W(L["v_b"]), kqv)
+            att = linear(L["o"], G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), c_dv * H, n))
             if l == c.n_layer - 1 and not all_logits and n > 1:  # only the last token goes on (llama.cpp)
                 att = G.ggml_view_2d(p, att, d, 1, d * 4, (n - 1) * d * 4)
                 inp = G.ggml_view_2d(p, inp, d, 1, d * 4, (n - 1) * d * 4)
@@ -183,7 +194,7 @@ class _Step:
     def _segment(self, outs, l, m, ffn_inp=None, h=None, shared=None) -> dict:
         """A graph over the nodes added since the previous segment: this layer's stores first, then `outs`."""
         g = G.Graph(self.ctx, [], _SEGMENT_NODES)
-        for _, store, _, _ in self.stores[-2:] if l is not None else ():
+        for _, store, _, _ in self.layer_stores[l] if l is not None else ():
             G.ggml_build_forward_expand(g.ptr, store)
         for t in outs:
             if t is not None:
@@ -204,6 +215,14 @@ class _Step:
         latent = norm(G.ggml_view_2d(p, kv_pe, r, n, row, 0), W(L["kv_a_norm"]))
         k_pe = G.ggml_view_3d(p, kv_pe, rope, 1, n, row, row, r * 4)
         k_pe = G.ggml_rope_ext(p, k_pe, pos_t, None, rope, G.GGML_ROPE_TYPE_NORMAL, *self.fwd.rope_args)
+        if c.mla_split:  # absorbed: q_nope into the latent space, attention over [latent | k_pe], one KV head
+            q_nope = G.ggml_view_3d(p, q, nope, H, n, dk * 4, dk * H * 4, 0)
+            q_pe = G.ggml_view_3d(p, q, rope, H, n, dk * 4, dk * H * 4, nope * 4)
+            q_pe = G.ggml_rope_ext(p, q_pe, pos_t, None, rope, G.GGML_ROPE_TYPE_NORMAL, *self.fwd.rope_args)
+            q_abs = G.ggml_mul_mat(p, W(L["k_b"]), G.ggml_permute(p, q_nope, 0, 2, 1, 3))  # [r, n, H]
+            q = G.ggml_concat(p, G.ggml_permute(p, q_abs, 0, 2, 1, 3), q_pe, 0)  # [r + rope, H, n]
+            k = G.ggml_concat(p, G.ggml_reshape_3d(p, latent, r, 1, n), k_pe, 0)  # [r + rope, 1, n]
+            return q, k, None
         kv = G.ggml_mul_mat(p, W(L["kv_b"]), latent)  # [(nope + dv) * H, n]
         k_nope = G.ggml_view_3d(p, kv, nope, H, n, (nope + dv) * 4, (nope + dv) * H * 4, 0)
         v = G.ggml_cont(p, G.ggml_view_3d(p, kv, dv, H, n, (nope + dv) * 4, (nope + dv) * H * 4, nope * 4))
@@ -363,8 +382,10 @@ class GgmlForward:
         self.kv_shape = (c.n_head_kv, c.head_dim, c.head_dim)  # KV heads, K dims, V dims
         # ggml_rope_ext's n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow
         self.rope_args = (c.n_ctx_train, c.rope_theta, 1.0, 0.0, 1.0, 32.0, 1.0)
-        if c.arch == "deepseek2":  # decompressed MLA: every head keeps [k_nope | k_pe] and its own v
-            self.kv_shape = (c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim)
+        if c.arch == "deepseek2":  # decompressed MLA: every head keeps [k_nope | k_pe] and its own v;
+            self.kv_shape = (c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim)  # absorbed: one latent head
+            if c.mla_split:
+                self.kv_shape = (1, c.kv_lora_rank + c.qk_rope_dim, 0)
         if c.rope_scaling == "yarn" or c.arch == "deepseek2":
             import dataclasses
 
@@ -395,7 +416,7 @@ class GgmlForward:
             if c.arch == "deepseek2":
                 for key, name in (("q", "attn_q"), ("q_a", "attn_q_a"), ("q_a_norm", "attn_q_a_norm"),
                                   ("q_b", "attn_q_b"), ("kv_a", "attn_kv_a_mqa"), ("kv_a_norm", "attn_kv_a_norm"),
-                                  ("kv_b", "attn_kv_b")):
+                                  ("kv_b", "attn_kv_b"), ("k_b", "attn_k_b"), ("v_b", "attn_v_b")):
                     if opt(f"{b}{name}.weight") is not None:
                         L[key] = W(f"{b}{name}.weight")
                 L["o"] = (W(b + "attn_output.weight"), None)
