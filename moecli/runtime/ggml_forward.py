@@ -1,5 +1,6 @@
-"""The CPU engine's forward pass as ONE ggml graph, built as llama.cpp builds it (its non-flash path), for the
-families on the shared decoder (llama/Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+"""The CPU engine's forward pass as ONE ggml graph, built as llama.cpp builds it (its non-flash path), for every
+family: llama/Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, deepseek2 (both MLA forms) and gpt-oss (sinks, sliding window,
+biased experts with the clamped SwiGLU).
 
 Per layer: attn_norm -> q/k/v (+ biases, q/k RMSNorm) -> RoPE -> K and V stored in the cache -> kq = K·q,
 softmax with the causal mask and 1/sqrt(d) -> kqv = V·kq -> o (+ bias) -> residual -> ffn_norm -> router ->
@@ -34,12 +35,12 @@ _SEGMENT_NODES = 256  # graph size of one layer's segment in split mode (a layer
 
 class GgmlKVCache:
     """K [layer, pos, kv_head, dim] and V transposed [layer, kv_head, v_dim, pos], float32, capacity padded to 256
-    (v_dim differs from dim for DeepSeek's MLA)."""
+    (DeepSeek's MLA: v_dim differs from dim, or is 0 where the values are the cached latents)."""
 
     def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, v_dim: int | None = None):
         cap = -(-n_ctx // KV_PAD) * KV_PAD
         self.k = torch.zeros(n_layer, cap, n_head_kv, head_dim)
-        self.vt = torch.zeros(n_layer, n_head_kv, v_dim or head_dim, cap)
+        self.vt = torch.zeros(n_layer, n_head_kv, head_dim if v_dim is None else v_dim, cap)  # 0: none (MLA)
         self.n_ctx, self.capacity = n_ctx, cap
         self.pos = 0
 
