@@ -1,8 +1,8 @@
 """Tiny random Hugging Face checkpoints (transformers is a test-only dependency), saved as safetensors.
 
-Archs (same names as conftest): "llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe"; sizes from a
-`SynthDims`. Weights are re-initialised like moecli.synth (N(0, 1/fan_in), norms ≈ 1, decisive router) instead
-of transformers' std-0.02 init, so routing is not a near-tie everywhere.
+Archs (same names as conftest): "llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite",
+"deepseek3"; sizes from a `SynthDims` (`DeepSeekDims` for the deepseek ones). Weights are re-initialised like
+moecli.synth (N(0, 1/fan_in), norms ≈ 1, decisive router) instead of transformers' std-0.02 init, so routing is not a near-tie everywhere.
 
 Routing semantics, made explicit in each config, versus llama.cpp's GGUF archs (FACTS §2):
 - mixtral: HF always renormalises the top-k weights; llama.cpp (llama arch) too.
@@ -13,6 +13,12 @@ Routing semantics, made explicit in each config, versus llama.cpp's GGUF archs (
   side's `attn_bias` should match when converting.
 - olmoe: `norm_topk_prob=False` (OLMoE-1B-7B); llama.cpp never renormalises. q/k RMSNorm over the full
   width (not per head) in both; llama.cpp supports only num_key_value_heads == num_attention_heads.
+- deepseek2-lite (`deepseek_v2`, V2-Lite-like): plain q_proj, kv_b_proj (llama.cpp's legacy attn_kv_b), softmax
+  routing (`greedy`), never renormalised (transformers ignores norm_topk_prob for V2), 2 shared experts, 1 leading
+  dense layer, YaRN x8 with mscale = mscale_all_dim = 0.707. RoPE on adjacent pairs, as llama.cpp's NORM.
+- deepseek3 (`deepseek_v3`, V3-like): q LoRA, sigmoid + e_score_correction_bias (choice only; nonzero here), 4
+  groups of 4 scored by their two best (2 kept), top-4 renormalised, x2.5, 1 shared expert, rope_interleave (pairs).
+  transformers' V3 always routes so (scoring_func / topk_method ignored).
 - llama-dense / mixtral: HF stores Q/K in the "half-split" (NEOX-like) order; GGUF's llama arch expects the
   HF converter's permuted order (NORM rope). A converter must permute.
 """
@@ -25,12 +31,16 @@ import numpy as np
 
 from moecli.synth import CHATML_TEMPLATE, SynthDims, tiny_tokenizer
 
-HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe")
+HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite", "deepseek3")
 
 
-def hf_config(arch: str, d: SynthDims):
-    """transformers config for `arch` with the sizes of `d` (bos = eos = <|endoftext|> = id 0)."""
+def hf_config(arch: str, d: SynthDims, **overrides):
+    """transformers config for `arch` with the sizes of `d` (bos = eos = <|endoftext|> = id 0); `overrides` are
+    constructor arguments that replace the derived ones (deepseek archs)."""
     import transformers as T
+
+    if arch.startswith("deepseek"):
+        return _deepseek_config(arch, d, **overrides)
 
     common = dict(vocab_size=d.n_vocab, hidden_size=d.n_embd, num_hidden_layers=d.n_layer,
                   num_attention_heads=d.n_head, num_key_value_heads=d.n_head_kv, rms_norm_eps=d.rms_eps,
@@ -60,6 +70,37 @@ def hf_config(arch: str, d: SynthDims):
     raise ValueError(f"arch must be one of {HF_ARCHS}, got {arch!r}")
 
 
+def _deepseek_config(arch: str, d, **overrides):
+    import transformers as T
+
+    rope = {"rope_type": "default", "rope_theta": d.rope_theta}
+    if d.yarn_factor:
+        m = d.yarn_mscale_all_dim  # mscale == mscale_all_dim, as every DeepSeek release
+        rope = {"rope_type": "yarn", "rope_theta": d.rope_theta, "factor": d.yarn_factor, "beta_fast": 32.0,
+                "beta_slow": 1.0, "mscale": m, "mscale_all_dim": m, "original_max_position_embeddings": d.yarn_orig_ctx}
+    kw = dict(vocab_size=d.n_vocab, hidden_size=d.n_embd, num_hidden_layers=d.n_layer, num_attention_heads=d.n_head,
+              num_key_value_heads=d.n_head, intermediate_size=d.n_ff_dense, moe_intermediate_size=d.n_ff,
+              n_routed_experts=d.n_expert, num_experts_per_tok=d.n_expert_used, n_shared_experts=d.n_shared,
+              first_k_dense_replace=d.n_dense, q_lora_rank=d.q_lora_rank or None, kv_lora_rank=d.kv_lora_rank,
+              qk_nope_head_dim=d.qk_nope, qk_rope_head_dim=d.qk_rope, v_head_dim=d.v_head_dim,
+              routed_scaling_factor=d.weights_scale, rms_norm_eps=d.rms_eps, max_position_embeddings=d.context_length,
+              tie_word_embeddings=d.tie_embeddings, rope_parameters=rope, bos_token_id=0, eos_token_id=0,
+              pad_token_id=0)
+    if arch == "deepseek2-lite":
+        assert d.gating == "softmax" and not d.expert_bias and not d.weights_norm, "transformers' V2 router"
+        kw.update(topk_method="group_limited_greedy" if d.n_group > 1 else "greedy", n_group=d.n_group or None,
+                  topk_group=d.topk_group or None, norm_topk_prob=False)
+        kw.update(overrides)
+        return T.DeepseekV2Config(**kw)
+    if arch == "deepseek3":
+        assert d.gating == "sigmoid" and d.expert_bias, "transformers' V3 router"
+        kw.update(n_group=d.n_group or 1, topk_group=d.topk_group or 1, norm_topk_prob=d.weights_norm,
+                  rope_interleave=True)
+        kw.update(overrides)
+        return T.DeepseekV3Config(**kw)
+    raise ValueError(f"arch must be one of {HF_ARCHS}, got {arch!r}")
+
+
 def _reinit(model, seed: int) -> None:
     import torch
 
@@ -75,16 +116,20 @@ def _reinit(model, seed: int) -> None:
             else:
                 scale = 3.0 if ("lm_head" in name or name.endswith(".gate.weight")) else 1.0  # output / router
                 p.copy_(scale * torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias: zeros would test nothing
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
 
 
-def write_hf(path_dir, arch: str, dims: SynthDims, seed: int = 0) -> Path:
-    """Save a random `arch` model (safetensors, fp32) plus tokenizer.json / tokenizer_config.json; returns the dir."""
+def write_hf(path_dir, arch: str, dims: SynthDims, seed: int = 0, **overrides) -> Path:
+    """Save a random `arch` model (safetensors, fp32) plus tokenizer.json / tokenizer_config.json; returns the dir.
+    `overrides`: config arguments (see hf_config)."""
     import torch
     import transformers as T
 
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = hf_config(arch, dims)
+    cfg = hf_config(arch, dims, **overrides)
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     _reinit(model, seed)

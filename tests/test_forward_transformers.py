@@ -6,7 +6,7 @@ import moecli
 from conftest import tiny_hf
 from hf_fixtures import hf_logits
 
-ARCHS = ["llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe"]
+ARCHS = ["llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite", "deepseek3"]
 
 
 @pytest.mark.parametrize("engine", ["torch", "ggml"])

@@ -9,8 +9,12 @@ Multi-head latent attention (MLA): q (optionally through a LoRA pair q_a -> norm
 Leading dense layers, shared experts beside the routed ones (through the one experts seam), routing by softmax (V2)
 or sigmoid + selection-only bias with grouped top-k (V3), weights optionally normalised, then times
 `expert_weights_scale`; YaRN RoPE (NORM layout) with DeepSeek's mscale folded into the softmax scale.
+Hugging Face safetensors (`deepseek_v2` / `deepseek_v3`, as transformers computes them) load into the legacy form
+(their kv_b_proj is attn_kv_b): see `from_hf`.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -109,50 +113,96 @@ HF_NAMES = DENSE_NAMES + EXPERT_NAMES + [
 ]
 
 
+# transformers' config defaults (DeepseekV2Config / DeepseekV3Config) for the keys that change the computation
+_HF_DEFAULTS = {
+    "deepseek_v2": dict(q_lora_rank=1536, n_shared_experts=2, first_k_dense_replace=0, routed_scaling_factor=1.0,
+                        topk_method="greedy", n_group=None, topk_group=None, max_position_embeddings=2048),
+    "deepseek_v3": dict(q_lora_rank=1536, n_shared_experts=1, first_k_dense_replace=3, routed_scaling_factor=2.5,
+                        n_group=8, topk_group=4, norm_topk_prob=True, rope_interleave=True,
+                        max_position_embeddings=4096),
+}
+
+
 def from_hf(cfg: dict) -> ModelConfig:
-    """DeepSeek-V2 / V2-Lite (`deepseek_v2`) and V3 / R1 (`deepseek_v3`) config.json, as transformers reads them."""
+    """DeepSeek-V2 / V2-Lite (`deepseek_v2`) and V3 / R1 / Moonlight (`deepseek_v3`) config.json, computed as
+    transformers computes them (modeling_deepseek_v2 / modeling_deepseek_v3):
+
+    * the checkpoint's kv_b_proj is the legacy GGUF attn_kv_b (decompressed MLA), no tensor is rewritten;
+    * RoPE: V2 rotates adjacent pairs (complex view), V3 too with rope_interleave (the default; its even/odd split
+      permutes q and k alike, so q.k is ggml's NORM rope) and halves without it (NEOX): no weight permutation;
+    * YaRN: the rope frequencies of `factor` / `original_max_position_embeddings` / beta_fast / beta_slow (whole
+      correction dims unless truncate is off), and the softmax scale (1 + 0.1 mscale_all_dim ln factor)^2 / sqrt(dk),
+      the cos/sin left unscaled when mscale == mscale_all_dim (every DeepSeek release); other mscale pairs refused;
+    * routing: V2 softmax, plain top-k (`greedy`) or groups scored by their best expert (`group_limited_greedy`),
+      never renormalised (transformers ignores norm_topk_prob there), times routed_scaling_factor; V3 always
+      sigmoid + e_score_correction_bias for the choice only, groups scored by their two best, renormalised when
+      norm_topk_prob, times routed_scaling_factor (transformers ignores scoring_func / topk_method for V3).
+    """
     v3 = cfg.get("model_type") == "deepseek_v3"
+    cfg = {**_HF_DEFAULTS["deepseek_v3" if v3 else "deepseek_v2"], **cfg}
     try:
+        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                        ("moe_layer_freq", 1)):
+            if cfg.get(key, ok) != ok:
+                raise UnsupportedError(f"DeepSeek {key} {cfg[key]!r} is not supported (only {ok!r})")
+        n_head, n_embd = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+        if int(cfg.get("num_key_value_heads") or n_head) != n_head:
+            raise UnsupportedError("DeepSeek MLA with num_key_value_heads != num_attention_heads is not supported")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type", "default"))
+        n_ctx_train = int(cfg["max_position_embeddings"])
         fields = {}
         if kind == "yarn":
-            mscale, mscale_all = float(rope.get("mscale", 0) or 0), float(rope.get("mscale_all_dim", 0) or 0)
-            if mscale_all and mscale != mscale_all:
-                raise UnsupportedError("DeepSeek YaRN with mscale != mscale_all_dim is not supported")
-            fields = dict(rope_scaling="yarn", rope_factor=float(rope["factor"]),
-                          yarn_orig_ctx=int(rope["original_max_position_embeddings"]), yarn_log_mul=mscale_all,
-                          yarn_beta_fast=float(rope.get("beta_fast", 32.0)),
-                          yarn_beta_slow=float(rope.get("beta_slow", 1.0)))
+            factor = float(rope["factor"])
+            mscale, mscale_all = float(rope.get("mscale") or 0), float(rope.get("mscale_all_dim") or 0)
+            if factor > 1 and (not mscale_all or mscale != mscale_all or rope.get("attention_factor") is not None):
+                # transformers then scales the rope half of q.k by get_mscale(f, mscale) / get_mscale(f, all) (or
+                # by get_mscale(f) without both): not DeepSeek's (nor llama.cpp's) form
+                raise UnsupportedError(f"DeepSeek YaRN with mscale {mscale} / mscale_all_dim {mscale_all} / "
+                                       f"attention_factor {rope.get('attention_factor')} is not supported "
+                                       "(only mscale == mscale_all_dim)")
+            fields = dict(rope_scaling="yarn", rope_factor=factor,
+                          yarn_orig_ctx=int(rope.get("original_max_position_embeddings") or n_ctx_train),
+                          yarn_log_mul=mscale_all, yarn_beta_fast=float(rope.get("beta_fast") or 32.0),
+                          yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
+                          yarn_truncate=bool(rope.get("truncate", True)))
         elif kind != "default":
             raise UnsupportedError(f"DeepSeek RoPE scaling '{kind}' is not supported (only YaRN)")
-        scoring = cfg.get("scoring_func", "sigmoid" if v3 else "softmax")
-        if scoring not in ("softmax", "sigmoid"):
-            raise UnsupportedError(f"DeepSeek scoring_func '{scoring}' is not supported")
-        method = cfg.get("topk_method", "noaux_tc" if v3 else "greedy")
-        n_group = int(cfg.get("n_group") or 1) if method != "greedy" else 1
+        n_expert, k = int(cfg["n_routed_experts"]), int(cfg["num_experts_per_tok"])
+        if v3:
+            gating, group_score, norm_topk = "sigmoid", "top2", bool(cfg["norm_topk_prob"])
+            n_group = int(cfg["n_group"] or 1)
+            if n_group > 1 and n_expert // n_group < 2:
+                raise MoecliError(f"bad expert groups: {n_expert} experts in {n_group} groups (V3 scores a group "
+                                  "by its two best)")
+        else:
+            method = cfg["topk_method"]
+            if method not in ("greedy", "group_limited_greedy"):
+                raise UnsupportedError(f"DeepSeek-V2 topk_method '{method}' is not supported "
+                                       "(greedy, group_limited_greedy)")
+            n_group = int(cfg["n_group"] or 0) if method == "group_limited_greedy" else 1
+            # a group scored by its best expert (only with groups: the one-graph forward has llama.cpp's top2)
+            gating, group_score, norm_topk = "softmax", "max" if n_group > 1 else "top2", False
+            if method == "group_limited_greedy" and (not n_group or not cfg["topk_group"]):
+                raise MoecliError("config.json: topk_method group_limited_greedy needs n_group and topk_group")
         nope, rope_dim = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"])
-        n_head, n_embd = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
-        n_shared = int(cfg.get("n_shared_experts") or 0)
+        n_shared = int(cfg["n_shared_experts"] or 0)
         n_ff_exp = int(cfg["moe_intermediate_size"])
         return ModelConfig(
             arch="deepseek2", n_vocab=int(cfg["vocab_size"]), n_embd=n_embd, n_layer=int(cfg["num_hidden_layers"]),
-            n_head=n_head, n_head_kv=n_head, head_dim=nope + rope_dim,
-            n_ctx_train=int(cfg.get("max_position_embeddings", 4096)), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            n_head=n_head, n_head_kv=n_head, head_dim=nope + rope_dim, n_ctx_train=n_ctx_train,
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
-            # V2 rotates adjacent pairs (complex view), V3 too unless rope_interleave is off (then halves)
-            rope_neox=bool(v3 and not cfg.get("rope_interleave", True)), rope_dim=rope_dim,
-            n_ff=int(cfg.get("intermediate_size") or 0), n_expert=int(cfg["n_routed_experts"]),
-            n_expert_used=int(cfg["num_experts_per_tok"]), n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_exp * n_shared,
-            # transformers' V2 router never renormalises; V3's does when norm_topk_prob
-            norm_topk=bool(v3 and cfg.get("norm_topk_prob", True)),
+            rope_neox=bool(v3 and not cfg["rope_interleave"]), rope_dim=rope_dim,
+            n_ff=int(cfg.get("intermediate_size") or 0), n_expert=n_expert, n_expert_used=k,
+            n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_exp * n_shared, norm_topk=norm_topk,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            q_lora_rank=int(cfg.get("q_lora_rank") or 0), kv_lora_rank=int(cfg["kv_lora_rank"]),
+            q_lora_rank=int(cfg["q_lora_rank"] or 0), kv_lora_rank=int(cfg["kv_lora_rank"]),
             qk_nope_dim=nope, qk_rope_dim=rope_dim, v_head_dim=int(cfg["v_head_dim"]), mla_split=False,
-            n_dense_layers=int(cfg.get("first_k_dense_replace") or 0), n_shared=n_shared,
-            routed_scale=float(cfg.get("routed_scaling_factor", 1.0) or 0.0), gating=scoring,
-            expert_bias=v3, n_group=n_group, topk_group=int(cfg.get("topk_group") or 1) if n_group > 1 else 0,
-            group_score="max" if method == "group_limited_greedy" else "top2", **fields)
+            n_dense_layers=int(cfg["first_k_dense_replace"] or 0), n_shared=n_shared,
+            routed_scale=float(cfg["routed_scaling_factor"]), gating=gating, expert_bias=v3,
+            n_group=n_group, topk_group=int(cfg["topk_group"] or 1) if n_group > 1 else 0, group_score=group_score,
+            **fields)
     except KeyError as e:
         raise MoecliError(f"config.json lacks {e.args[0]}") from None
 
@@ -243,8 +293,13 @@ def yarn_params(c: ModelConfig) -> dict:
     def corr_dim(n_rot):
         return _f(_f(n_dims) * np.log(_f(_f(c.yarn_orig_ctx) / _f(_f(n_rot) * _f(2) * _f(np.pi))))) / \
             _f(_f(2) * np.log(base))
-    lo = max(0.0, float(np.floor(corr_dim(c.yarn_beta_fast))))
-    hi = min(float(n_dims - 1), float(np.ceil(corr_dim(c.yarn_beta_slow))))
+    if c.yarn_truncate:
+        lo = max(0.0, float(np.floor(corr_dim(c.yarn_beta_fast))))
+        hi = min(float(n_dims - 1), float(np.ceil(corr_dim(c.yarn_beta_slow))))
+    else:  # transformers' truncate=False (HF checkpoints only): the unrounded range, in double as transformers
+        def corr_dim64(n_rot):
+            return n_dims * math.log(c.yarn_orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+        lo, hi = max(0.0, corr_dim64(c.yarn_beta_fast)), min(float(n_dims - 1), corr_dim64(c.yarn_beta_slow))
     return dict(freq_scale=fs, ext_factor=ext, attn_factor=attn, corr=(lo, hi), kq_scale=float(kq_scale))
 
 

@@ -58,6 +58,9 @@ def _from_hf(m: SafetensorsModel) -> Checkpoint:
         new = rename_hf(name, family.HF_NAMES)
         if new is None:
             continue  # e.g. rotary inv_freq buffers
+        layer = re.match(r"blk\.(\d+)\.", new)
+        if layer and int(layer[1]) >= cfg.n_layer:
+            continue  # DeepSeek-V3's multi-token-prediction layer 61: not part of the forward pass
         e = re.fullmatch(r"(blk\.\d+\.ffn_(?:gate|up|down)_exps)\.(\d+)", new)
         if e:
             per_expert.setdefault(e[1], {})[int(e[2])] = t
