@@ -2,7 +2,8 @@
 
 Archs (same names as conftest): "llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite",
 "deepseek3"; sizes from a `SynthDims` (`DeepSeekDims` for the deepseek ones). Weights are re-initialised like
-moecli.synth (N(0, 1/fan_in), norms ≈ 1, decisive router) instead of transformers' std-0.02 init, so routing is not a near-tie everywhere.
+moecli.synth (N(0, 1/fan_in), norms ≈ 1, decisive router) instead of transformers' std-0.02 init, so routing is
+not a near-tie everywhere.
 
 Routing semantics, made explicit in each config, versus llama.cpp's GGUF archs (FACTS §2):
 - mixtral: HF always renormalises the top-k weights; llama.cpp (llama arch) too.

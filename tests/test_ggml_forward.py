@@ -52,11 +52,16 @@ def test_cache_layout_and_session_reuse():
     assert last.shape == (1, full.shape[1]) and np.abs(last[0] - full[-1]).max() < 1e-5
 
 
-def test_routing_reported_from_the_graph_equals_the_reference():
+@pytest.mark.parametrize("split", [False, True])
+def test_routing_reported_from_the_graph_equals_the_reference(split):
+    """Also in split mode (one graph per layer, the experts outside), whose layers share one allocation: each layer's
+    routing is reported before the next layer overwrites it."""
     ids = None
     seen = {}
     for engine in ("ggml", "torch"):
         m = moecli.load(tiny_gguf("qwen2moe", "F32"), engine=engine)
+        if engine == "ggml":
+            m.transformer.fused_forward._split = lambda n: split
         ids = ids or m.tokenize(TEXT)
         got = seen[engine] = {}
         m.transformer.on_router = lambda l, probs, sel, w: got.setdefault(l, (probs, sel, w))

@@ -310,7 +310,7 @@ class _Step:
                 s = G.ggml_mul(p, s, G.ggml_div(p, G.ggml_silu(p, g), g))
         return s
 
-    def run(self, tokens: list[int], start: int) -> torch.Tensor:
+    def run(self, tokens: list[int], start: int, on_router=None) -> torch.Tensor:
         n = self.n
         self.tokens[:] = tokens
         qpos = np.arange(start, start + n, dtype=np.int32)
@@ -324,15 +324,18 @@ class _Step:
         for dst, store, base, stride in self.stores:  # a cpy writes through its result, a view of dst
             dst.contents.data = store.contents.data = base + start * stride
         if self.split:
-            self._run_split()
+            self._run_split(on_router)
         else:
             self.graph.compute()
+            for route in self.routing if on_router is not None else ():
+                self._report(on_router, *route)
         return torch.from_numpy(_read(self.logits, (self.m, self.n_vocab), np.float32).copy())
 
-    def _run_split(self) -> None:
+    def _run_split(self, on_router) -> None:
+        """The segments share one allocation, so a layer's outputs (routing included) are read before the next."""
         c, engine = self.fwd.config, self.fwd.experts.engine
         k, d = c.n_expert_used, c.n_embd
-        routing = {l: (sel, w) for l, _, sel, w in self.routing}
+        routing = {route[0]: route for route in self.routing}
         for seg in self.segments:
             if not G.ggml_gallocr_alloc_graph(self.galloc, seg["graph"].ptr):
                 raise MemoryError("ggml could not allocate the forward graph")
@@ -340,7 +343,9 @@ class _Step:
             l, m = seg["layer"], seg["m"]
             if l is None:
                 return
-            sel, w = routing[l]
+            if on_router is not None:
+                self._report(on_router, *routing[l])
+            _, _, sel, w = routing[l]
             ids = _read(sel, (m, k), np.int32).reshape(-1).copy()
             wt = _read(w, (m, k), np.float32, row_dim=2).reshape(-1).copy()
             h = _read(seg["h"], (m, d), np.float32)
@@ -349,13 +354,13 @@ class _Step:
                 out += _read(seg["shared"], (m, d), np.float32)
             np.add(out, _read(seg["ffn_inp"], (m, d), np.float32), out=seg["next_x"])
 
-    def report_routing(self, hook) -> None:
-        for l, probs, sel, w in self.routing:
-            E, k = probs.contents.ne[0], sel.contents.ne[0]
-            m = sel.contents.ne[1]
-            hook(l, torch.from_numpy(_read(probs, (m, E), np.float32).copy()),
-                 torch.from_numpy(_read(sel, (m, k), np.int32).astype(np.int64)),
-                 torch.from_numpy(_read(w, (m, k), np.float32, row_dim=2).copy()))  # w is [1, k, m]
+    @staticmethod
+    def _report(hook, l, probs, sel, w) -> None:
+        E, k = probs.contents.ne[0], sel.contents.ne[0]
+        m = sel.contents.ne[1]
+        hook(l, torch.from_numpy(_read(probs, (m, E), np.float32).copy()),
+             torch.from_numpy(_read(sel, (m, k), np.int32).astype(np.int64)),
+             torch.from_numpy(_read(w, (m, k), np.float32, row_dim=2).copy()))  # w is [1, k, m]
 
     def __del__(self):
         if getattr(self, "galloc", None) and G.ggml_gallocr_free is not None:
@@ -496,7 +501,4 @@ class GgmlForward:
             step = _Step(self, n, n_kv, all_logits, cache, split=self._split(n))
             if n <= CACHED_MAX_N:
                 self._steps[key] = step
-        logits = step.run(tokens, start)
-        if on_router is not None:
-            step.report_routing(on_router)
-        return logits
+        return step.run(tokens, start, on_router)
