@@ -39,7 +39,13 @@ def test_json_vs_llama_cpp_keys_and_values():
     assert out["kv_bytes"] > 0 and out["llama_cpp"]["peak_rss_bytes"] > 0
     assert out["threads"] == 1 and out["engine"] == "ggml"
     assert out["model"]["params"] > 100e6 and out["model"]["n_layer"] == 30
-    assert "kernel" in out  # dense model: no experts, so no GB/s / GFLOP/s figures
+    assert "prefill_gflops" not in out["kernel"]  # dense model: no experts
+    assert out["kernel"]["dense_prefill_gflops"] > 0
+    for k in ("pp8_gflops", "tg2_gflops", "pp8_at_d4_gflops"):
+        assert out["moecli"][k] > 0 and out["llama_cpp"][k] > 0
+    # the same FLOPs on both sides: GFLOP/s scale as t/s
+    assert out["moecli"]["pp8_gflops"] / out["llama_cpp"]["pp8_gflops"] == pytest.approx(out["ratio"]["pp8"])
+    assert out["moecli"]["pp8_kernel_bound_tps"] > 0
 
 
 @needs_smol
@@ -47,6 +53,7 @@ def test_default_model_table_and_hint():
     r = _cli(*FAST)
     assert r.returncode == 0, r.stderr
     assert "embedded" in r.stderr and "--synthetic" in r.stderr
+    assert "pp8: " in r.stdout and "ggml's kernels bound it at" in r.stdout
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("| model | size | params | engine | threads | test | t/s")
     body = [l for l in lines if "SmolLM2" in l]
@@ -84,8 +91,10 @@ def test_synthetic_quant_checked_before_writing(tmp_path, monkeypatch):
 
 def test_compare_and_render_pure():
     def side(engine, pp, tg, info=None):
-        res = [dict(test="pp16", kind="pp", n=16, depth=0, tps=pp, tps_std=1.0, ms=1.0, samples_ms=[1.0]),
-               dict(test="tg4", kind="tg", n=4, depth=0, tps=tg, tps_std=0.5, ms=1.0, samples_ms=[1.0])]
+        res = [dict(test="pp16", kind="pp", n=16, depth=0, tps=pp, tps_std=1.0, ms=1.0, samples_ms=[1.0],
+                    gflop=2.0, gflops=2.0 * pp / 16),
+               dict(test="tg4", kind="tg", n=4, depth=0, tps=tg, tps_std=0.5, ms=1.0, samples_ms=[1.0],
+                    gflop=1.0, gflops=1.0 * tg / 4)]
         out = dict(engine=engine, threads=2, results=res, peak_rss_bytes=300, model_info=info or {"name": "m"})
         return out
     me = side("ggml", 200.0, 50.0, {"name": "m", "params": 10})
@@ -96,8 +105,26 @@ def test_compare_and_render_pure():
     ref["settings"] = {}
     s = R.compare(me, ref)
     assert s["ratio"] == {"pp16": 2.0, "tg4": 0.5}
+    assert (s["moecli"]["pp16_gflops"], s["llama_cpp"]["pp16_gflops"], s["llama_cpp"]["tg4_gflops"]) == (25, 12.5, 25)
     assert s["kernel"] == {"prefill_gflops": 40.0, "decode_gbs": 20.0}
     assert s["rss_ratio"] == 1.5 and s["rss_ratio_excl_runtime"] == 1.0
     md = R.render_markdown([me, ref], s)
     assert "20.0 GB/s" in md and "40.0 GFLOP/s" in md and "pp16 2.00x" in md
     assert R.render_csv([me, ref]).count("\n") == 5
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "llama-dense", "gpt-oss"])
+def test_pass_flops_equal_torch_flop_counter(arch):
+    """The FLOPs bench divides by, against torch's own count of a decode step of the torch engine (matmuls of the
+    routed experts only, attention over the 2 keys, the output head)."""
+    from conftest import tiny_gguf
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import moecli
+
+    m = moecli.load(tiny_gguf(arch), engine="torch")
+    cache = m.transformer.new_cache(16)
+    m.transformer.forward([1], cache, all_logits=False)
+    with FlopCounterMode(display=False) as counter:
+        m.transformer.forward([2], cache, all_logits=False)
+    assert R.pass_flops(m.checkpoint, "tg", 1, 0) == counter.get_total_flops()

@@ -10,7 +10,10 @@ Each side runs in its own fresh subprocess (`python -m moecli.bench.run WORKER S
 
 moecli side: the experts seam (`Transformer.experts`) is wrapped in a timer, so the report also gives the expert
 kernel's effective bandwidth in decode (bytes of the distinct experts each call reads / time in the seam) and its
-GFLOP/s in prefill (2 · 3 · d · ff · pairs / time).
+GFLOP/s in prefill (2 · 3 · d · ff · pairs / time). Each test also reports the GFLOP/s the whole pass achieved
+(`pass_flops`: the same work on both sides, so llama.cpp's too) and, for prompts on the ggml engine, the kernels'
+bound: the t/s if the experts ran at the expert kernel's probed rate and every other FLOP at the rate of ggml's
+matmul on the model's biggest dense weight. No engine built on these kernels passes it.
 
 llama.cpp side: llama-cpp-python's low-level API, CPU only (n_gpu_layers 0), mmap on, n_batch = n_ubatch = 512,
 n_threads = n_threads_batch = the same count, default KV type (F16), default flash-attention (auto) and default
@@ -176,7 +179,7 @@ def run_moecli(spec: BenchSpec) -> dict:
         cache.pos = 0
         if depth:
             tr.forward(_tokens(spec.seed, c.n_vocab, depth, 1), cache, all_logits=False)
-        times, exp_s, exp_b, exp_p = [], 0.0, 0, 0
+        times, exp_s, exp_b, exp_p, routes = [], 0.0, 0, 0, {}
         for rep in range(spec.reps + 1):  # rep 0: warm-up
             cache.pos = depth
             toks = _tokens(spec.seed, c.n_vocab, n if kind == "pp" else n + 1, 100 + rep)
@@ -184,9 +187,12 @@ def run_moecli(spec: BenchSpec) -> dict:
                 tr.forward(toks[:1], cache, all_logits=False)  # the 1-token prompt, untimed
             if timer:
                 timer.reset()
+            if kind == "pp" and rep == 0:  # the prompt's routing, replayed by the kernel probe below
+                tr.on_router = lambda l, probs, ids, w: routes.__setitem__(l, ids.reshape(-1).numpy().copy())
             t0 = time.perf_counter()
             if kind == "pp":
                 tr.forward(toks, cache, all_logits=False)
+                tr.on_router = None
             else:
                 for t in toks[1:]:
                     tr.forward([t], cache, all_logits=False)
@@ -197,7 +203,7 @@ def run_moecli(spec: BenchSpec) -> dict:
                     exp_s += timer.seconds
                     exp_b += timer.bytes
                     exp_p += timer.pairs
-        r = dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n))
+        r = dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n), routes=routes)
         if timer and exp_s > 0:
             r["experts_ms"] = exp_s / len(times) * 1e3
             r["experts_share"] = exp_s / sum(times)
@@ -209,6 +215,12 @@ def run_moecli(spec: BenchSpec) -> dict:
         tr.experts = timer.inner
         if timer.calls == 0 and getattr(tr, "fused_forward", None) is not None:
             _probe_expert_kernel(m, results, _expert_bytes(m.checkpoint))
+    for r in results:
+        del r["routes"]
+        r["gflop"] = pass_flops(m.checkpoint, r["kind"], r["n"], r["depth"]) / 1e9
+        r["gflops"] = r["gflop"] / (r["n"] / r["tps"])
+    if m.engine == "ggml":
+        _kernel_bound(m, results)
     return dict(
         engine=m.engine if not spec.placement else f"hybrid:{spec.placement}", threads=threads, load_s=load_s,
         results=results, peak_rss_bytes=peak_rss, rss_before_load_bytes=rss_before,
@@ -219,8 +231,9 @@ def run_moecli(spec: BenchSpec) -> dict:
 
 def _probe_expert_kernel(m, results: list[dict], expert_bytes: dict[int, int]) -> None:
     """The one-graph forward runs the experts inside its graph, so their time is not separable there: measure the
-    same kernel (CpuExperts' mul_mat_id on the same weights) on its own, with random routing: GB/s of decode-shaped
-    calls (1 token, top-k distinct experts) and GFLOP/s of prompt-shaped ones, per test of that kind."""
+    same kernel (CpuExperts on the same weights, choosing its kernel as in the pass) on its own: GB/s of decode-shaped
+    calls (1 token, random top-k distinct experts) and GFLOP/s of prompt-shaped ones (the routing the test's prompt
+    took: how many tokens each expert gets decides the kernel's speed), per test of that kind."""
     import numpy as np
 
     c, engine = m.config, m.transformer.experts.engine
@@ -234,8 +247,10 @@ def _probe_expert_kernel(m, results: list[dict], expert_bytes: dict[int, int]) -
         x = rng.standard_normal((n, d), dtype=np.float32)
         tok = np.repeat(np.arange(n, dtype=np.int32), k)
         w = np.full(n * k, 1.0 / k, dtype=np.float32)
-        routes = [[np.concatenate([rng.choice(E, k, replace=False) for _ in range(n)]).astype(np.int32)
-                   for _ in range(calls)] for _ in engine.layers]
+        seen = r["routes"]
+        routes = [[seen[l].astype(np.int32)] if n > 1 and len(seen.get(l, ())) == n * k else
+                  [np.concatenate([rng.choice(E, k, replace=False) for _ in range(n)]).astype(np.int32)
+                   for _ in range(calls)] for l in engine.layers]
         for (l, _), ids in zip(engine.layers.items(), routes):  # warm-up: graphs, pages
             engine.run(l, x, tok, ids[0], w)
         t0 = time.perf_counter()
@@ -247,6 +262,74 @@ def _probe_expert_kernel(m, results: list[dict], expert_bytes: dict[int, int]) -
         r["experts_ms"], r["experts_share"], r["experts_source"] = dt / n_calls * 1e3, None, "kernel probe"
         r["experts_gbs"] = sum(k * expert_bytes.get(l, 0) * calls for l in engine.layers) / dt / 1e9
         r["experts_gflops"] = 2 * 3 * d * c.n_ff_exp * n * k * n_calls / dt / 1e9
+
+
+def pass_flops(ckpt, kind: str, n: int, depth: int) -> int:
+    """Multiply-add FLOPs (×2) of one test's forward passes: every weight matmul (experts at top-k of n_expert),
+    causal attention (q·k and p·v over the keys each token sees), the output head on the last token of a prompt
+    and on every decoded token. As in llama.cpp (out_ids), a prompt's last layer runs its FFN for the last token
+    only. Norms, RoPE and softmax are left out (a few %)."""
+    c = ckpt.config
+    last_ffn = f"blk.{c.n_layer - 1}.ffn_"
+    rows = n if kind == "tg" else 1  # tokens through the output head and the last layer's FFN
+
+    def tokens(name):
+        return rows if name.startswith(last_ffn) else n
+
+    weights, head = 0, 0
+    for name, t in ckpt.tensors.items():
+        if len(t.ne) < 2 or "_exps" in name or name.startswith("token_embd"):
+            continue
+        if name.startswith("output."):
+            head = t.n_elements
+        else:
+            weights += t.n_elements * tokens(name)
+    if not head:  # tied embeddings
+        head = ckpt.tensors["token_embd.weight"].n_elements
+    weights += sum(s.ne[0] * s.ne[1] * c.n_expert_used * tokens(key) for key, s in ckpt.experts.items())
+    # keys seen: positions depth..depth+n-1 for a prompt; depth+1..depth+n after tg's 1-token prompt
+    first = depth + 1 if kind == "pp" else depth + 2
+    keys = n * first + n * (n - 1) // 2
+    attn = 2 * c.n_layer * c.n_head * (c.head_dim + (c.v_head_dim or c.head_dim)) * keys
+    return 2 * weights + attn + 2 * head * rows
+
+
+def expert_flops(ckpt, n: int) -> int:
+    """The routed experts' share of `pass_flops` for an n-token prompt."""
+    c = ckpt.config
+    last = f"blk.{c.n_layer - 1}."
+    return 2 * sum(s.ne[0] * s.ne[1] * c.n_expert_used * (1 if key.startswith(last) else n)
+                   for key, s in ckpt.experts.items())
+
+
+def _kernel_bound(m, results: list[dict]) -> None:
+    """For each prompt test: the t/s this pass would reach if its expert FLOPs ran at the expert kernel's probed
+    GFLOP/s and all the rest at the rate of ggml's matmul on the model's biggest dense weight (probed here, prompt-
+    shaped): the ceiling the ggml kernels themselves put on prefill, whatever the engine around them does."""
+    import numpy as np
+
+    from moecli.kernels import ggml
+
+    c, ckpt = m.config, m.checkpoint
+    dense = [t for name, t in ckpt.tensors.items() if name.startswith("blk.") and len(t.ne) == 2 and
+             "_exps" not in name and "gate_inp" not in name]
+    if not dense:
+        return
+    w = max(dense, key=lambda t: t.n_elements)
+    for r in results:
+        if r["kind"] != "pp":
+            continue
+        x = np.random.default_rng(SEED).standard_normal((r["n"], w.ne[0]), dtype=np.float32)
+        ggml.matmul(w, x, repacked=False)  # warm-up
+        t0, reps = time.perf_counter(), 3
+        for _ in range(reps):
+            ggml.matmul(w, x, repacked=False)
+        r["dense_gflops"] = 2 * r["n"] * w.n_elements * reps / (time.perf_counter() - t0) / 1e9
+        expert_gflop = expert_flops(ckpt, r["n"]) / 1e9
+        if expert_gflop and not r.get("experts_gflops"):
+            continue
+        seconds = (r["gflop"] - expert_gflop) / r["dense_gflops"]
+        r["kernel_bound_tps"] = r["n"] / (seconds + (expert_gflop / r["experts_gflops"] if expert_gflop else 0))
 
 
 def _model_info(m) -> dict:
@@ -441,6 +524,9 @@ def compare(me: dict, ref: dict | None) -> dict:
     mo = flat(me)
     for r in me["results"]:
         key = r["test"].replace(" @ ", "_at_")
+        mo[f"{key}_gflops"] = r["gflops"]
+        if "kernel_bound_tps" in r:
+            mo[f"{key}_kernel_bound_tps"] = r["kernel_bound_tps"]
         if "experts_gbs" in r:
             mo[f"{key}_experts_ms"] = r["experts_ms"]
             mo[f"{key}_experts_share"] = r["experts_share"]
@@ -451,6 +537,8 @@ def compare(me: dict, ref: dict | None) -> dict:
     out = {"model": me["model_info"], "engine": me["engine"], "threads": me["threads"], "moecli": mo}
     kernel = {}
     for r in me["results"]:
+        if "dense_gflops" in r and r["depth"] == 0:
+            kernel["dense_prefill_gflops"] = r["dense_gflops"]
         if "experts_gbs" in r and r["depth"] == 0:
             if r["kind"] == "tg":
                 kernel["decode_gbs"] = r["experts_gbs"]
@@ -466,6 +554,10 @@ def compare(me: dict, ref: dict | None) -> dict:
                                      / (me["file_bytes"] + me["kv_bytes"]))
     if ref is not None:
         lc = flat(ref)
+        for r in me["results"]:  # the same passes on the same file: the same FLOPs
+            key = r["test"].replace(" @ ", "_at_")
+            if lc.get(f"{key}_tps"):
+                lc[f"{key}_gflops"] = r["gflop"] * lc[f"{key}_tps"] / r["n"]
         out["llama_cpp"] = lc
         out["llama_cpp"]["peak_rss_bytes"] = ref["peak_rss_bytes"]
         out["llama_cpp"]["settings"] = ref["settings"]
@@ -524,6 +616,10 @@ def render_markdown(runs: list[dict], summary: dict | None = None) -> str:
         if summary.get("ratio"):
             lines.append("moecli / llama.cpp: " + ", ".join(f"{k.replace('_at_', ' @ ')} {v:.2f}x"
                                                             for k, v in summary["ratio"].items()))
+        for r in (x for x in runs[0]["results"] if "kernel_bound_tps" in x):
+            kern = f"experts {r['experts_gflops']:.0f}, " if r.get("experts_gflops") else ""
+            lines.append(f"{r['test']}: {r['gflops']:.0f} GFLOP/s achieved; ggml's kernels bound it at "
+                         f"{r['kernel_bound_tps']:.0f} t/s ({kern}dense {r['dense_gflops']:.0f} GFLOP/s)")
         lines.append(f"moecli peak RSS {_fmt_bytes(summary['peak_rss_bytes'])} = {summary['rss_ratio']:.2f}x "
                      f"(file {_fmt_bytes(summary['file_bytes'])} + KV {_fmt_bytes(summary['kv_bytes'])}); "
                      f"{summary['rss_ratio_excl_runtime']:.2f}x without the Python/torch runtime "

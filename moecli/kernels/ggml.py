@@ -509,10 +509,11 @@ def _matmul_graph(w, n_in: int, n_out: int, n: int):
     return Graph(ctx, [y], 4), x.contents, y.contents
 
 
-def matmul(weight: TensorData, x):
+def matmul(weight: TensorData, x, repacked: bool = True):
     """`x @ dequant(weight).T` computed by ggml on the quantized weight in place: weight ne = (in, out), x float32
     [n, in] (numpy or CPU torch) -> [n, out] of the same kind. ggml first converts x to `vec_dot_type(weight.type)`
-    (Q8_0/Q8_K for quantized weights), exactly as llama.cpp does."""
+    (Q8_0/Q8_K for quantized weights), exactly as llama.cpp does. `repacked`: use the weight's repacked copy if it
+    has one."""
     if len(weight.ne) != 2:
         raise MoecliError(f"{weight.name}: matmul needs a 2-D weight, got ne={weight.ne}")
     n_in, n_out = weight.ne
@@ -531,7 +532,7 @@ def matmul(weight: TensorData, x):
     if x.ndim != 2 or x.shape[1] != n_in:
         raise MoecliError(f"{weight.name}: matmul expects x [n, {n_in}], got {tuple(x.shape)}")
     n = x.shape[0]
-    w = weight_tensor(weight)
+    w = weight_tensor(weight, repacked)
     if n <= MATMUL_CACHE_MAX_N:
         key = (C.addressof(w.contents), n)
         entry = _mm_graphs.get(key)

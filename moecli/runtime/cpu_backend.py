@@ -1,5 +1,9 @@
-"""CPU-only mode: every weight matmul through ggml on the quantized weights in place (as llama.cpp computes them);
-torch does only the glue (norms, RoPE, attention over the KV cache, routing)."""
+"""ggml linears and experts for the layer-by-layer CPU path: every weight matmul through ggml on the quantized
+weights in place (as llama.cpp computes them), torch doing the glue (norms, RoPE, attention, routing).
+
+The ggml engine runs most checkpoints as one ggml graph instead (runtime/ggml_forward.py); this path serves the
+ones it does not take (see `ggml_forward.supported`) and the hybrid executor's CPU side. `repack_weights` gives
+weights llama.cpp's repacked layout for either."""
 from __future__ import annotations
 
 import torch
