@@ -42,7 +42,8 @@ class Session:
 
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", n_ctx: int | None = None, engine: str = "auto",
-                 threads: int | None = None, placement: str | None = None, expert_slots: int = 0, costs=None):
+                 threads: int | None = None, placement: str | None = None, expert_slots: int = 0, costs=None,
+                 flash_attn: bool = True):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path)
         self.config = self.checkpoint.config
@@ -92,7 +93,7 @@ class Model:
 
             if ggml_forward.supported(self.checkpoint, experts):  # the whole forward as one graph, as llama.cpp
                 self.transformer.fused_forward = ggml_forward.GgmlForward(self.checkpoint, experts,
-                                                                          self.transformer.max_ctx)
+                                                                          self.transformer.max_ctx, flash_attn)
         if hasattr(experts, "attach"):
             experts.attach(self.transformer)
 
@@ -228,6 +229,7 @@ def load(path: str | Path, device: str = "cpu", **options) -> Model:
     quantized weights, the default on the CPU; "torch": the fp32 reference), threads (ggml threads),
     placement (a named placement, e.g. "hybrimoe", "lru", "ktransformers", "llama-cpp", "n-cpu-moe=N": routed
     experts split between the ggml CPU engine and an expert cache on `device`), expert_slots (cache slots per
-    layer), costs (a policy.cost.CostModel; defaults derive from the expert size).
+    layer), costs (a policy.cost.CostModel; defaults derive from the expert size), flash_attn (ggml engine: prompts
+    attend through ggml's flash attention, as llama.cpp's default; False: its non-flash path everywhere).
     """
     return Model(path, device=device, **options)

@@ -90,13 +90,13 @@ def _model(gguf_path):
 
 
 @contextmanager
-def _context(model, n_ctx: int, cb=None):
+def _context(model, n_ctx: int, cb=None, flash_attn: bool = False):
     cp = L.llama_context_default_params()
     cp.n_ctx = cp.n_batch = cp.n_ubatch = max(n_ctx, 8)
     cp.n_seq_max = 1
     cp.n_threads = cp.n_threads_batch = N_THREADS
     cp.type_k = cp.type_v = L.GGML_TYPE_F32
-    cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cp.no_perf = True
     if cb is not None:
         cp.cb_eval = cb
@@ -136,8 +136,8 @@ def _logits(ctx, i: int, n_vocab: int) -> np.ndarray:
     return np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).astype(np.float32)
 
 
-def run_llama(gguf_path, token_ids, capture=()) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One forward pass of `token_ids` (positions 0..n-1) in one ubatch.
+def run_llama(gguf_path, token_ids, capture=(), flash_attn: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One forward pass of `token_ids` (positions 0..n-1) in one ubatch (`flash_attn`: llama.cpp's flash path).
 
     Returns (logits float32 [n_tokens, n_vocab], {name: array}) for graph tensors whose names are in
     `capture` (e.g. "ffn_moe_topk-0" → int32 [n_tokens, k], "ffn_moe_out-1" → float32 [n_tokens, n_embd]).
@@ -155,7 +155,7 @@ def run_llama(gguf_path, token_ids, capture=()) -> tuple[np.ndarray, dict[str, n
             captured[name] = _copy_tensor(tensor)
         return True  # keep computing
 
-    with _model(gguf_path) as model, _context(model, len(token_ids), cb if wanted else None) as ctx:
+    with _model(gguf_path) as model, _context(model, len(token_ids), cb if wanted else None, flash_attn) as ctx:
         _decode(ctx, token_ids, 0, all_logits=True)
         nv = _n_vocab(model)
         logits = np.stack([_logits(ctx, i, nv) for i in range(len(token_ids))])

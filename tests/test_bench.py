@@ -63,6 +63,14 @@ def test_default_model_table_and_hint():
 
 
 @needs_smol
+def test_no_flash_attn_on_both_sides():
+    r = _cli(str(SMOL), "-p", "8", "-n", "0", "-r", "1", "-t", "1", "--vs-llama-cpp", "--no-flash-attn", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["llama_cpp"]["settings"]["flash_attn_type"] == 0 and out["ratio"]["pp8"] > 0  # 0: disabled
+
+
+@needs_smol
 def test_csv():
     r = _cli(str(SMOL), "-p", "4", "-n", "0", "-r", "1", "-t", "1", "-o", "csv")
     assert r.returncode == 0, r.stderr

@@ -31,7 +31,7 @@ def _moe_layers(m):
 
 def _run(path, engine):
     """(model, ids, our logits, llama.cpp logits, per-token all-layers-agree mask)."""
-    m = moecli.load(path, engine=engine)
+    m = moecli.load(path, engine=engine, flash_attn=False)  # llama.cpp's non-flash path, as the oracle runs
     ids = m.tokenize(TEXT)
     picks = {}
     m.transformer.on_router = lambda l, probs, i, w: picks.setdefault(l, i.clone())

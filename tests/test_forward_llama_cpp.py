@@ -44,7 +44,7 @@ def test_ggml_engine_matches_llama_cpp(arch, ftype):
     step and later a near-tie in a router: tight up to the first token whose routing differs, and nearly all
     routing decisions and argmaxes equal overall."""
     path = tiny_gguf(arch, ftype)
-    m = moecli.load(path, engine="ggml")
+    m = moecli.load(path, engine="ggml", flash_attn=False)  # llama.cpp's non-flash path, as the oracle runs
     ids = m.tokenize(TEXT)
     ref, cap = run_llama(path, ids, capture=_topk_names(m))
     picks = _routing(m)
@@ -64,6 +64,23 @@ def test_ggml_engine_matches_llama_cpp(arch, ftype):
         assert same.mean() >= 0.9, same.mean()
         assert _rel(got[:first_flip], ref[:first_flip]) < 0.1, _rel(got[:first_flip], ref[:first_flip])
         assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("arch", [*TINY_ARCHS, "gpt-oss", "deepseek2-lite"])
+def test_flash_attention_prompts_match_llama_cpp(arch):
+    """Prompts through ggml's flash attention (the default; F32 K/V, the causal mask skipping keys): another
+    summation order than llama.cpp's non-flash path, same routing, logits within float rounding (F32 weights)."""
+    path = tiny_gguf(arch, "F32")
+    m = moecli.load(path, engine="ggml")
+    assert m.transformer.fused_forward.flash_attn
+    ids = (m.tokenize(TEXT) * 6)[:300]  # 512 keys: more than one of the kernel's tiles
+    ref, cap = run_llama(path, ids, capture=_topk_names(m)[m.config.n_dense_layers:])
+    picks = _routing(m)
+    got = m.logits(ids)
+    for l in range(m.config.n_dense_layers, m.config.n_layer if m.config.is_moe else 0):
+        assert (np.sort(picks[l].numpy(), 1) == np.sort(cap[f"ffn_moe_topk-{l}"], 1)).all(), l
+    assert 0 < _rel(got, ref) < 5e-5, _rel(got, ref)  # gpt-oss's clamps and sinks: 2.3e-5
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

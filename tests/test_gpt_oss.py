@@ -23,7 +23,7 @@ def _rel(got, ref):
 
 
 def _run(path, engine):
-    m = moecli.load(path, engine=engine)
+    m = moecli.load(path, engine=engine, flash_attn=False)  # llama.cpp's non-flash path, as the oracle runs
     ids = m.tokenize(TEXT)
     picks = {}
     m.transformer.on_router = lambda l, probs, i, w: picks.setdefault(l, i.clone())

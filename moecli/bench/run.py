@@ -16,8 +16,9 @@ bound: the t/s if the experts ran at the expert kernel's probed rate and every o
 matmul on the model's biggest dense weight. No engine built on these kernels passes it.
 
 llama.cpp side: llama-cpp-python's low-level API, CPU only (n_gpu_layers 0), mmap on, n_batch = n_ubatch = 512,
-n_threads = n_threads_batch = the same count, default KV type (F16), default flash-attention (auto) and default
-CPU weight repacking; logits for the last token of each batch only (as llama-bench).
+n_threads = n_threads_batch = the same count, default KV type (F16), default flash-attention (auto; off with
+--no-flash-attn, as moecli's then) and default CPU weight repacking; logits for the last token of each batch only
+(as llama-bench).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class BenchSpec:
     engine: str = "ggml"  # ggml / torch / hybrid (placement)
     placement: str | None = None
     seed: int = SEED
+    flash_attn: bool = True  # False: both sides take llama.cpp's non-flash attention
 
     def tests(self) -> list[tuple[str, int, int]]:
         """(kind, count, depth) in run order."""
@@ -148,7 +150,7 @@ def run_moecli(spec: BenchSpec) -> dict:
     import moecli
 
     rss_before = _rss_now()
-    opts = dict(n_ctx=spec.n_ctx, threads=spec.threads)
+    opts = dict(n_ctx=spec.n_ctx, threads=spec.threads, flash_attn=spec.flash_attn)
     if spec.placement:
         opts["placement"] = spec.placement
     else:
@@ -382,6 +384,8 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
     n_batch = max(512, spec.n_prompt)
     cp.n_ctx, cp.n_batch, cp.n_ubatch = spec.n_ctx, n_batch, min(n_batch, 512)
     cp.n_threads = cp.n_threads_batch = threads
+    if not spec.flash_attn:
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cp.no_perf = True
     ctx = L.llama_init_from_model(model, cp)
     if not ctx:

@@ -39,12 +39,14 @@ def bench(
     predictor_accuracy: float = typer.Option(0.9, "--predictor-accuracy",
                                              help="Next-layer prediction accuracy when the trace has none."),
     output: str = typer.Option("md", "-o", "--output", help="md (table), json or csv."),
+    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
+                                    help="Flash attention for prompts, on both sides (llama.cpp: auto / off)."),
 ) -> None:
     """Benchmark a model like llama-bench (pp/tg tokens/s, optionally vs llama.cpp), or with --simulate predict
     hybrid CPU/GPU speed on a host profile."""
     if not simulate:
         _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic,
-                    layers, quant, output)
+                    layers, quant, output, flash_attn)
         return
     from moecli.bench.simulate import parse_ratios, render_table, run_sweep
 
@@ -83,7 +85,7 @@ def _parse_depths(text: str) -> list[int]:
 
 
 def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic, layers,
-                quant, output) -> None:
+                quant, output, flash_attn=True) -> None:
     from moecli.bench import run as R
     from moecli.resolve import PULL_HINT, resolve_model
 
@@ -120,7 +122,8 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
                        f"`{PULL_HINT}`, or `moecli bench --synthetic qwen3-30b-a3b --layers 4`", err=True)
     if vs_llama_cpp and Path(path).is_dir():
         raise MoecliError("--vs-llama-cpp needs a GGUF file (llama.cpp cannot read a safetensors directory)")
-    base = dict(model=str(path), n_prompt=n_prompt, n_gen=n_gen, depths=dlist, reps=reps, threads=threads)
+    base = dict(model=str(path), n_prompt=n_prompt, n_gen=n_gen, depths=dlist, reps=reps, threads=threads,
+                flash_attn=flash_attn)
     specs = ([R.BenchSpec(**base, engine="hybrid", placement=p) for p in placements] if placements
              else [R.BenchSpec(**base, engine=e) for e in engines])
     runs = [R.bench_moecli(s) for s in specs]

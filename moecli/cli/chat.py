@@ -37,6 +37,9 @@ def chat(
         None, "--record-trace", help="Write the routing of this chat (ids, weights, router scores, the executor's "
         "predictions) to FILE in moecli's trace format, for `moecli bench --simulate --trace FILE`"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and rates after each answer"),
+    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
+                                    help="Prompts attend through ggml's flash attention (ggml engine); off: "
+                                         "llama.cpp's non-flash path, logits bit-identical to it"),
 ) -> None:
     """Chat with a model (the embedded SmolLM2-135M when none is given). /? in the chat lists the commands."""
     import moecli
@@ -51,8 +54,8 @@ def chat(
         typer.echo(f"(embedded default model; for a real MoE: {PULL_HINT})", err=True)
     if record_trace and placement is None:
         placement = "llama-cpp"  # recording lives in the executor; this placement keeps every expert on the CPU
-    m = moecli.load(path, device=device, n_ctx=ctx, threads=threads, **placement_options(device, placement,
-                                                                                         expert_slots))
+    m = moecli.load(path, device=device, n_ctx=ctx, threads=threads, flash_attn=flash_attn,
+                    **placement_options(device, placement, expert_slots))
     with m.record_trace(record_trace) if record_trace else contextlib.nullcontext():
         _chat(m, prompt, ctx, Settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,

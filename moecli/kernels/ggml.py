@@ -155,6 +155,8 @@ ggml_cpy = _fn(_base, "ggml_cpy", _T, _P, _T, _T)
 ggml_cont_2d = _fn(_base, "ggml_cont_2d", _T, _P, _T, C.c_int64, C.c_int64)
 ggml_soft_max_ext = _fn(_base, "ggml_soft_max_ext", _T, _P, _T, _T, _f, _f)
 ggml_soft_max_add_sinks = _fn(_base, "ggml_soft_max_add_sinks", None, _T, _T)
+ggml_flash_attn_ext = _fn(_base, "ggml_flash_attn_ext", _T, _P, _T, _T, _T, _T, _f, _f, _f)
+ggml_flash_attn_ext_add_sinks = _fn(_base, "ggml_flash_attn_ext_add_sinks", None, _T, _T)
 ggml_rope_ext = _fn(_base, "ggml_rope_ext", _T, _P, _T, _T, _T, C.c_int, C.c_int, C.c_int, _f, _f, _f, _f, _f, _f)
 GGML_ROPE_TYPE_NORMAL, GGML_ROPE_TYPE_NEOX = 0, 2
 # ... the MoE block and the rest of a forward pass (moecli.runtime.ggml_forward)
