@@ -40,6 +40,19 @@ def test_split_mode_prompts_bit_exact(arch):
     assert np.array_equal(m.logits(ids), ref)
 
 
+def test_prompts_share_one_allocation_whatever_their_size():
+    """Prompt graphs share the forward's allocator (its buffer grows, then stays) and the expert loop its buffers:
+    prompts growing and shrinking, in split mode or not, give what a fresh model gives."""
+    path = tiny_gguf("qwen3moe", "Q8_0")
+    m = moecli.load(path, engine="ggml")
+    ids = (m.tokenize(TEXT) * 4)[:120]
+    sizes = (10, 120, 30, 90)
+    got = [m.logits(ids[:n]) for n in sizes]
+    assert [m.transformer.fused_forward._split(n) for n in sizes] == [False, True, False, True]
+    for n, g in zip(sizes, got):
+        assert np.array_equal(g, moecli.load(path, engine="ggml").logits(ids[:n])), n
+
+
 def test_decode_across_kv_buckets_equals_llama_cpp():
     """A 250-token prompt then 14 greedy steps: the attended key count goes 256 -> 512 as in llama.cpp."""
     path = tiny_gguf("qwen3moe", "Q8_0")

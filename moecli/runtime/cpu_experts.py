@@ -120,6 +120,7 @@ class CpuExperts:
         self._n_scratch = 3 if all(L.plain for L in self.layers.values()) else 6
         self._scratch = np.empty((self._n_scratch, max_cached_pairs, max(ff, self.d)), dtype=np.float32)
         self._bufs: dict[int, _Bufs] = {}
+        self._loop_bufs: np.ndarray | None = None  # the loop kernel's gather / result / gate-up-act rows, grown
         self._graphs: dict[tuple[int, int], G.Graph] = {}
         self._lock = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None
@@ -262,15 +263,25 @@ class CpuExperts:
         nodes[-1].contents.data = yb.ctypes.data
         return G.Graph(ctx, [y], 12, keep=[xb, idb, yb, *keep])
 
+    def _loop_buffers(self, P: int, d: int, ff: int):
+        """xb, yb, y [P, d] and s [3, P, ff], kept between calls: a prompt's are tens of MB each, which malloc
+        would map fresh (and the kernel fault in page by page) on every call."""
+        size = P * (3 * d + 3 * ff)
+        if self._loop_bufs is None or self._loop_bufs.size < size:
+            self._loop_bufs = np.empty(size, dtype=np.float32)
+        b, n = self._loop_bufs, P * d
+        return (b[:n].reshape(P, d), b[n:2 * n].reshape(P, d), b[2 * n:3 * n].reshape(P, d),
+                b[3 * n:size].reshape(3, P, ff))
+
     def _loop(self, L: _Layer, x, tok, ids) -> np.ndarray:
-        """Per-expert ggml_mul_mat in one graph built for this call (its shape depends on the routing)."""
+        """Per-expert ggml_mul_mat in one graph built for this call (its shape depends on the routing). The result
+        is a view of a buffer the next call reuses (calls are serialized under the lock)."""
         P = len(ids)
         order = np.argsort(ids, kind="stable")
         sids = ids[order]
         experts, starts, counts = np.unique(sids, return_index=True, return_counts=True)
-        xb = np.take(x, tok[order], axis=0)
-        yb = np.empty((P, L.d), dtype=np.float32)
-        s = np.empty((3, P, L.ff), dtype=np.float32)
+        xb, yb, back, s = self._loop_buffers(P, L.d, L.ff)
+        np.take(x, tok[order], axis=0, out=xb)
         ctx = G.Ctx(5 * len(experts) + 1, 4 * len(experts))
         xp, yp, sp = xb.ctypes.data, yb.ctypes.data, [s[i].ctypes.data for i in range(3)]
         gate, up, down = L.per_expert
@@ -286,9 +297,8 @@ class CpuExperts:
             y.contents.data = yp + 4 * L.d * s0
             outs.append(y)
         G.Graph(ctx, outs, 4 * len(experts), keep=[xb, yb, s]).compute()
-        y = np.empty_like(yb)
-        y[order] = yb  # back to the caller's pair order, so the adds keep it
-        return y
+        back[order] = yb  # back to the caller's pair order, so the adds keep it
+        return back
 
 
 def _scatter_add(out: np.ndarray, tok: np.ndarray, y: np.ndarray) -> None:

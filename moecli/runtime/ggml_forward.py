@@ -195,7 +195,12 @@ class _Step:
         logits = G.ggml_mul_mat(p, W(fwd.output), norm(x, W(fwd.output_norm)))
         G.ggml_set_output(logits)
         self.logits, self.m, self.n_vocab = logits, m, c.n_vocab
-        self.galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type())
+        # decode graphs are kept, each with its own allocation; prompt graphs (used once) share the forward's, which
+        # keeps its buffer between prompts as llama.cpp keeps its compute buffer: a fresh one of hundreds of MB
+        # would be faulted in page by page on every prompt (~10 % of a 512-token pass)
+        self.owns_galloc = n <= CACHED_MAX_N
+        self.galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type()) if self.owns_galloc else \
+            fwd.prompt_galloc()
         if split:
             self.segments.append(self._segment([logits], None, m))
             return
@@ -384,7 +389,7 @@ class _Step:
              torch.from_numpy(_read(w, (m, k), np.float32, row_dim=2).copy()))  # w is [1, k, m]
 
     def __del__(self):
-        if getattr(self, "galloc", None) and G.ggml_gallocr_free is not None:
+        if getattr(self, "galloc", None) and self.owns_galloc and G.ggml_gallocr_free is not None:
             G.ggml_gallocr_free(self.galloc)
             self.galloc = None
 
@@ -405,6 +410,7 @@ class GgmlForward:
     def __init__(self, ckpt: Checkpoint, experts, max_ctx: int, flash_attn: bool = True):
         c = self.config = ckpt.config
         self.max_ctx, self.experts, self.flash_attn = max_ctx, experts, flash_attn
+        self._prompt_galloc = None
         self.kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(c.head_dim)))
         self.kv_shape = (c.n_head_kv, c.head_dim, c.head_dim)  # KV heads, K dims, V dims
         # ggml_rope_ext's n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow
@@ -490,6 +496,18 @@ class GgmlForward:
         pairs = n * c.n_expert_used
         first = next(iter(self.experts.engine.layers))  # deepseek2's leading layers are dense
         return self.experts.engine.choose_kernel(first, pairs, min(c.n_expert, pairs)) == "loop"
+
+    def prompt_galloc(self):
+        """The graph allocator shared by prompt batches (one runs at a time)."""
+        if self._prompt_galloc is None:
+            self._prompt_galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type())
+        return self._prompt_galloc
+
+    def __del__(self):
+        if getattr(self, "_prompt_galloc", None) and G.ggml_gallocr_free is not None:
+            self._steps = {}
+            G.ggml_gallocr_free(self._prompt_galloc)
+            self._prompt_galloc = None
 
     def new_cache(self, n_ctx: int | None = None) -> GgmlKVCache:
         c = self.config
