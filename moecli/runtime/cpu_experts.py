@@ -36,8 +36,9 @@ Experts = TensorData | Sequence[TensorData]  # a 3-D `ffn_*_exps` tensor, or one
 
 class _Layer:
     """One layer's expert weights: 3-D ggml tensors for mul_mat_id when the experts are evenly spaced in memory, and
-    per-expert 2-D TensorData for the loop. `biases` (gpt-oss): F32 TensorData of ne (out, E) per projection, or
-    None; `act`: "swiglu" or "swiglu_oai"."""
+    per-expert 2-D TensorData for the loop. `slot` (None: the identity) maps an expert id to its index in the 3-D
+    tensors: safetensors files store tensors in name order, so expert 10 comes between 1 and 2 there.
+    `biases` (gpt-oss): F32 TensorData of ne (out, E) per projection, or None; `act`: "swiglu" or "swiglu_oai"."""
 
     def __init__(self, layer: int, gate: Experts, up: Experts, down: Experts, biases=None, act: str = "swiglu"):
         self.act = act
@@ -52,7 +53,14 @@ class _Layer:
         self.types = (g.type, u.type, dn.type)
         self._ctx = G.Ctx(3)
         stacked = [self._stack(t, p) for t, p in zip((gate, up, down), self.per_expert)]
-        self.stacked = stacked if all(s is not None for s in stacked) else None
+        # one expert order for the three projections: mul_mat_id gets the same ids for each
+        ok = all(s is not None for s in stacked) and all(np.array_equal(s[1], stacked[0][1]) for s in stacked)
+        self.stacked = [s[0] for s in stacked] if ok else None
+        order = stacked[0][1] if ok else None
+        self.slot = None
+        if order is not None and (order != np.arange(self.n_expert)).any():
+            self.slot = np.empty(self.n_expert, dtype=np.int32)
+            self.slot[order] = np.arange(self.n_expert, dtype=np.int32)
         self.plain = act == "swiglu" and not any(self.biases)  # the loop kernel handles only plain experts
         if not self.plain and self.stacked is None:
             raise MoecliError(f"layer {layer}: experts with biases or {act} need evenly spaced expert tensors")
@@ -66,21 +74,24 @@ class _Layer:
         return list(t)
 
     def _stack(self, t: Experts, experts: list[TensorData]):
+        """(3-D ggml tensor, expert ids in its order), or None."""
         if isinstance(t, TensorData):
-            return G.weight_tensor(t)
-        # Separate tensors: one 3-D tensor with stride nb[2] covers them when they are evenly spaced (mul_mat_id
-        # addresses expert e at data + e * nb[2]); otherwise only the loop can run them.
-        addrs = [e.raw.ctypes.data for e in experts]
-        step = addrs[1] - addrs[0] if len(addrs) > 1 else experts[0].raw.nbytes
-        if step < experts[0].raw.nbytes or any(b - a != step for a, b in zip(addrs, addrs[1:])):
+            return G.weight_tensor(t), np.arange(len(experts))
+        # Separate tensors: one 3-D tensor with stride nb[2] covers them when they are evenly spaced in memory, in
+        # whatever order (mul_mat_id addresses slot s at data + s * nb[2]); otherwise only the loop can run them.
+        addrs = np.array([e.raw.ctypes.data for e in experts], dtype=np.int64)
+        order = np.argsort(addrs, kind="stable")
+        spans = np.diff(addrs[order])
+        step = int(spans[0]) if len(spans) else experts[0].raw.nbytes
+        if step < experts[0].raw.nbytes or (spans != step).any():
             return None
         if len({(e.type, e.ne) for e in experts}) != 1:
             return None
-        w = self._ctx.tensor(experts[0].type, *experts[0].ne, len(experts), data=addrs[0])
+        w = self._ctx.tensor(experts[0].type, *experts[0].ne, len(experts), data=int(addrs[order[0]]))
         w.contents.nb[2] = step
         w.contents.nb[3] = step * len(experts)
         self.keep = getattr(self, "keep", []) + [experts]  # the views must outlive the tensor
-        return w
+        return w, order
 
 
 class _Bufs:
@@ -205,7 +216,7 @@ class CpuExperts:
                 g = self._id_graph(layer, P)
                 b = self._bufs[P]
                 np.take(x, tok, axis=0, out=b.x)
-                b.ids[:] = ids
+                b.ids[:] = ids if L.slot is None else L.slot[ids]
                 g.compute()
                 y = b.y
             else:
@@ -228,7 +239,7 @@ class CpuExperts:
     def _id_uncached(self, L: _Layer, x, tok, ids) -> np.ndarray:
         P = len(ids)
         xb = np.take(x, tok, axis=0)
-        idb = ids.astype(np.int32)
+        idb = (ids if L.slot is None else L.slot[ids]).astype(np.int32)
         y = np.empty((P, L.d), dtype=np.float32)
         s = np.empty((self._n_scratch, P, max(L.ff, L.d)), dtype=np.float32)
         self._build_id(L, P, xb, idb, y, [s[i].ctypes.data for i in range(self._n_scratch)], keep=[s]).compute()

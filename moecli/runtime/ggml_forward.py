@@ -287,14 +287,19 @@ class _Step:
         gate, up, down = L["experts"]
         bg, bu, bd = (W(b) for b in L.get("expert_biases", (None,) * 3))
         x3 = G.ggml_reshape_3d(p, h, d, 1, m)
-        g, u = G.ggml_mul_mat_id(p, gate, x3, sel), G.ggml_mul_mat_id(p, up, x3, sel)
+        ids = sel
+        if L.get("slot") is not None:  # experts stored out of id order (safetensors' name order)
+            table = self.ctx.tensor(G.GGML_TYPE_I32, 1, E, data=L["slot"].ctypes.data)
+            flat = G.ggml_reshape_1d(p, G.ggml_cont(p, sel), k * m)
+            ids = G.ggml_reshape_2d(p, G.ggml_get_rows(p, table, flat), k, m)
+        g, u = G.ggml_mul_mat_id(p, gate, x3, ids), G.ggml_mul_mat_id(p, up, x3, ids)
         if bg is not None:  # gpt-oss: each pair's expert bias (llama.cpp's add_id)
             g, u = G.ggml_add_id(p, g, bg, sel), G.ggml_add_id(p, u, bu, sel)
         if c.expert_act == "swiglu_oai":
             a = G.ggml_swiglu_oai(p, g, u, OAI_ALPHA, OAI_LIMIT)
         else:
             a = G.ggml_swiglu_split(p, g, u)
-        y = G.ggml_mul_mat_id(p, down, a, sel)
+        y = G.ggml_mul_mat_id(p, down, a, ids)
         if bd is not None:
             y = G.ggml_add_id(p, y, bd, sel)
         y = G.ggml_mul(p, y, w)  # [d, k, m]
@@ -463,6 +468,7 @@ class GgmlForward:
                 L["router"] = W(b + "ffn_gate_inp.weight")
                 L["exp_probs_b"] = opt(b + "exp_probs_b.bias")
                 L["experts"] = experts.engine.layers[l].stacked
+                L["slot"] = experts.engine.layers[l].slot  # expert id -> index in those tensors, or None
                 if c.n_ff_shexp:
                     L["shared"] = tuple(W(f"{b}ffn_{p}_shexp.weight") for p in ("down", "gate", "up"))
                     g = opt(b + "ffn_gate_inp_shexp.weight")
