@@ -234,6 +234,7 @@ class _Step:
         kv_b's k_nope and v per head; K = [k_nope | k_pe repeated over the heads]."""
         W, H, nope, rope, r, dv = self.W, c.n_head, c.qk_nope_dim, c.qk_rope_dim, c.kv_lora_rank, c.v_head_dim
         dk = nope + rope
+        mode = G.GGML_ROPE_TYPE_NEOX if c.rope_neox else G.GGML_ROPE_TYPE_NORMAL  # NEOX: HF V3, rope_interleave off
         q = linear((L["q"], None), h) if "q" in L else \
             G.ggml_mul_mat(p, W(L["q_b"]), norm(G.ggml_mul_mat(p, W(L["q_a"]), h), W(L["q_a_norm"])))
         q = G.ggml_reshape_3d(p, q, dk, H, n)
@@ -241,11 +242,11 @@ class _Step:
         row = (r + rope) * 4
         latent = norm(G.ggml_view_2d(p, kv_pe, r, n, row, 0), W(L["kv_a_norm"]))
         k_pe = G.ggml_view_3d(p, kv_pe, rope, 1, n, row, row, r * 4)
-        k_pe = G.ggml_rope_ext(p, k_pe, pos_t, None, rope, G.GGML_ROPE_TYPE_NORMAL, *self.fwd.rope_args)
+        k_pe = G.ggml_rope_ext(p, k_pe, pos_t, None, rope, mode, *self.fwd.rope_args)
         if c.mla_split:  # absorbed: q_nope into the latent space, attention over [latent | k_pe], one KV head
             q_nope = G.ggml_view_3d(p, q, nope, H, n, dk * 4, dk * H * 4, 0)
             q_pe = G.ggml_view_3d(p, q, rope, H, n, dk * 4, dk * H * 4, nope * 4)
-            q_pe = G.ggml_rope_ext(p, q_pe, pos_t, None, rope, G.GGML_ROPE_TYPE_NORMAL, *self.fwd.rope_args)
+            q_pe = G.ggml_rope_ext(p, q_pe, pos_t, None, rope, mode, *self.fwd.rope_args)
             q_abs = G.ggml_mul_mat(p, W(L["k_b"]), G.ggml_permute(p, q_nope, 0, 2, 1, 3))  # [r, n, H]
             q = G.ggml_concat(p, G.ggml_permute(p, q_abs, 0, 2, 1, 3), q_pe, 0)  # [r + rope, H, n]
             k = G.ggml_concat(p, G.ggml_reshape_3d(p, latent, r, 1, n), k_pe, 0)  # [r + rope, 1, n]
@@ -253,8 +254,7 @@ class _Step:
         kv = G.ggml_mul_mat(p, W(L["kv_b"]), latent)  # [(nope + dv) * H, n]
         k_nope = G.ggml_view_3d(p, kv, nope, H, n, (nope + dv) * 4, (nope + dv) * H * 4, 0)
         v = G.ggml_cont(p, G.ggml_view_3d(p, kv, dv, H, n, (nope + dv) * 4, (nope + dv) * H * 4, nope * 4))
-        q = G.ggml_rope_set_offset(G.ggml_rope_ext(p, q, pos_t, None, rope, G.GGML_ROPE_TYPE_NORMAL,
-                                                   *self.fwd.rope_args), nope)
+        q = G.ggml_rope_set_offset(G.ggml_rope_ext(p, q, pos_t, None, rope, mode, *self.fwd.rope_args), nope)
         k = G.ggml_concat(p, k_nope, G.ggml_repeat_4d(p, k_pe, rope, H, n, 1), 0)
         return q, k, v
 
