@@ -19,9 +19,12 @@ from moecli.runtime.sampling import Sampler, SamplingParams
 from moecli.tokenizer import GGUFTokenizer, HFTokenizer, TextStream
 
 
-# Measured on an AVX-512 host: repacked MXFP4 1.35-1.6x faster at 1..512 tokens; repacked Q4_K 1.4x faster in decode
-# but 1.8x slower on prompts, so Q4_K stays as it is (the one-graph forward repacks only its dense weights, for decode)
-DEFAULT_REPACK = "MXFP4"
+# Expert types repacked in place for llama.cpp's interleaved kernels. Measured on an AVX-512 host (qwen3-30b-a3b
+# layer, 2 threads): repacked MXFP4 1.35-1.6x faster at 1..512 tokens; repacked Q4_K 1.6x faster in decode and, run
+# per expert (its gemm) from 8 tokens per expert, as fast as the file's layout on prompts (mul_mat_id on repacked
+# Q4_K runs a gemv per row: 1.8x slower there). Dense weights keep the file's layout for prompts; the one-graph
+# forward gives them repacked copies for decode.
+DEFAULT_REPACK = "MXFP4,Q4_K"
 
 
 class Session:
@@ -67,8 +70,8 @@ class Model:
             ggml.set_threads(threads)
             from moecli.runtime.cpu_backend import repack_weights
 
-            # llama.cpp's interleaved layouts replace the file's bytes (no extra memory) for the types whose
-            # repacked kernels win at every batch size; MOECLI_REPACK=Q4_K,... widens that ("none": off)
+            # llama.cpp's interleaved layouts replace the experts' file bytes (no extra memory) for the types whose
+            # repacked kernels win at every batch size; MOECLI_REPACK=Q4_0,IQ4_NL,... sets them ("none": off)
             types = os.environ.get("MOECLI_REPACK", DEFAULT_REPACK)
             repack_weights(self.checkpoint, [x for x in types.split(",") if x and x != "none"])
             linear = GgmlLinear

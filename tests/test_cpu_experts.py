@@ -257,3 +257,63 @@ def test_expert_output_equals_llama_cpp_ffn_moe_out(tmp_path, arch, ftype):
         assert np.array_equal(ce.run(l, x, *pairs), want), l  # mul_mat_id: the very kernel llama.cpp ran
         got = loop.run(l, x, *pairs)  # llamafile sgemm accumulates in another order
         assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), l
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K", "Q4_K_M"])
+def test_repacked_stacks_equal_llama_cpp_repacked_kernels(tmp_path, ftype):
+    """Q4_K stacks repacked for llama.cpp's interleaved kernels (the CPU engine's default; Q4_K_M's Q6_K down stays
+    in the file's layout): decode-sized calls run repacked mul_mat_id, llama.cpp's own kernel with its repacking on,
+    so ffn_moe_out is identical; prompt-sized calls run the repacked gemm per expert (another summation order), and
+    read nothing from the released file pages."""
+    from moecli.formats.gguf import GGUFFile
+
+    path = tmp_path / f"qwen3moe-{ftype}.gguf"
+    write_tiny_gguf(path, "qwen3moe", ftype)
+    names = ("ffn_norm", "ffn_moe_topk", ARCHS["qwen3moe"], "ffn_moe_out")
+    tokens = [1, 17, 99, 250, 3, 42, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 2
+    cap = llama_capture(path, tokens, names, repack=True)
+    f = GGUFFile(path)
+    stacks = {l: tuple(f.tensors[f"blk.{l}.ffn_{p}_exps.weight"] for p in ("gate", "up", "down")) for l in range(NL)}
+    for s in stacks.values():
+        for t in s:
+            assert G.repack(t) == (t.type == T.Q4_K)
+    ce = CpuExperts(stacks)
+    assert all(L.repacked for L in ce.layers.values())
+    assert [v is None for v in ce.layers[0].repacked_views] == [False, False, ftype == "Q4_K_M"]
+    for l in range(NL):  # layer 1 runs the last token only (llama.cpp's out_ids): a decode-sized call
+        x = np.ascontiguousarray(cap[f"ffn_norm-{l}"], dtype=np.float32)
+        ids = cap[f"ffn_moe_topk-{l}"]
+        pairs = np.repeat(np.arange(len(x)), OK), ids.reshape(-1), cap[f"{ARCHS['qwen3moe']}-{l}"].reshape(-1)
+        want = cap[f"ffn_moe_out-{l}"]
+        kernel = ce.choose_kernel(l, len(ids.reshape(-1)), len(np.unique(ids)))
+        assert kernel == ("loop" if len(x) > 1 else "id"), (l, kernel)  # 32 tokens: 8 per expert
+        got = ce.run(l, x, *pairs)
+        if kernel == "id":
+            assert np.array_equal(got, want), l
+        else:
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), l
+            ce.kernel = "id"  # the same pairs through repacked mul_mat_id: llama.cpp's prompt kernel, bit for bit
+            assert np.array_equal(ce.run(l, x, *pairs), want), l
+            ce.kernel = "auto"
+    for s in stacks.values():  # the repacked stacks' file pages were released and never read again
+        assert [_resident_pages(t) == 0 for t in s] == [True, True, ftype == "Q4_K"]
+
+
+def _resident_pages(t) -> int:
+    """Pages of t's bytes mapped into this process (/proc/self/pagemap's present bit)."""
+    a, page = t.raw.ctypes.data, 4096
+    first, last = -(-a // page), (a + t.raw.nbytes) // page  # whole pages only: neighbours share the edges
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first) * 8), dtype=np.uint64)
+    return int((entries >> np.uint64(63)).sum())
+
+
+def test_bad_repack_types_are_one_clear_error(monkeypatch):
+    from conftest import tiny_gguf
+
+    import moecli
+
+    monkeypatch.setenv("MOECLI_REPACK", "Q4_K,Q9_Z")
+    with pytest.raises(MoecliError, match="MOECLI_REPACK: unknown ggml type Q9_Z"):
+        moecli.load(tiny_gguf("qwen3moe", "Q4_K_M"), engine="ggml")

@@ -149,6 +149,7 @@ ggml_reshape_2d = _fn(_base, "ggml_reshape_2d", _T, _P, _T, C.c_int64, C.c_int64
 ggml_reshape_3d = _fn(_base, "ggml_reshape_3d", _T, _P, _T, C.c_int64, C.c_int64, C.c_int64)
 ggml_permute = _fn(_base, "ggml_permute", _T, _P, _T, C.c_int, C.c_int, C.c_int, C.c_int)
 ggml_transpose = _fn(_base, "ggml_transpose", _T, _P, _T)
+ggml_view_1d = _fn(_base, "ggml_view_1d", _T, _P, _T, C.c_int64, C.c_size_t)
 ggml_view_2d = _fn(_base, "ggml_view_2d", _T, _P, _T, C.c_int64, C.c_int64, C.c_size_t, C.c_size_t)
 ggml_view_3d = _fn(_base, "ggml_view_3d", _T, _P, _T, C.c_int64, C.c_int64, C.c_int64, C.c_size_t, C.c_size_t,
                    C.c_size_t)
@@ -460,11 +461,31 @@ class Repacked:
 
     def __init__(self, ctx: Ctx, tensor, buffer):
         self.ctx, self.tensor, self.buffer = ctx, tensor, buffer
+        self.experts = self.experts_ctx = None  # per-expert 2-D views (repacked_experts)
 
     def __del__(self):
         if self.buffer and ggml_backend_buffer_free is not None:
             ggml_backend_buffer_free(self.buffer)
             self.buffer = None
+
+
+def repacked_experts(t: TensorData) -> list | None:
+    """2-D ggml tensors over each expert of `t`'s repacked copy (a 3-D stack repacked by `repack`), or None. They
+    share the copy's buffer and kernel traits, so mul_mat on them runs the repacked gemm: with rows interleaved in
+    groups of 8 within an expert, expert e's repacked rows sit where its rows sat, at e * nb[2]."""
+    if t.repacked is None or len(t.ne) != 3:
+        return None
+    views = t.repacked.experts
+    if views is None:
+        r = t.repacked.tensor.contents
+        ctx = Ctx(t.ne[2])
+        views = []
+        for e in range(t.ne[2]):
+            v = ctx.tensor(t.type, t.ne[0], t.ne[1], data=r.data + e * r.nb[2])
+            v.contents.buffer, v.contents.extra = r.buffer, r.extra
+            views.append(v)
+        t.repacked.experts, t.repacked.experts_ctx = views, ctx
+    return views
 
 
 def repack(t: TensorData, release_source: bool = True) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
+from moecli.errors import MoecliError
 from moecli.formats.tensor import TensorData
 from moecli.kernels import ggml
 from moecli.models.config import Checkpoint
@@ -17,17 +18,16 @@ from moecli.runtime.cpu_experts import CpuExperts
 
 
 def repack_weights(ckpt: Checkpoint, types) -> int:
-    """Repack the matmul weights of these ggml types (linears and expert stacks) for llama.cpp's interleaved CPU
-    kernels, releasing the file pages they were read from. The token embedding stays as it is (torch reads its
-    rows). Returns the bytes repacked."""
-    types = {T[n] if isinstance(n, str) else n for n in types}
+    """Repack the expert stacks of these ggml types for llama.cpp's interleaved CPU kernels, in place of the file
+    pages they were read from (released). Returns the bytes repacked."""
+    try:
+        types = {T[n.strip().upper()] if isinstance(n, str) else n for n in types}
+    except KeyError as e:
+        raise MoecliError(f"MOECLI_REPACK: unknown ggml type {e.args[0]} (e.g. Q4_K,MXFP4 or none)") from None
     done = 0
-    stacks = {id(s.stacked) for s in ckpt.experts.values() if s.stacked is not None}
-    tensors = [t for name, t in ckpt.tensors.items()
-               if name != "token_embd.weight" and len(t.ne) >= 2 and name.endswith(".weight")]
-    for t in tensors:
-        if t.type in types and (len(t.ne) == 2 or id(t) in stacks) and ggml.repack(t):
-            done += t.nbytes
+    for s in ckpt.experts.values():
+        if s.stacked is not None and s.stacked.type in types and ggml.repack(s.stacked):
+            done += s.stacked.nbytes
     return done
 
 

@@ -30,6 +30,9 @@ T = GGMLQuantizationType
 # Types whose per-expert mul_mat goes through llamafile's sgemm and beats mul_mat_id on big batches (FACTS §1).
 LOOP_TYPES = {T.F32, T.F16, T.BF16, T.Q8_0}
 LOOP_MIN_TOKENS_PER_EXPERT = 16  # below this the loop's per-expert graph nodes and small gemms lose (bench)
+# Repacked experts (Q4_K...): mul_mat_id runs a gemv per row, the per-expert mul_mat the repacked gemm, which wins
+# from 8 tokens per expert (qwen3-30b-a3b layer, 2 threads: 56 vs 56 ms at 8, 80 vs 109 ms at 16)
+REPACKED_LOOP_MIN_TOKENS_PER_EXPERT = 8
 
 Experts = TensorData | Sequence[TensorData]  # a 3-D `ffn_*_exps` tensor, or one 2-D tensor per expert
 
@@ -51,6 +54,10 @@ class _Layer:
             raise MoecliError(f"layer {layer}: expert shapes disagree: gate {g.ne}, up {u.ne}, down {dn.ne} "
                               f"(counts {[len(p) for p in self.per_expert]})")
         self.types = (g.type, u.type, dn.type)
+        # stacks repacked for llama.cpp's interleaved kernels (per projection: Q4_K_M's Q6_K down has no repack
+        # kernel on x86): the loop runs on 2-D views of the repacked copies, whose file pages are gone
+        self.repacked_views = [G.repacked_experts(t) if isinstance(t, TensorData) else None for t in (gate, up, down)]
+        self.repacked = any(v is not None for v in self.repacked_views)
         self._ctx = G.Ctx(3)
         stacked = [self._stack(t, p) for t, p in zip((gate, up, down), self.per_expert)]
         # one expert order for the three projections: mul_mat_id gets the same ids for each
@@ -165,6 +172,11 @@ class CpuExperts:
                 for p in range(1, min(max_pairs, self.max_cached_pairs) + 1):
                     self._id_graph(l, p)
 
+    def release_buffers(self) -> None:
+        """Drop the loop kernel's prompt-sized buffers (decode does not use them)."""
+        with self._lock:
+            self._loop_bufs = None
+
     def close(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
@@ -179,6 +191,8 @@ class CpuExperts:
         if L.stacked is None:
             return "loop"
         if set(L.types) <= LOOP_TYPES and n_pairs >= LOOP_MIN_TOKENS_PER_EXPERT * n_active:
+            return "loop"
+        if L.repacked and n_pairs >= REPACKED_LOOP_MIN_TOKENS_PER_EXPERT * n_active:
             return "loop"
         return "id"
 
@@ -274,42 +288,52 @@ class CpuExperts:
         nodes[-1].contents.data = yb.ctypes.data
         return G.Graph(ctx, [y], 12, keep=[xb, idb, yb, *keep])
 
-    def _loop_buffers(self, P: int, d: int, ff: int):
-        """xb, yb, y [P, d] and s [3, P, ff], kept between calls: a prompt's are tens of MB each, which malloc
-        would map fresh (and the kernel fault in page by page) on every call."""
-        size = P * (3 * d + 3 * ff)
+    def _loop_buffers(self, P: int, d: int, rows: int, ff: int):
+        """The result rows [P, d] and one expert's scratch (its gathered rows, gate/activation, up, output: `rows`
+        deep), kept from one prompt-sized call to the next: the result is tens of MB, which malloc would map fresh
+        (and the kernel fault in page by page) every call. `release_buffers` drops them (the one-graph forward
+        does when it starts decoding)."""
+        size = P * d + rows * (2 * d + 2 * ff)
         if self._loop_bufs is None or self._loop_bufs.size < size:
             self._loop_bufs = np.empty(size, dtype=np.float32)
-        b, n = self._loop_bufs, P * d
-        return (b[:n].reshape(P, d), b[n:2 * n].reshape(P, d), b[2 * n:3 * n].reshape(P, d),
-                b[3 * n:size].reshape(3, P, ff))
+        return self._loop_bufs[:P * d].reshape(P, d), self._loop_bufs[P * d:size]
 
     def _loop(self, L: _Layer, x, tok, ids) -> np.ndarray:
-        """Per-expert ggml_mul_mat in one graph built for this call (its shape depends on the routing). The result
-        is a view of a buffer the next call reuses (calls are serialized under the lock)."""
-        P = len(ids)
+        """Per-expert ggml_mul_mat in one graph built for this call (its shape depends on the routing): per expert,
+        get_rows gathers its tokens' rows, gate/up/swiglu/down run on them in one scratch (ggml runs the nodes one
+        after another), set_rows writes the outputs at the pairs' places. The result is a view of a buffer the
+        next call reuses (calls are serialized under the lock)."""
+        P, x = len(ids), np.ascontiguousarray(x)
         order = np.argsort(ids, kind="stable")
-        sids = ids[order]
-        experts, starts, counts = np.unique(sids, return_index=True, return_counts=True)
-        xb, yb, back, s = self._loop_buffers(P, L.d, L.ff)
-        np.take(x, tok[order], axis=0, out=xb)
-        ctx = G.Ctx(5 * len(experts) + 1, 4 * len(experts))
-        xp, yp, sp = xb.ctypes.data, yb.ctypes.data, [s[i].ctypes.data for i in range(3)]
-        gate, up, down = L.per_expert
+        experts, starts, counts = np.unique(ids[order], return_index=True, return_counts=True)
+        rows = np.ascontiguousarray(tok[order], dtype=np.int32)  # the token row of each pair, by expert
+        dest = order.astype(np.int32)  # where each pair's output goes (the caller's pair order)
+        out, scratch = self._loop_buffers(P, L.d, int(counts.max()), L.ff)
+        n_tok, c_max = x.shape[0], int(counts.max())
+        ctx = G.Ctx(10 * len(experts) + 4, 8 * len(experts))
+        x_t = ctx.tensor(T.F32, L.d, n_tok, data=x.ctypes.data)
+        out_t = ctx.tensor(T.F32, L.d, P, data=out.ctypes.data)
+        rows_t = ctx.tensor(G.GGML_TYPE_I32, P, data=rows.ctypes.data)
+        dest_t = ctx.tensor(G.GGML_TYPE_I32, P, data=dest.ctypes.data)
+        base = scratch.ctypes.data
+        xs, gs, us, ys = base, base + 4 * c_max * L.d, base + 4 * c_max * (L.d + L.ff), \
+            base + 4 * c_max * (L.d + 2 * L.ff)
+        views = L.repacked_views
+
+        def W(i, e):
+            return views[i][e] if views[i] is not None else G.weight_tensor(L.per_expert[i][e])
         outs = []
         for e, s0, c in zip(experts.tolist(), starts.tolist(), counts.tolist()):
-            xe = ctx.tensor(T.F32, L.d, c, data=xp + 4 * L.d * s0)
-            g = G.ggml_mul_mat(ctx.ptr, G.weight_tensor(gate[e]), xe)
-            u = G.ggml_mul_mat(ctx.ptr, G.weight_tensor(up[e]), xe)
-            a = G.ggml_swiglu_split(ctx.ptr, g, u)
-            y = G.ggml_mul_mat(ctx.ptr, G.weight_tensor(down[e]), a)
-            for t, p in zip((g, u, a), sp):
-                t.contents.data = p + 4 * L.ff * s0
-            y.contents.data = yp + 4 * L.d * s0
-            outs.append(y)
-        G.Graph(ctx, outs, 4 * len(experts), keep=[xb, yb, s]).compute()
-        back[order] = yb  # back to the caller's pair order, so the adds keep it
-        return back
+            xe = G.ggml_get_rows(ctx.ptr, x_t, G.ggml_view_1d(ctx.ptr, rows_t, c, 4 * s0))
+            g = G.ggml_mul_mat(ctx.ptr, W(0, e), xe)
+            u = G.ggml_mul_mat(ctx.ptr, W(1, e), xe)
+            a = G.ggml_swiglu_split(ctx.ptr, g, u)  # elementwise: written over the gate rows
+            y = G.ggml_mul_mat(ctx.ptr, W(2, e), a)
+            for t, p in ((xe, xs), (g, gs), (u, us), (a, gs), (y, ys)):
+                t.contents.data = p
+            outs.append(G.ggml_set_rows(ctx.ptr, out_t, y, G.ggml_view_1d(ctx.ptr, dest_t, c, 4 * s0)))
+        G.Graph(ctx, outs, 8 * len(experts), keep=[x, rows, dest, out, scratch]).compute()
+        return out
 
 
 def _scatter_add(out: np.ndarray, tok: np.ndarray, y: np.ndarray) -> None:

@@ -196,8 +196,9 @@ class _Step:
         G.ggml_set_output(logits)
         self.logits, self.m, self.n_vocab = logits, m, c.n_vocab
         # decode graphs are kept, each with its own allocation; prompt graphs (used once) share the forward's, which
-        # keeps its buffer between prompts as llama.cpp keeps its compute buffer: a fresh one of hundreds of MB
-        # would be faulted in page by page on every prompt (~10 % of a 512-token pass)
+        # keeps its buffer from one prompt batch to the next (micro-batches, back-to-back prompts) as llama.cpp
+        # keeps its compute buffer: a fresh one of ~100 MB is faulted in page by page (~10 % of a 512-token pass).
+        # Decoding gives it back, so the model decodes in no more memory than its file.
         self.owns_galloc = n <= CACHED_MAX_N
         self.galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type()) if self.owns_galloc else \
             fwd.prompt_galloc()
@@ -541,6 +542,11 @@ class GgmlForward:
         n = len(tokens)
         n_kv = min(cache.capacity, max(KV_PAD, -(-(start + n) // KV_PAD) * KV_PAD))  # llama.cpp's get_n_kv
         key = (n, n_kv, all_logits)
+        if n <= CACHED_MAX_N and self._prompt_galloc is not None:  # decoding: the prompt's buffers go back
+            G.ggml_gallocr_free(self._prompt_galloc)
+            self._prompt_galloc = None
+            if self.experts is not None:
+                self.experts.engine.release_buffers()
         step = self._steps.get(key)
         if step is None or step.cache_ptrs != (cache.k.data_ptr(), cache.vt.data_ptr()):
             step = _Step(self, n, n_kv, all_logits, cache, split=self._split(n))
