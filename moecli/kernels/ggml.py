@@ -434,6 +434,14 @@ ggml_backend_buffer_free = _fn(_base, "ggml_backend_buffer_free", None, _P)
 ggml_backend_tensor_alloc = _fn(_base, "ggml_backend_tensor_alloc", C.c_int, _P, _T, _P)
 ggml_backend_tensor_set = _fn(_base, "ggml_backend_tensor_set", None, _T, _P, C.c_size_t, C.c_size_t)
 _libc = C.CDLL(None)
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the OS (glibc's malloc_trim): ggml's compute buffers are freed into
+    the heap, which otherwise keeps their pages resident."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 _MADV_DONTNEED, _PAGE = 4, os.sysconf("SC_PAGE_SIZE")
 
 

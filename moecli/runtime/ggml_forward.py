@@ -547,6 +547,7 @@ class GgmlForward:
             self._prompt_galloc = None
             if self.experts is not None:
                 self.experts.engine.release_buffers()
+            G.trim_heap()
         step = self._steps.get(key)
         if step is None or step.cache_ptrs != (cache.k.data_ptr(), cache.vt.data_ptr()):
             step = _Step(self, n, n_kv, all_logits, cache, split=self._split(n))
