@@ -309,18 +309,25 @@ def _kernel_bound(m, results: list[dict]) -> None:
     """For each prompt test: the t/s this pass would reach if nothing but its matmuls took time, each at the rate
     ggml gives it on its own: the experts at the expert kernel's probed GFLOP/s, every dense weight at the rate
     of one prompt-shaped ggml matmul on a weight of its type and shape (probed here), attention and the rest at
-    the best of those. The ceiling the ggml kernels themselves put on prefill, whatever the engine around them."""
+    the best of those. The ceiling the ggml kernels themselves put on prefill, whatever the engine around them.
+    Only where the probe runs the pass's own expert kernel: prompts whose experts run outside the graph (split
+    mode: CpuExperts' loop), or no experts. The graph's mul_mat_id broadcasts each token's row over its k experts,
+    which the probe's call (a row per pair) does not reproduce."""
     import numpy as np
 
     from moecli.kernels import ggml
+    from moecli.runtime.ggml_forward import UBATCH
 
     ckpt = m.checkpoint
     groups: dict[tuple, list] = {}  # (type, ne) -> the dense weights of that kind
     for name, t in ckpt.tensors.items():
         if name.startswith("blk.") and len(t.ne) == 2 and "_exps" not in name and name.endswith(".weight"):
             groups.setdefault((t.type, t.ne), []).append(t)
+    fused = getattr(m.transformer, "fused_forward", None)
     for r in results:
         if r["kind"] != "pp" or not groups:
+            continue
+        if m.config.is_moe and (fused is None or not fused._split(min(r["n"], UBATCH))):
             continue
         n, seconds, gflop, best = r["n"], 0.0, 0.0, 0.0
         for ws in groups.values():
