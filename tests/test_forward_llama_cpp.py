@@ -39,10 +39,10 @@ def _rel(got, ref):
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_ggml_engine_matches_llama_cpp(arch, ftype):
     """The whole forward as llama.cpp's own graph (moecli.runtime.ggml_forward): on F32 and Q8_0 weights the logits
-    are identical. On Q4_K / Q4_K_M llama.cpp runs its repacked Q4_K kernels (another summation order; moecli uses
-    them in decode only), and since ggml rounds every matmul input to Q8 a ~1e-7 difference can flip one rounding
-    step and later a near-tie in a router: tight up to the first token whose routing differs, and nearly all
-    routing decisions and argmaxes equal overall."""
+    are identical. On Q4_K / Q4_K_M prompts llama.cpp runs repacked mul_mat_id and repacked dense weights, moecli
+    the repacked gemm per expert and the file's layout for dense weights (another summation order), and since ggml
+    rounds every matmul input to Q8 a ~1e-7 difference can flip one rounding step and later a near-tie in a router:
+    tight up to the first token whose routing differs, and nearly all routing decisions and argmaxes equal overall."""
     path = tiny_gguf(arch, ftype)
     m = moecli.load(path, engine="ggml", flash_attn=False)  # llama.cpp's non-flash path, as the oracle runs
     ids = m.tokenize(TEXT)
