@@ -71,7 +71,8 @@ class Model:
             from moecli.runtime.cpu_backend import repack_weights
 
             # llama.cpp's interleaved layouts replace the experts' file bytes (no extra memory) for the types whose
-            # repacked kernels win at every batch size; MOECLI_REPACK=Q4_0,IQ4_NL,... sets them ("none": off)
+            # repacked kernels win or tie at every batch size (see DEFAULT_REPACK); MOECLI_REPACK=... sets them
+            # ("none": every file byte stays as it is)
             types = os.environ.get("MOECLI_REPACK", DEFAULT_REPACK)
             repack_weights(self.checkpoint, [x for x in types.split(",") if x and x != "none"])
             linear = GgmlLinear

@@ -289,19 +289,18 @@ def pass_flops(ckpt, kind: str, n: int, depth: int) -> int:
             weights += t.n_elements * tokens(name)
     if not head:  # tied embeddings
         head = ckpt.tensors["token_embd.weight"].n_elements
-    weights += sum(s.ne[0] * s.ne[1] * c.n_expert_used * tokens(key) for key, s in ckpt.experts.items())
     # keys seen: positions depth..depth+n-1 for a prompt; depth+1..depth+n after tg's 1-token prompt
     first = depth + 1 if kind == "pp" else depth + 2
     keys = n * first + n * (n - 1) // 2
     attn = 2 * c.n_layer * c.n_head * (c.head_dim + (c.v_head_dim or c.head_dim)) * keys
-    return 2 * weights + attn + 2 * head * rows
+    return 2 * weights + expert_flops(ckpt, kind, n) + attn + 2 * head * rows
 
 
-def expert_flops(ckpt, n: int) -> int:
-    """The routed experts' share of `pass_flops` for an n-token prompt."""
+def expert_flops(ckpt, kind: str, n: int) -> int:
+    """The routed experts' share of `pass_flops` (a prompt's last layer: its last token only)."""
     c = ckpt.config
     last = f"blk.{c.n_layer - 1}."
-    return 2 * sum(s.ne[0] * s.ne[1] * c.n_expert_used * (1 if key.startswith(last) else n)
+    return 2 * sum(s.ne[0] * s.ne[1] * c.n_expert_used * (1 if kind == "pp" and key.startswith(last) else n)
                    for key, s in ckpt.experts.items())
 
 
@@ -342,7 +341,7 @@ def _kernel_bound(m, results: list[dict]) -> None:
             last = [t for t in ws if t.name.startswith(f"blk.{m.config.n_layer - 1}.ffn_")]  # 1 token there
             seconds += dt * (len(ws) - len(last))
             gflop += 2 * n * w.n_elements * (len(ws) - len(last)) / 1e9
-        expert_gflop = expert_flops(ckpt, n) / 1e9
+        expert_gflop = expert_flops(ckpt, "pp", n) / 1e9
         if expert_gflop and not r.get("experts_gflops"):
             continue
         r["dense_gflops"] = best

@@ -434,6 +434,7 @@ ggml_backend_buffer_free = _fn(_base, "ggml_backend_buffer_free", None, _P)
 ggml_backend_tensor_alloc = _fn(_base, "ggml_backend_tensor_alloc", C.c_int, _P, _T, _P)
 ggml_backend_tensor_set = _fn(_base, "ggml_backend_tensor_set", None, _T, _P, C.c_size_t, C.c_size_t)
 _libc = C.CDLL(None)
+_MADV_DONTNEED, _PAGE = 4, os.sysconf("SC_PAGE_SIZE")
 
 
 def trim_heap() -> None:
@@ -442,7 +443,6 @@ def trim_heap() -> None:
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
-_MADV_DONTNEED, _PAGE = 4, os.sysconf("SC_PAGE_SIZE")
 
 
 def _repack_buffer_type():

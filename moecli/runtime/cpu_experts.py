@@ -138,7 +138,7 @@ class CpuExperts:
         self._n_scratch = 3 if all(L.plain for L in self.layers.values()) else 6
         self._scratch = np.empty((self._n_scratch, max_cached_pairs, max(ff, self.d)), dtype=np.float32)
         self._bufs: dict[int, _Bufs] = {}
-        self._loop_bufs: np.ndarray | None = None  # the loop kernel's gather / result / gate-up-act rows, grown
+        self._loop_bufs: np.ndarray | None = None  # the loop kernel's result rows and expert scratch, grown
         self._graphs: dict[tuple[int, int], G.Graph] = {}
         self._lock = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None
@@ -308,8 +308,8 @@ class CpuExperts:
         experts, starts, counts = np.unique(ids[order], return_index=True, return_counts=True)
         rows = np.ascontiguousarray(tok[order], dtype=np.int32)  # the token row of each pair, by expert
         dest = order.astype(np.int32)  # where each pair's output goes (the caller's pair order)
-        out, scratch = self._loop_buffers(P, L.d, int(counts.max()), L.ff)
         n_tok, c_max = x.shape[0], int(counts.max())
+        out, scratch = self._loop_buffers(P, L.d, c_max, L.ff)
         ctx = G.Ctx(10 * len(experts) + 4, 8 * len(experts))
         x_t = ctx.tensor(T.F32, L.d, n_tok, data=x.ctypes.data)
         out_t = ctx.tensor(T.F32, L.d, P, data=out.ctypes.data)
