@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import click
 import typer
@@ -22,13 +23,44 @@ _EXIT, _ABORT, _USAGE = tuple(_EXIT), tuple(_ABORT), tuple(_USAGE)
 
 from moecli.errors import MoecliError
 
+PROG = "moecli"
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what llama.cpp's and ollama's binaries end with on a closed pipe
+
 app = typer.Typer(
-    name="moecli",
+    name=PROG,
     help="Run large Mixture-of-Experts LLMs on one machine: experts on CPU and GPU, scheduled per layer.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
+
+
+def version_text() -> str:
+    """moecli's version and the two engines' (read from package metadata: no torch import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from moecli import __version__
+
+    parts = []
+    for dist in ("llama-cpp-python", "torch"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"{PROG} {__version__} ({', '.join(parts)})"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(None, "--version", "-V", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")) -> None:
+    """Run large Mixture-of-Experts LLMs on one machine: experts on CPU and GPU, scheduled per layer."""
 
 
 def _register() -> None:
@@ -45,30 +77,63 @@ def fail(message: str, code: int = 1) -> None:
     raise SystemExit(code)
 
 
+def usage_line(e) -> str:
+    """A Click usage error as one line: its message and where the help is (never Click's framed box)."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else PROG
+    return f"{message[:1].lower()}{message[1:]} (see `{where} --help`)"
+
+
+def _closed_pipe() -> None:
+    """The reader went away (`| head`): no message, and no second error when Python flushes stdout at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    raise SystemExit(SIGPIPE_STATUS)
+
+
+def _raise_broken_pipe(self) -> None:
+    raise BrokenPipeError
+
+
 def main(argv: list[str] | None = None) -> None:
+    from rich.console import Console
+
+    # Rich answers a closed pipe with SystemExit(1) (Typer's help and our tables print through it): hand it to the
+    # one handler below instead, so every command ends the same way.
+    Console.on_broken_pipe = _raise_broken_pipe
     _register()
     try:
-        rc = app(args=argv, standalone_mode=False)  # non-standalone click returns Exit codes instead of exiting
-        if isinstance(rc, int) and rc:
-            raise SystemExit(rc)
-    except MoecliError as e:
-        fail(str(e))
-    except _EXIT as e:
-        raise SystemExit(e.exit_code)
-    except _ABORT:
-        fail("aborted", 130)
-    except _USAGE as e:
-        e.show()
-        raise SystemExit(e.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-    except OSError as e:
-        # Disk full, read-only file system, permission denied...: the OS message says it best.
-        fail(f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""))
-    except Exception as e:  # noqa: BLE001 - last line of defence: one line unless debugging
-        if os.environ.get("MOECLI_DEBUG"):
-            raise
-        fail(f"internal error: {type(e).__name__}: {e} (set MOECLI_DEBUG=1 for a traceback)", 2)
+        try:
+            # non-standalone click returns Exit codes instead of exiting
+            rc = app(args=argv, prog_name=PROG, standalone_mode=False)
+            if isinstance(rc, int) and rc:
+                raise SystemExit(rc)
+            sys.stdout.flush()  # a closed pipe shows here for output still in the buffer
+        except BrokenPipeError:
+            _closed_pipe()
+        except MoecliError as e:
+            fail(str(e))
+        except _EXIT as e:
+            raise SystemExit(e.exit_code)
+        except _ABORT:
+            fail("aborted", 130)
+        except _USAGE as e:
+            fail(usage_line(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except OSError as e:
+            # Disk full, read-only file system, permission denied...: the OS message says it best.
+            fail(f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""))
+        except Exception as e:  # noqa: BLE001 - last line of defence: one line unless debugging
+            if os.environ.get("MOECLI_DEBUG"):
+                raise
+            fail(f"internal error: {type(e).__name__}: {e} (set MOECLI_DEBUG=1 for a traceback)", 2)
+    except BrokenPipeError:  # stderr closed too while reporting
+        _closed_pipe()
 
 
 if __name__ == "__main__":
