@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
@@ -17,6 +18,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # llama_oracle / hf_fixtures importable from any rootdir
+
+# moecli's per-user directories (moecli.paths): the suite and the CLI processes it starts never read or write the
+# user's own profiles, traces and caches. A test that needs another one sets the variable itself.
+_user_dirs = tempfile.mkdtemp(prefix="moecli-user-dirs-")
+atexit.register(shutil.rmtree, _user_dirs, True)
+for _var in ("MOECLI_PROFILES", "MOECLI_TRACES", "MOECLI_CACHE"):
+    os.environ.setdefault(_var, str(Path(_user_dirs) / _var.split("_")[1].lower()))
 
 from moecli.synth import SynthDims, write_f32_twin, write_gguf  # noqa: E402
 

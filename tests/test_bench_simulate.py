@@ -10,7 +10,7 @@ from moecli.errors import MoecliError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT.parent / "shared" / "traces" / "mixtral-8x7b" / "gsm8k_2_routing.jsonl"
-PROFILE = ROOT / "profiles" / "hybrimoe-testbed.toml"
+PROFILE = ROOT / "moecli" / "profiles" / "hybrimoe-testbed.toml"
 needs_trace = pytest.mark.skipif(not TRACE.is_file(), reason="shared traces absent")
 
 

@@ -6,7 +6,7 @@ from moecli.errors import MoecliError
 from moecli.policy.cost import build_cost_model, load_profile
 from moecli.policy.geometry import BITS_PER_WEIGHT, GEOMETRIES, get_geometry
 
-PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+PROFILES = Path(__file__).resolve().parents[1] / "moecli" / "profiles"
 
 
 def test_quant_block_sizes():

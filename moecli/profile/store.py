@@ -1,6 +1,8 @@
-"""Host profiles on disk: profiles/<host>[-<model>].toml in the schema of profiles/README.md.
+"""Host profiles on disk: <profiles dir>/<host>[-<model>].toml in the schema of moecli/profiles/README.md.
 
-Written atomically (a temp file in the same directory, fsync, os.replace, after checking that the text parses), so a
+The profiles dir is per user (moecli.paths.profiles_dir: $MOECLI_PROFILES, else the platform's config dir), so
+every command finds the same files from any directory; the reference hosts ship inside the package and are found
+by name (`--profile hybrimoe-testbed`). Written atomically (a temp file in the same directory, fsync, os.replace, after checking that the text parses), so a
 crash or a full disk never leaves a half profile that chat/bench would then trust. `find_profile` picks the newest
 profile of THIS host (the reference profiles describe other machines), preferring one measured on the model.
 """
@@ -48,14 +50,33 @@ def model_key(model: str | os.PathLike | None) -> str | None:
 
 
 def profile_dirs() -> list[Path]:
-    """Where profiles live: $MOECLI_PROFILES first, then ./profiles, then the package's profiles/."""
-    dirs = [Path(os.environ["MOECLI_PROFILES"])] if os.environ.get("MOECLI_PROFILES") else []
-    return dirs + [Path("profiles"), Path(__file__).resolve().parents[2] / "profiles"]
+    """Where profiles are looked for: this user's (written by `moecli profile`), then the package's references."""
+    from moecli.paths import profiles_dir, reference_profiles_dir
+
+    return [profiles_dir(), reference_profiles_dir()]
 
 
 def default_path(model: str | None = None) -> Path:
     key = model_key(model)
     return profile_dirs()[0] / (f"{host_name()}-{key}.toml" if key else f"{host_name()}.toml")
+
+
+def reference_names() -> list[str]:
+    return sorted(f.stem for f in profile_dirs()[1].glob("*.toml"))
+
+
+def resolve_profile(name: str | os.PathLike) -> Path:
+    """A profile given by path, or by name: `hybrimoe-testbed` -> the user's or the package's `<name>.toml`."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix != ".toml" and len(path.parts) == 1:
+        for d in profile_dirs():
+            if (d / f"{path.name}.toml").is_file():
+                return d / f"{path.name}.toml"
+    mine = sorted(f.stem for f in profile_dirs()[0].glob("*.toml")) if profile_dirs()[0].is_dir() else []
+    raise MoecliError(f"host profile not found: {name} (a TOML file, or a name: {', '.join(reference_names() + mine)}"
+                      f"; `moecli profile` writes this host's to {profile_dirs()[0]})")
 
 
 def find_profile(model: str | os.PathLike | None = None) -> Path | None:
@@ -192,7 +213,7 @@ def _rates(f, bw: float) -> dict:
 
 
 def build_document(host, meas, model: str | None = None, plan=None) -> dict:
-    """The profile for `host` (probe.HostInfo) from `meas` (microbench.Measurements), schema profiles/README.md.
+    """The profile for `host` (probe.HostInfo) from `meas` (microbench.Measurements), schema moecli/profiles/README.md.
 
     Derived figures are set so the cost model reproduces the measured rates for geometries without a fit:
     mem_efficiency = (expert bytes / b) / measured copy bandwidth, gflops = expert FLOPs / a. With no GPU the
@@ -272,7 +293,7 @@ COMMENTS = {
 
 
 def write_profile(doc: dict, path: Path) -> Path:
-    text = "# Host profile written by `moecli profile`. Schema: profiles/README.md\n" + to_toml(doc, COMMENTS)
+    text = "# Host profile written by `moecli profile`. Schema: moecli/profiles/README.md\n" + to_toml(doc, COMMENTS)
     return write_atomic(path, text)
 
 
