@@ -11,6 +11,7 @@ import torch
 
 from moecli.chat import harmony
 from moecli.chat_template import render
+from moecli.devices import resolve_device
 from moecli.errors import MoecliError
 from moecli.models.loader import GGUF_ARCHS, load_checkpoint
 from moecli.models.transformer import Transformer
@@ -50,10 +51,7 @@ class Model:
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path)
         self.config = self.checkpoint.config
-        _check_memory(self.checkpoint.file_bytes, self.config, n_ctx, engine)
-        src = self.checkpoint.source
-        self.tokenizer = HFTokenizer(self.path, src.config) if self.path.is_dir() else GGUFTokenizer(src)
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         if placement is not None:
             engine = "hybrid"
         elif engine == "auto":
@@ -61,6 +59,11 @@ class Model:
         if engine not in ("ggml", "torch", "hybrid"):
             raise MoecliError(f"unknown engine {engine!r} (ggml, torch, hybrid)")
         self.engine = engine
+        ctx = _plan_context(self.checkpoint, n_ctx, self.device, engine)
+        self.n_ctx, self.notes = ctx.n_ctx, ctx.notes  # notes: one line each for the CLI to print
+        n_ctx = ctx.n_ctx
+        src = self.checkpoint.source
+        self.tokenizer = HFTokenizer(self.path, src.config) if self.path.is_dir() else GGUFTokenizer(src)
         if engine == "ggml":
             if self.device.type != "cpu":
                 raise MoecliError("the ggml engine runs on the CPU device only")
@@ -199,21 +202,23 @@ class Model:
             raise MoecliError("empty prompt")
 
 
-def _check_memory(file_bytes: int, c, n_ctx: int | None, engine: str) -> None:
-    """Refuse before loading what this host cannot hold: the weights stay memory-mapped, so they must fit in RAM to
-    run at speed (the torch reference engine also keeps an fp32 copy of everything it touches)."""
-    import psutil
+def _plan_context(ckpt, n_ctx: int | None, device: torch.device, engine: str):
+    """Weights and KV cache checked against this host before anything is allocated (moecli.limits): the weights stay
+    memory-mapped, so they must fit in RAM to run at speed; the torch engine keeps float32 copies of what it touches
+    (on its device), the hybrid executor of the dense weights."""
+    from moecli import limits
 
-    ctx = min(n_ctx or c.n_ctx_train, c.n_ctx_train)
-    kv = 2 * 4 * c.n_layer * ctx * c.n_head_kv * c.head_dim
-    need = file_bytes * (8 if engine == "torch" else 1) + kv
-    total = psutil.virtual_memory().total
-    if need > 0.95 * total:
-        gib = 1 << 30
-        raise MoecliError(f"not enough memory: this model needs about {need / gib:.1f} GiB (weights "
-                          f"{file_bytes / gib:.1f} GiB + KV cache {kv / gib:.1f} GiB at {ctx} tokens"
-                          f"{', fp32 copies for the torch engine' if engine == 'torch' else ''}); this host has "
-                          f"{total / gib:.1f} GiB")
+    c = ckpt.config
+    on_cpu = device.type == "cpu"
+    fp32_copies = engine == "torch" and on_cpu
+    limits.check_weights(ckpt.file_bytes * (8 if fp32_copies else 1),
+                         "the weights" + (" (and the torch engine's float32 copies)" if fp32_copies else ""))
+    resident = ckpt.file_bytes * (8 if fp32_copies else 1)
+    if not on_cpu:
+        dense = sum(t.n_elements for name, t in ckpt.tensors.items() if engine == "torch" or "_exps" not in name)
+        resident = dense * 4
+    budget = limits.Budget.for_device(str(device), resident)
+    return limits.fit_context(n_ctx, c.n_ctx_train, limits.kv_bytes_per_token(c), budget)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

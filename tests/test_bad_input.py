@@ -126,10 +126,9 @@ def test_bad_flag_value():
 def test_not_enough_memory_is_said_before_loading(tiny_llama_f32):
     import psutil
 
-    from moecli.api import _check_memory
+    from moecli import limits
 
-    cfg = load_checkpoint(tiny_llama_f32).config
     total = psutil.virtual_memory().total
-    with pytest.raises(MoecliError, match=r"not enough memory: this model needs about .* GiB .* this host has"):
-        _check_memory(total * 2, cfg, 4096, "ggml")
-    _check_memory(total // 4, cfg, 4096, "ggml")  # fits: no error
+    with pytest.raises(MoecliError, match=r"not enough memory: the weights need about .* GiB; this host has"):
+        limits.check_weights(total * 2, "the weights")
+    limits.check_weights(total // 4, "the weights")  # fits: no error

@@ -76,7 +76,7 @@ def test_repl_session(tmp_path):
                   r"[\d.]+ tok/s", stats)
     assert m, stats
     assert int(m[2]) > 0 and 0 < int(m[3]) <= 24
-    assert re.search(r"session:\s+2 answers", stats) and re.search(r"context:\s+\d+ / 4096 tokens", stats)
+    assert re.search(r"session:\s+2 answers", stats) and re.search(r"context:\s+\d+ / 8192 tokens", stats)
     assert "experts:     100% CPU" in stats
 
     # Ctrl-C during a long answer: back to the prompt at once; the partial answer stays, marked.
@@ -105,7 +105,7 @@ def test_repl_session(tmp_path):
     assert out.strip() == "Unknown command '/nope'. Type /? for help"
     assert "/save FILE" in send(c, "/?")
     assert "Cleared session context" in send(c, "/clear")
-    assert re.search(r"context:\s+0 / 4096", send(c, "/stats"))
+    assert re.search(r"context:\s+0 / 8192", send(c, "/stats"))
 
     c.sendintr()  # at an empty prompt: a hint, not an exit
     c.expect_exact("Ctrl-C again")
@@ -167,7 +167,7 @@ def test_prompt_once_and_from_stdin():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and "embedded default" not in r.stdout
     assert re.search(r"prompt \d+ tokens, [\d.]+ tok/s \| generated \d+ tokens, [\d.]+ tok/s \| "
-                     r"context \d+ / 4096 tokens \(\d+%\) \| 100% CPU", r.stderr), r.stderr
+                     r"context \d+ / 8192 tokens \(\d+%\) \| 100% CPU", r.stderr), r.stderr
 
     r = subprocess.run(CMD + ["-p", "-", "--temperature", "0", "-n", "12"], input="What is the capital of France?\n",
                        capture_output=True, text=True, timeout=60, env=ENV)

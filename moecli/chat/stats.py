@@ -85,17 +85,21 @@ def snapshot(model) -> dict | None:
 
 
 def device_name(model) -> str:
-    dev = getattr(getattr(model, "device", None), "type", "cpu")
-    return "GPU" if dev == "cuda" else dev.upper()
+    """'GPU' for CUDA, else torch's name for the device ('cpu'): never 'GPU' for a device that is not one."""
+    from moecli.devices import label
+
+    return label(getattr(model, "device", "cpu"))
 
 
 def format_experts(model, before: dict | None = None, after: dict | None = None) -> str:
-    """'expert cache hit rate 87.5% | 48%/52% CPU/GPU' for the counters between two snapshots, else '100% CPU'."""
+    """'expert cache hit rate 87.5% | 48%/52% CPU/GPU' for the counters between two snapshots, else '100% CPU'.
+    On torch's CPU device the split reads 'ggml/torch cpu' (both halves run on the CPU)."""
     after = after if after is not None else snapshot(model)
+    dev = device_name(model)
     if not after:
         # No placement counters: the ggml engine runs everything on the CPU; the torch engine on its device.
-        on_device = getattr(model, "engine", "ggml") == "torch" and device_name(model) != "CPU"
-        return f"100% {device_name(model) if on_device else 'CPU'}"
+        on_gpu = getattr(model, "engine", "ggml") == "torch" and dev == "GPU"
+        return "100% GPU" if on_gpu else "100% CPU"
     d = {k: after.get(k, 0) - (before or {}).get(k, 0) for k in _COUNTERS}
     if d["cpu_experts"] + d["device_experts"] <= 0 and d["active"] <= 0:
         d = {k: after.get(k, 0) for k in _COUNTERS}  # nothing ran in between: the cumulative picture
@@ -103,8 +107,9 @@ def format_experts(model, before: dict | None = None, after: dict | None = None)
     if d["active"] > 0:
         parts.append(f"expert cache hit rate {100.0 * d['hits'] / d['active']:.1f}%")
     n = d["cpu_experts"] + d["device_experts"]
-    dev = device_name(model) if device_name(model) != "CPU" else "GPU"
+    host, device = ("CPU", "GPU") if dev == "GPU" else ("ggml", f"torch {dev}")
     if n > 0:
         cpu = round(100.0 * d["cpu_experts"] / n)
-        parts.append("100% CPU" if cpu == 100 else f"100% {dev}" if cpu == 0 else f"{cpu}%/{100 - cpu}% CPU/{dev}")
+        parts.append(f"100% {host}" if cpu == 100 else f"100% {device}" if cpu == 0
+                     else f"{cpu}%/{100 - cpu}% {host}/{device}")
     return " | ".join(parts) or "100% CPU"

@@ -9,30 +9,44 @@ from typing import Optional
 import typer
 
 from moecli.errors import MoecliError
-from moecli.resolve import PULL_HINT, resolve_model
+from moecli.resolve import PULL_HINT
 
 
 def chat(
     model: Optional[str] = typer.Argument(
-        None, help="GGUF file, model directory or pulled name (default: embedded SmolLM2)"),
+        None, help="GGUF file, model directory or model name (owner/repo[:QUANT]: pulled first when not in the "
+                   "cache; default: the embedded SmolLM2)"),
     prompt: Optional[str] = typer.Option(
         None, "-p", "--prompt", help="Answer this prompt once and exit ('-': read it from stdin)"),
-    system: Optional[str] = typer.Option(None, "--system", help="System message"),
-    max_tokens: int = typer.Option(512, "-n", "--max-tokens", min=1, help="Most tokens to generate per answer"),
+    system: Optional[str] = typer.Option(None, "--system", "-sys", "--system-prompt", help="System message"),
+    max_tokens: int = typer.Option(512, "-n", "--max-tokens", "--n-predict", min=1,
+                                   help="Most tokens to generate per answer"),
     temperature: float = typer.Option(0.7, "--temperature", "--temp", min=0.0, help="0 = greedy"),
     top_k: int = typer.Option(40, "--top-k", min=0, help="0 = all tokens"),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
     min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0),
     repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", min=0.0, help="1 = off"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: random)"),
-    ctx: int = typer.Option(4096, "-c", "--ctx", min=16, help="Context length in tokens"),
-    device: str = typer.Option("cpu", "--device", help="torch device for everything but CPU experts"),
+    seed: Optional[int] = typer.Option(None, "-s", "--seed", help="Sampling seed (default: random)"),
+    ctx: Optional[int] = typer.Option(
+        None, "-c", "--ctx-size", "--ctx", help="Context length in tokens (default: the model's trained length, "
+        "shortened to what fits in memory)", show_default=False),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, "
+                                                        "cuda or cuda:N"),
+    n_gpu_layers: Optional[int] = typer.Option(
+        None, "-ngl", "--n-gpu-layers", "--gpu-layers", help="llama.cpp's flag: 0 runs everything on the CPU, any "
+        "N > 0 the GPU (moecli keeps every dense layer there; experts go by the placement)", show_default=False),
     threads: Optional[int] = typer.Option(None, "-t", "--threads", min=1, help="CPU threads for the ggml engine"),
     placement: Optional[str] = typer.Option(
         None, "--placement", help="Expert placement for MoE models: hybrimoe, lru, ktransformers, llama-cpp, "
         "n-cpu-moe=N... (default: all experts on the CPU engine without a GPU, hybrimoe with one)"),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", "-cmoe", help="llama.cpp's flag: every routed expert on the "
+                                                                   "CPU (= --placement llama-cpp)"),
+    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", "-ncmoe", help="llama.cpp's flag: the experts of "
+                                            "the first N layers on the CPU (= --placement n-cpu-moe=N)",
+                                            show_default=False),
     expert_slots: Optional[int] = typer.Option(
-        None, "--expert-slots", min=0, help="Device expert-cache slots per layer (default: from the host profile)"),
+        None, "--expert-slots", min=0, help="Device expert-cache slots per layer (default: from the host profile, "
+        "else estimated from the free VRAM)"),
     record_trace: Optional[str] = typer.Option(
         None, "--record-trace", help="Write the routing of this chat (ids, weights, router scores, the executor's "
         "predictions) to FILE in moecli's trace format, for `moecli bench --simulate --trace FILE`"),
@@ -44,22 +58,42 @@ def chat(
     """Chat with a model (the embedded SmolLM2-135M when none is given). /? in the chat lists the commands."""
     import moecli
     from moecli.chat.repl import Settings
+    from moecli.cli.loading import device_from_flags, load_options, placement_from_flags
+    from moecli.cli.pull import resolve_or_pull
+
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
 
     if prompt == "-":
-        prompt = sys.stdin.read().rstrip("\n")
+        prompt = read_stdin(say).rstrip("\n")
     if prompt is not None and not prompt.strip():
         raise MoecliError("empty prompt")
-    path = resolve_model(model)
+    placement = placement_from_flags(placement, cpu_moe, n_cpu_moe)
+    dev = device_from_flags(device, n_gpu_layers, say)
+    path = resolve_or_pull(model, say)
     if model is None:
-        typer.echo(f"(embedded default model; for a real MoE: {PULL_HINT})", err=True)
+        say(f"(embedded default model; for a real MoE: {PULL_HINT})")
     if record_trace and placement is None:
         placement = "llama-cpp"  # recording lives in the executor; this placement keeps every expert on the CPU
-    m = moecli.load(path, device=device, n_ctx=ctx, threads=threads, flash_attn=flash_attn,
-                    **placement_options(device, placement, expert_slots))
+    m = moecli.load(path, n_ctx=ctx, threads=threads, flash_attn=flash_attn,
+                    **load_options(path, dev, ctx, placement, expert_slots, say, model))
+    for note in m.notes:
+        say(note)
     with m.record_trace(record_trace) if record_trace else contextlib.nullcontext():
-        _chat(m, prompt, ctx, Settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                       repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,
-                                       system=system, verbose=verbose))
+        _chat(m, prompt, m.n_ctx, Settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                           repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,
+                                           system=system, verbose=verbose))
+
+
+def read_stdin(say) -> str:
+    """The prompt from stdin as text: UTF-8, invalid bytes replaced (and said), as llama.cpp reads any bytes."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        say(f"warning: stdin is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+            f"invalid bytes replaced with U+FFFD")
+        return data.decode("utf-8", "replace")
 
 
 def _chat(m, prompt, ctx, settings) -> None:
@@ -77,30 +111,6 @@ def _chat(m, prompt, ctx, settings) -> None:
         return
     typer.echo('Type a message (/? for help, """ for multi-line, /bye or Ctrl-D to exit).', err=True)
     run(c)
-
-
-def placement_options(device: str, placement: str | None, expert_slots: int | None) -> dict:
-    """`load()` options for the placement flags: a GPU gets HybriMoE with the profile's slots by default."""
-    if placement is None and expert_slots is None and not device.startswith("cuda"):
-        return {}
-    slots = expert_slots
-    if slots is None:
-        from moecli.profile import find_profile, no_profile_message
-
-        found = find_profile()
-        slots = _profile_slots(found) if found else None
-        if slots is None:
-            typer.echo(no_profile_message(), err=True)
-            slots = 0
-    return {"placement": placement or "hybrimoe", "expert_slots": slots}
-
-
-def _profile_slots(path) -> int | None:
-    from moecli.policy.cost import load_profile
-
-    plan = load_profile(path).section("plan")
-    value = plan.get("slots_per_layer")
-    return int(value) if isinstance(value, (int, float)) else None
 
 
 def register(app: typer.Typer) -> None:

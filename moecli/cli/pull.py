@@ -67,10 +67,21 @@ def pull(
         typer.echo(f"{local} is a local {'directory' if local.is_dir() else 'file'}: nothing to pull "
                    f"(use it directly: moecli chat {local})")
         return
+    result = pull_with_progress(name, revision=revision, token=token, offline=offline, verify_cached=verify)
+    size = sum(p.stat().st_size for p in result.files)
+    how = "from the cache" if offline or hub.env_offline() else (
+        f"{hub.fmt_bytes(result.downloaded_bytes)} downloaded" if result.downloaded_bytes else "already up to date")
+    n = len(result.files)
+    typer.echo(f"{result.ref.name} ({result.fmt}, {n} file{'s' * (n != 1)}, {hub.fmt_bytes(size)}, "
+               f"{how}, commit {result.commit[:12]})")
+    typer.echo(str(result.path))
+
+
+def pull_with_progress(name: str, **options) -> hub.PullResult:
+    """hub.pull with Rich bars on stderr; Ctrl-C says how to resume and exits 130."""
     progress = RichProgress()
     try:
-        result = hub.pull(name, revision=revision, token=token, offline=offline, progress=progress,
-                          verify_cached=verify)
+        return hub.pull(name, progress=progress, **options)
     except KeyboardInterrupt:
         # Typer turns Ctrl-C into a silent exit 0 under standalone_mode=False; say it and exit 130 ourselves.
         progress.close()
@@ -78,12 +89,28 @@ def pull(
         raise SystemExit(130)  # not typer.Exit: click returns its code instead of exiting (standalone_mode=False)
     finally:
         progress.close()
-    size = sum(p.stat().st_size for p in result.files)
-    how = "from the cache" if offline or hub.env_offline() else (
-        f"{hub.fmt_bytes(result.downloaded_bytes)} downloaded" if result.downloaded_bytes else "already up to date")
-    typer.echo(f"{result.ref.name} ({result.fmt}, {len(result.files)} files, {hub.fmt_bytes(size)}, "
-               f"{how}, commit {result.commit[:12]})")
-    typer.echo(str(result.path))
+
+
+def resolve_or_pull(name: str | None, say) -> Path:
+    """What `chat NAME` runs, as ollama's `run`: a local path or a pulled model, else a model name is pulled first
+    (unless offline); anything else is the resolver's one-line error."""
+    from moecli.resolve import resolve_model
+
+    try:
+        return resolve_model(name)
+    except MoecliError as not_found:
+        if name is None or Path(name).expanduser().exists() or hub.env_offline() or not _is_model_name(name):
+            raise not_found from None
+        say(f"{name} is not in the cache: pulling it first (as `moecli pull {name}`)")
+    return pull_with_progress(name).path
+
+
+def _is_model_name(name: str) -> bool:
+    try:
+        hub.parse_name(name)
+    except MoecliError:
+        return False
+    return not name.lower().endswith((".gguf", ".safetensors", ".json"))  # a missing file, not a repo
 
 
 def list_models() -> None:

@@ -1,0 +1,119 @@
+"""How a command loads a model: device (`auto` by default), engine, placement and expert slots, from the flags
+users of llama.cpp already type (`-ngl`, `--cpu-moe`, `--n-cpu-moe N`) and moecli's own (`--device`,
+`--placement`, `--expert-slots`). Shared by every command that runs a model.
+
+- No GPU (or `-ngl 0`): the CPU engine, every expert through ggml; a placement runs the hybrid executor on torch's
+  CPU device (for tests and traces).
+- A GPU: Mixture-of-Experts models get HybriMoE with the expert slots of this host's profile, or, without one, the
+  slots the plan estimates from the probe (what `moecli profile --estimate-only` prints), said in one line; a
+  dense model runs wholly on the GPU when its float32 weights and KV cache fit, else on the CPU, said in one line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from moecli.errors import MoecliError
+
+VRAM_SHARE = 0.9  # of the free VRAM a dense model may fill: the CUDA context and activations need the rest
+
+
+def placement_from_flags(placement: str | None, cpu_moe: bool, n_cpu_moe: int | None) -> str | None:
+    """llama.cpp's expert flags as moecli placements: --cpu-moe = llama-cpp, --n-cpu-moe N = n-cpu-moe=N."""
+    given = [p for p in (placement, "llama-cpp" if cpu_moe else None,
+                         f"n-cpu-moe={n_cpu_moe}" if n_cpu_moe is not None else None) if p]
+    if len(given) > 1:
+        raise MoecliError(f"--placement, --cpu-moe and --n-cpu-moe choose the same thing: give one "
+                          f"(got {', '.join(given)})")
+    if n_cpu_moe is not None and n_cpu_moe < 0:
+        raise MoecliError(f"--n-cpu-moe {n_cpu_moe}: must be >= 0")
+    if given:
+        from moecli.policy.placement import get_placement
+
+        get_placement(given[0])  # an unknown name is refused before the model loads
+    return given[0] if given else None
+
+
+def device_from_flags(device: str, n_gpu_layers: int | None, say: Callable[[str], None]) -> str:
+    """--device with llama.cpp's -ngl: 0 keeps everything on the CPU; N > 0 asks for the GPU (moecli keeps every
+    dense layer there, so N only chooses the device); without a GPU -ngl is ignored with a warning, as llama.cpp."""
+    from moecli.devices import resolve_device
+
+    if n_gpu_layers is None:
+        return resolve_device(device)
+    if n_gpu_layers < 0:
+        raise MoecliError(f"-ngl {n_gpu_layers}: must be >= 0")
+    if n_gpu_layers == 0:
+        if device not in ("auto", "cpu"):
+            raise MoecliError(f"-ngl 0 keeps every layer on the CPU, but --device {device} asks for another device")
+        return "cpu"
+    chosen = resolve_device(device if device != "auto" else "auto")
+    if chosen == "cpu":
+        if device not in ("auto", "cpu"):
+            return resolve_device(device)  # raises with the reason
+        say(f"warning: -ngl {n_gpu_layers}: no GPU found (torch sees no CUDA device): running on the CPU")
+    return chosen
+
+
+def load_options(path: Path, device: str, n_ctx: int | None, placement: str | None, expert_slots: int | None,
+                 say: Callable[[str], None], model_name: str | None = None) -> dict:
+    """Keyword arguments for `moecli.load` on the resolved `device` ('cpu' or 'cuda[:N]')."""
+    if device == "cpu":
+        if placement is None and expert_slots is None:
+            return {"device": "cpu"}
+        slots = expert_slots if expert_slots is not None else _slots(path, None, n_ctx, say, model_name)
+        return {"device": "cpu", "placement": placement or "hybrimoe", "expert_slots": slots}
+    from moecli.models.loader import load_checkpoint
+
+    ckpt = load_checkpoint(path)  # the metadata decides; the weights stay memory-mapped, untouched
+    if not ckpt.config.is_moe:
+        if placement is not None or expert_slots is not None:
+            say("note: placements and expert slots apply to Mixture-of-Experts models; this one is dense")
+        return _dense_on_gpu(ckpt, device, n_ctx, say)
+    slots = expert_slots if expert_slots is not None else _slots(path, ckpt, n_ctx, say, model_name, device)
+    return {"device": device, "placement": placement or "hybrimoe", "expert_slots": slots}
+
+
+def _dense_on_gpu(ckpt, device: str, n_ctx: int | None, say) -> dict:
+    """The torch engine on the GPU when float32 weights + KV cache fit in its free memory, else the CPU engine."""
+    import torch
+
+    from moecli import limits
+
+    c = ckpt.config
+    weights = 4 * sum(t.n_elements for t in ckpt.tensors.values())
+    kv = limits.kv_bytes_per_token(c) * min(n_ctx or c.n_ctx_train, c.n_ctx_train)
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if weights + kv <= VRAM_SHARE * free:
+        return {"device": device, "engine": "torch"}
+    say(f"note: this dense model needs {limits.fmt_gib(weights + kv)} on {device} (float32 weights + KV cache) "
+        f"and {limits.fmt_gib(free)} is free: running it on the CPU")
+    return {"device": "cpu"}
+
+
+def _slots(path: Path, ckpt, n_ctx: int | None, say, model_name: str | None, device: str | None = None) -> int:
+    """Expert slots per layer: this host's profile, else the plan estimated from the probe, said in one line."""
+    from moecli.policy.cost import load_profile
+    from moecli.profile import store
+
+    found = store.find_profile(model_name or path)
+    if found is not None:
+        value = load_profile(found).section("plan").get("slots_per_layer")
+        if isinstance(value, (int, float)) and value >= 0:
+            return int(value)
+    if device is None:  # torch's CPU device: a device cache would sit in the same RAM
+        say("no profile for this host: 0 expert slots per layer (no GPU); `--expert-slots N` sets them, "
+            "`moecli profile` measures this host")
+        return 0
+    from moecli.profile import plan as P, probe
+
+    gpus = probe.probe_gpus()
+    index = int(device.split(":")[1]) if ":" in device else 0
+    gpu = gpus[index] if index < len(gpus) else None
+    c = ckpt.config
+    ctx = min(n_ctx or c.n_ctx_train, c.n_ctx_train)
+    p = P.make_plan(P.ModelFacts.from_checkpoint(ckpt, store.model_key(model_name or path) or "model"), gpu, ctx, 1)
+    where = f"{gpu.free_bytes / 1e9:.1f} GB of {gpu.name} free" if gpu else "no GPU"
+    say(f"no profile for this host: {p.slots_per_layer} of {p.n_expert} expert slots per layer, estimated from the "
+        f"probe ({where}, {ctx} tokens of context); `moecli profile` measures this host")
+    return p.slots_per_layer
