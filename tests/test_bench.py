@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moecli.bench import run as R
+from moecli.bench import report, run as R
+from moecli.bench.synthetic import synthetic_model
 from moecli.errors import MoecliError
 from moecli.resolve import embedded_model
 
@@ -93,7 +94,7 @@ def test_bad_flags_one_line(args):
 def test_synthetic_quant_checked_before_writing(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECLI_CACHE", str(tmp_path))
     with pytest.raises(MoecliError, match="--quant"):
-        R.synthetic_model("qwen3-30b-a3b", 1, "Q9_Z")
+        synthetic_model("qwen3-30b-a3b", 1, "Q9_Z")
     assert not any(tmp_path.rglob("*.gguf"))
 
 
@@ -116,9 +117,17 @@ def test_compare_and_render_pure():
     assert (s["moecli"]["pp16_gflops"], s["llama_cpp"]["pp16_gflops"], s["llama_cpp"]["tg4_gflops"]) == (25, 12.5, 25)
     assert s["kernel"] == {"prefill_gflops": 40.0, "decode_gbs": 20.0}
     assert s["rss_ratio"] == 1.5 and s["rss_ratio_excl_runtime"] == 1.0
-    md = R.render_markdown([me, ref], s)
-    assert "20.0 GB/s" in md and "40.0 GFLOP/s" in md and "pp16 2.00x" in md
-    assert R.render_csv([me, ref]).count("\n") == 5
+    lines = "\n".join(report.summary_lines([me], [s]))
+    assert "experts (ggml, 2 threads): pp16 40.0 GFLOP/s, tg4 20.0 GB/s" in lines and "pp16 2.00x" in lines
+    for fmt, n in (("md", 2 + 4), ("csv", 1 + 4), ("jsonl", 4)):
+        out = []
+        rep = report.Report(fmt, out=out.append, err=lambda _: None, progress=False)
+        for side in (me, ref):
+            rep.on_event({"loaded": {k: side.get(k) for k in ("engine", "threads", "model_info", "file_bytes")}})
+            for r in side["results"]:
+                rep.on_row(r)
+        assert len("\n".join(out).splitlines()) == n, (fmt, out)
+    assert [json.loads(x)["model_size"] for x in out] == [150] * 4  # llama.cpp's rows: the same file, one size
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "llama-dense", "gpt-oss"])

@@ -33,17 +33,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moecli.chat.stats import snapshot
 from moecli.errors import MoecliError
 
 SEED = 1234
 _MARK = "@@MOECLI_BENCH@@"
+_ROW = "@@MOECLI_BENCH_ROW@@"      # one test finished: its result, for the table's row as llama-bench prints it
+_EVENT = "@@MOECLI_BENCH_EVENT@@"  # a test (and repetition) started: for the progress line
 
 
 @dataclass
 class BenchSpec:
     model: str
-    n_prompt: int = 512
-    n_gen: int = 128
+    n_prompt: list[int] = field(default_factory=lambda: [512])  # llama-bench's -p list (an int is one entry)
+    n_gen: list[int] = field(default_factory=lambda: [128])
     depths: list[int] = field(default_factory=lambda: [0])
     reps: int = 5
     threads: int | None = None
@@ -52,19 +55,31 @@ class BenchSpec:
     seed: int = SEED
     flash_attn: bool = True  # False: both sides take llama.cpp's non-flash attention
 
+    def __post_init__(self):
+        self.n_prompt = [self.n_prompt] if isinstance(self.n_prompt, int) else list(self.n_prompt)
+        self.n_gen = [self.n_gen] if isinstance(self.n_gen, int) else list(self.n_gen)
+
     def tests(self) -> list[tuple[str, int, int]]:
-        """(kind, count, depth) in run order."""
+        """(kind, count, depth) in run order: at each depth every prompt size, then every decode length."""
         out = []
         for d in self.depths:
-            if self.n_prompt:
-                out.append(("pp", self.n_prompt, d))
-            if self.n_gen:
-                out.append(("tg", self.n_gen, d))
+            out += [("pp", p, d) for p in self.n_prompt if p]
+            out += [("tg", n, d) for n in self.n_gen if n]
         return out
 
     @property
+    def max_prompt(self) -> int:
+        return max(self.n_prompt, default=0)
+
+    @property
     def n_ctx(self) -> int:
-        return max(self.depths) + max(self.n_prompt, self.n_gen + 1)
+        return max(self.depths) + max(self.max_prompt, max(self.n_gen, default=0) + 1)
+
+
+def _emit(mark: str, obj: dict) -> None:
+    """A line the parent reads while the worker runs (stdout is a pipe: flush each one)."""
+    sys.stdout.write(mark + json.dumps(obj) + "\n")
+    sys.stdout.flush()
 
 
 def test_name(kind: str, n: int, depth: int) -> str:
@@ -165,6 +180,10 @@ def run_moecli(spec: BenchSpec) -> dict:
     if m.engine == "torch" and spec.threads:
         torch.set_num_threads(spec.threads)
         threads = spec.threads
+    engine = m.engine if not spec.placement else f"hybrid:{spec.placement}"
+    info = _model_info(m)
+    _emit(_EVENT, {"loaded": dict(engine=engine, threads=threads, model_info=info,
+                                  file_bytes=int(m.checkpoint.file_bytes))})
     tr = m.transformer
     c = m.config
     timer = None
@@ -174,7 +193,7 @@ def run_moecli(spec: BenchSpec) -> dict:
         tr.experts = timer
     cache = tr.new_cache(spec.n_ctx)
     # Global warm-up (as llama-bench: one prompt batch and one decode step) so the first test pays no page faults.
-    warm = _tokens(spec.seed, c.n_vocab, max(spec.n_prompt, 2), 0)
+    warm = _tokens(spec.seed, c.n_vocab, max(spec.max_prompt, 2), 0)
     tr.forward(warm[:-1], cache, all_logits=False)
     tr.forward(warm[-1:], cache, all_logits=False)
     results = []
@@ -183,7 +202,11 @@ def run_moecli(spec: BenchSpec) -> dict:
         if depth:
             tr.forward(_tokens(spec.seed, c.n_vocab, depth, 1), cache, all_logits=False)
         times, exp_s, exp_b, exp_p, routes = [], 0.0, 0, 0, {}
+        placed = None
         for rep in range(spec.reps + 1):  # rep 0: warm-up
+            _emit(_EVENT, {"test": test_name(kind, n, depth), "rep": rep, "reps": spec.reps})
+            if rep == 1:
+                placed = snapshot(m)  # the expert counters of the timed repetitions only
             cache.pos = depth
             toks = _tokens(spec.seed, c.n_vocab, n if kind == "pp" else n + 1, 100 + rep)
             if kind == "tg":
@@ -212,7 +235,9 @@ def run_moecli(spec: BenchSpec) -> dict:
             r["experts_share"] = exp_s / sum(times)
             r["experts_gbs"] = exp_b / exp_s / 1e9
             r["experts_gflops"] = 2 * 3 * c.n_embd * c.n_ff_exp * exp_p / exp_s / 1e9
+        r.update(placement_figures(placed, snapshot(m)))
         results.append(r)
+        _emit(_ROW, {k: v for k, v in r.items() if k != "routes"})
     peak_rss = _peak_rss()  # before the kernel probe below, which allocates prompt-sized buffers of its own
     if timer:
         tr.experts = timer.inner
@@ -225,11 +250,25 @@ def run_moecli(spec: BenchSpec) -> dict:
     if m.engine == "ggml":
         _kernel_bound(m, results)
     return dict(
-        engine=m.engine if not spec.placement else f"hybrid:{spec.placement}", threads=threads, load_s=load_s,
+        engine=engine, threads=threads, load_s=load_s,
         results=results, peak_rss_bytes=peak_rss, rss_before_load_bytes=rss_before,
         file_bytes=int(m.checkpoint.file_bytes), kv_bytes=int(cache.nbytes), n_ctx=spec.n_ctx,
-        model_info=_model_info(m),
+        model_info=info,
     )
+
+
+def placement_figures(before: dict | None, after: dict | None) -> dict:
+    """Expert-cache hit rate and the CPU share of the experts run, between two counter snapshots (hybrid only)."""
+    if not before or not after:
+        return {}
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    ran = d.get("cpu_experts", 0) + d.get("device_experts", 0)
+    out = {}
+    if d.get("active", 0) > 0:
+        out["hit_rate"] = d.get("hits", 0) / d["active"]
+    if ran > 0:
+        out["cpu_share"] = d.get("cpu_experts", 0) / ran
+    return out
 
 
 def _probe_expert_kernel(m, results: list[dict], expert_bytes: dict[int, int]) -> None:
@@ -396,8 +435,10 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
     if not model:
         raise MoecliError(f"llama.cpp could not load {spec.model} (set MOECLI_LLAMA_LOG=1 to see why)")
     load_s = time.perf_counter() - t0
+    _emit(_EVENT, {"loaded": dict(engine="llama.cpp", threads=threads, file_bytes=None, model_info=dict(
+        name=Path(spec.model).name, params=int(L.llama_model_n_params(model))))})
     cp = L.llama_context_default_params()
-    n_batch = max(512, spec.n_prompt)
+    n_batch = max(512, spec.max_prompt)
     cp.n_ctx, cp.n_batch, cp.n_ubatch = spec.n_ctx, n_batch, min(n_batch, 512)
     cp.n_threads = cp.n_threads_batch = threads
     if not spec.flash_attn:
@@ -425,7 +466,7 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
                 raise MoecliError(f"llama_decode failed ({rc})")
         L.llama_synchronize(ctx)
 
-    warm = _tokens(spec.seed, n_vocab, max(spec.n_prompt, 2), 0)
+    warm = _tokens(spec.seed, n_vocab, max(spec.max_prompt, 2), 0)
     decode(warm[:-1], 0)
     decode(warm[-1:], len(warm) - 1)
     results = []
@@ -435,6 +476,7 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
             decode(_tokens(spec.seed, n_vocab, depth, 1), 0)
         times = []
         for rep in range(spec.reps + 1):
+            _emit(_EVENT, {"test": test_name(kind, n, depth), "rep": rep, "reps": spec.reps})
             L.llama_memory_seq_rm(mem, 0, depth, -1)
             toks = _tokens(spec.seed, n_vocab, n if kind == "pp" else n + 1, 100 + rep)
             if kind == "tg":
@@ -449,6 +491,7 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
             if rep:
                 times.append(dt)
         results.append(dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n)))
+        _emit(_ROW, results[-1])
     kv_bytes = L.llama_state_get_size(ctx)  # the KV cache dominates the state of a fresh-ish context
     out = dict(engine="llama.cpp", threads=threads, model_info=dict(name=Path(spec.model).name), load_s=load_s, results=results, peak_rss_bytes=_peak_rss(),
                n_ctx=spec.n_ctx, state_bytes=int(kv_bytes), model_size_bytes=int(L.llama_model_size(model)),
@@ -463,72 +506,61 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# synthetic models
-
-
-def synthetic_dir() -> Path:
-    return Path(os.environ.get("MOECLI_CACHE") or Path.home() / ".cache" / "moecli") / "synthetic"
-
-
-def synthetic_model(geometry: str, n_layer: int, quant: str = "Q4_K_M", seed: int = 0, echo=None) -> Path:
-    """A random-weight GGUF with a real model's geometry (`moecli.synth`), written once and cached."""
-    try:
-        from moecli import synth
-    except ImportError:
-        raise MoecliError("synthetic models need moecli.synth, which this build lacks") from None
-    try:
-        dims = synth.geometry(geometry, n_layer=n_layer)
-        arch = synth.geometry_arch(geometry)
-    except KeyError as e:
-        raise MoecliError(str(e.args[0]) if e.args else f"unknown geometry {geometry!r}") from None
-    if quant not in synth.FTYPES:
-        raise MoecliError(f"unknown --quant {quant!r}; one of {', '.join(synth.FTYPES)}")
-    path = synthetic_dir() / f"{geometry}-L{n_layer}-{quant}-s{seed}.gguf"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if echo:
-        echo(f"writing synthetic {geometry} ({n_layer} layers, {quant}) to {path} (once; this takes a while)")
-    tmp = path.with_name(path.name + f".part{os.getpid()}")
-    try:
-        synth.write_gguf(tmp, arch, dims, seed=seed, ftype=quant)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # subprocess plumbing
 
 
-def _run_worker(worker: str, spec: BenchSpec, timeout: float | None = None) -> dict:
+def _run_worker(worker: str, spec: BenchSpec, timeout: float | None = None, on_row=None, on_event=None) -> dict:
+    """Run one side in a fresh process; `on_row(result)` as each test finishes, `on_event(event)` as each test
+    repetition starts; returns the worker's final document."""
+    import tempfile
+    import threading
+
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     payload = json.dumps(spec.__dict__)
-    try:
-        p = subprocess.run([sys.executable, "-m", "moecli.bench.run", worker, payload], capture_output=True,
-                           text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise MoecliError(f"the {worker} benchmark did not finish within {timeout:.0f} s") from None
-    for line in p.stdout.splitlines():
-        if line.startswith(_MARK):
-            out = json.loads(line[len(_MARK):])
+    out, timed_out = None, threading.Event()
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "moecli.bench.run", worker, payload], stdout=subprocess.PIPE,
+                             stderr=err, text=True, env=env)
+        timer = threading.Timer(timeout, lambda: (timed_out.set(), p.kill())) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            for line in p.stdout:
+                for mark, call in ((_ROW, on_row), (_EVENT, on_event)):
+                    if line.startswith(mark):
+                        if call is not None:
+                            call(json.loads(line[len(mark):]))
+                        break
+                else:
+                    if line.startswith(_MARK):
+                        out = json.loads(line[len(_MARK):])
+            p.wait()
+        except BaseException:  # Ctrl-C, or a callback failing (a closed pipe): the worker goes too
+            p.kill()
+            p.wait()
+            raise
+        finally:
+            if timer:
+                timer.cancel()
+        if timed_out.is_set():
+            raise MoecliError(f"the {worker} benchmark did not finish within {timeout:.0f} s")
+        if out is not None:
             if "error" in out:
                 raise MoecliError(out["error"])
             return out
-    tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        err.seek(0)
+        tail = (err.read().strip().splitlines() or ["(no output)"])[-1]
     raise MoecliError(f"the {worker} benchmark failed (exit {p.returncode}): {tail}")
 
 
-def bench_moecli(spec: BenchSpec, timeout: float | None = None) -> dict:
-    return _run_worker("moecli", spec, timeout)
+def bench_moecli(spec: BenchSpec, timeout: float | None = None, **callbacks) -> dict:
+    return _run_worker("moecli", spec, timeout, **callbacks)
 
 
-def bench_llama_cpp(spec: BenchSpec, timeout: float | None = None) -> dict:
-    return _run_worker("llama_cpp", spec, timeout)
+def bench_llama_cpp(spec: BenchSpec, timeout: float | None = None, **callbacks) -> dict:
+    return _run_worker("llama_cpp", spec, timeout, **callbacks)
 
 
 def compare(me: dict, ref: dict | None) -> dict:
@@ -586,79 +618,6 @@ def compare(me: dict, ref: dict | None) -> dict:
             if k.endswith("_tps") and lc.get(k):
                 out["ratio"][k[:-4]] = v / lc[k]
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# rendering
-
-
-def _fmt_bytes(b: int) -> str:
-    for unit, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if b >= s:
-            return f"{b / s:.2f} {unit}"
-    return f"{b} B"
-
-
-def _fmt_params(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
-
-
-def rows(runs: list[dict]) -> list[dict]:
-    """One row per (engine run, test), llama-bench columns plus expert-kernel figures."""
-    out = []
-    for run in runs:
-        info = run.get("model_info") or {}
-        for r in run["results"]:
-            out.append(dict(model=info.get("name", ""), size=run.get("file_bytes") or run.get("model_size_bytes", 0),
-                            params=info.get("params") or run.get("params", 0), engine=run["engine"],
-                            threads=run["threads"], test=r["test"], tps=r["tps"], tps_std=r["tps_std"],
-                            experts_gbs=r.get("experts_gbs") if r["kind"] == "tg" else None,
-                            experts_gflops=r.get("experts_gflops") if r["kind"] == "pp" else None))
-    return out
-
-
-def render_markdown(runs: list[dict], summary: dict | None = None) -> str:
-    rs = rows(runs)
-    head = ["model", "size", "params", "engine", "threads", "test", "t/s", "experts"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" if h in ("size", "params", "threads", "t/s")
-                                                               else "---" for h in head) + " |"]
-    for r in rs:
-        kern = ""
-        if r["experts_gbs"]:
-            kern = f"{r['experts_gbs']:.1f} GB/s"
-        elif r["experts_gflops"]:
-            kern = f"{r['experts_gflops']:.1f} GFLOP/s"
-        lines.append("| " + " | ".join([r["model"], _fmt_bytes(r["size"]), _fmt_params(r["params"]), r["engine"],
-                                        str(r["threads"]), r["test"], f"{r['tps']:.2f} ± {r['tps_std']:.2f}",
-                                        kern]) + " |")
-    if summary:
-        lines.append("")
-        if summary.get("ratio"):
-            lines.append("moecli / llama.cpp: " + ", ".join(f"{k.replace('_at_', ' @ ')} {v:.2f}x"
-                                                            for k, v in summary["ratio"].items()))
-        for r in (x for x in runs[0]["results"] if "kernel_bound_tps" in x):
-            kern = f"experts {r['experts_gflops']:.0f}, " if r.get("experts_gflops") else ""
-            lines.append(f"{r['test']}: {r['gflops']:.0f} GFLOP/s achieved; ggml's kernels bound it at "
-                         f"{r['kernel_bound_tps']:.0f} t/s ({kern}dense up to {r['dense_gflops']:.0f} GFLOP/s)")
-        lines.append(f"moecli peak RSS {_fmt_bytes(summary['peak_rss_bytes'])} = {summary['rss_ratio']:.2f}x "
-                     f"(file {_fmt_bytes(summary['file_bytes'])} + KV {_fmt_bytes(summary['kv_bytes'])}); "
-                     f"{summary['rss_ratio_excl_runtime']:.2f}x without the Python/torch runtime "
-                     f"({_fmt_bytes(summary['rss_before_load_bytes'])} before loading)")
-    return "\n".join(lines)
-
-
-def render_csv(runs: list[dict]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    fields = ["model", "size", "params", "engine", "threads", "test", "tps", "tps_std", "experts_gbs",
-              "experts_gflops"]
-    w = csv.DictWriter(buf, fields, lineterminator="\n")
-    w.writeheader()
-    for r in rows(runs):
-        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    return buf.getvalue()
 
 
 def _worker_main(argv: list[str]) -> None:

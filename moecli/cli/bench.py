@@ -18,10 +18,12 @@ def bench(
                                                       "(default: the embedded SmolLM2-135M)."),
     vs_llama_cpp: bool = typer.Option(False, "--vs-llama-cpp", help="Also run llama.cpp on the same file."),
     reps: int = typer.Option(5, "-r", "--repetitions", help="Timed repetitions per test (after one warm-up)."),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads", help="CPU threads (default: physical cores)."),
-    n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens of the pp test (0: none)."),
-    n_gen: int = typer.Option(128, "-n", "--n-gen", help="Decode steps of the tg test (0: none)."),
-    depths: str = typer.Option("0", "-d", "--depth", help="Comma-separated KV-cache depths, e.g. 0,512."),
+    threads: Optional[str] = typer.Option(None, "-t", "--threads", help="CPU threads, comma-separated for one run "
+                                                                         "each, e.g. 1,2 (default: physical cores)."),
+    n_prompt: str = typer.Option("512", "-p", "--n-prompt", help="Prompt tokens of the pp tests, comma-separated "
+                                                                "(0: none)."),
+    n_gen: str = typer.Option("128", "-n", "--n-gen", help="Decode steps of the tg tests, comma-separated (0: none)."),
+    depths: str = typer.Option("0", "-d", "--n-depth", "--depth", help="Comma-separated KV-cache depths, e.g. 0,512."),
     engine: str = typer.Option("ggml", "--engine", help="Comma-separated engines: ggml, torch."),
     placement: Optional[str] = typer.Option(None, "--placement", help="Comma-separated placements (hybrid engine, "
                                                                           "e.g. hybrimoe,lru); replaces --engine."),
@@ -38,7 +40,9 @@ def bench(
                                                               "--simulate: expert quant type."),
     predictor_accuracy: float = typer.Option(0.9, "--predictor-accuracy",
                                              help="Next-layer prediction accuracy when the trace has none."),
-    output: str = typer.Option("md", "-o", "--output", help="md (table), json or csv."),
+    output: str = typer.Option("md", "-o", "--output", help="md (a markdown table), csv, json or jsonl (one record "
+                                                           "per test, as it finishes); --simulate: table, md, csv "
+                                                           "or json."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
                                     help="Flash attention for prompts, on both sides (llama.cpp: auto / off)."),
 ) -> None:
@@ -74,32 +78,34 @@ def bench(
         render_table(out)
 
 
-def _parse_depths(text: str) -> list[int]:
+def int_list(text: str, flag: str, least: int = 0) -> list[int]:
+    """llama-bench's comma lists: '64,128' -> [64, 128], each at least `least`, duplicates dropped."""
     try:
-        out = [int(x) for x in text.split(",") if x.strip()]
+        out = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise MoecliError(f"bad --depth {text!r}: use comma-separated token counts, e.g. 0,512") from None
-    if not out or any(d < 0 for d in out):
-        raise MoecliError(f"bad --depth {text!r}: use comma-separated token counts >= 0, e.g. 0,512")
+        raise MoecliError(f"bad {flag} {text!r}: use comma-separated integers, e.g. {flag} 64,128") from None
+    if not out or any(v < least for v in out):
+        raise MoecliError(f"bad {flag} {text!r}: every value must be >= {least}")
     return sorted(set(out), key=out.index)
 
 
 def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic, layers,
                 quant, output, flash_attn=True) -> None:
-    from moecli.bench import run as R
+    from moecli.bench import report, run as R
+    from moecli.bench.synthetic import synthetic_model
     from moecli.resolve import PULL_HINT, resolve_model
 
     if output == "table":
         output = "md"
-    if output not in ("md", "json", "csv"):
-        raise MoecliError(f"bad output format {output!r}: use md, json or csv")
+    if output not in ("md", "json", "jsonl", "csv"):
+        raise MoecliError(f"bad output format {output!r}: use md, csv, json or jsonl")
     if reps < 1:
         raise MoecliError(f"-r must be at least 1, got {reps}")
-    if threads is not None and threads < 1:
-        raise MoecliError(f"-t must be at least 1, got {threads}")
-    if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
+    thread_list = int_list(threads, "-t", 1) if threads is not None else [None]
+    prompts, gens = int_list(n_prompt, "-p"), int_list(n_gen, "-n")
+    if not any(prompts) and not any(gens):
         raise MoecliError("-p and -n must be >= 0 and not both 0")
-    dlist = _parse_depths(depths)
+    dlist = int_list(depths, "-d")
     engines = [e.strip() for e in engine.split(",") if e.strip()]
     bad = [e for e in engines if e not in ("ggml", "torch")]
     if bad or not engines:
@@ -112,7 +118,7 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
             raise MoecliError("give either MODEL or --synthetic GEOMETRY, not both")
         if layers < 1:
             raise MoecliError(f"--layers must be at least 1, got {layers}")
-        path = R.synthetic_model(synthetic, layers, quant or "Q4_K_M", echo=lambda m: typer.echo(m, err=True))
+        path = synthetic_model(synthetic, layers, quant or "Q4_K_M", echo=lambda m: typer.echo(m, err=True))
     else:
         if quant is not None:
             raise MoecliError("--quant applies to --synthetic (or --simulate) only")
@@ -122,27 +128,20 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
                        f"`{PULL_HINT}`, or `moecli bench --synthetic qwen3-30b-a3b --layers 4`", err=True)
     if vs_llama_cpp and Path(path).is_dir():
         raise MoecliError("--vs-llama-cpp needs a GGUF file (llama.cpp cannot read a safetensors directory)")
-    base = dict(model=str(path), n_prompt=n_prompt, n_gen=n_gen, depths=dlist, reps=reps, threads=threads,
-                flash_attn=flash_attn)
-    specs = ([R.BenchSpec(**base, engine="hybrid", placement=p) for p in placements] if placements
-             else [R.BenchSpec(**base, engine=e) for e in engines])
-    runs = [R.bench_moecli(s) for s in specs]
-    ref = R.bench_llama_cpp(R.BenchSpec(**base)) if vs_llama_cpp else None
-    summaries = [R.compare(r, ref) for r in runs]
-    if output == "json":
-        out = dict(summaries[0])
-        if len(summaries) > 1:
-            out["runs"] = summaries
-        out["settings"] = dict(reps=reps, n_prompt=n_prompt, n_gen=n_gen, depths=dlist, seed=R.SEED)
-        typer.echo(json.dumps(out, indent=1))
-    elif output == "csv":
-        typer.echo(R.render_csv(runs + ([ref] if ref else [])), nl=False)
-    else:
-        typer.echo(R.render_markdown(runs + ([ref] if ref else []), summaries[0]))
-        for s in summaries[1:]:
-            if s.get("ratio"):
-                typer.echo(f"{s['engine']} / llama.cpp: " + ", ".join(f"{k.replace('_at_', ' @ ')} {v:.2f}x"
-                                                                       for k, v in s["ratio"].items()))
+    rep = report.Report(output, placements=bool(placements))
+    callbacks = dict(on_row=rep.on_row, on_event=rep.on_event)
+    runs, refs, summaries = [], [], []
+    for t in thread_list:  # as llama-bench: every engine at one thread count, then the next count
+        base = dict(model=str(path), n_prompt=prompts, n_gen=gens, depths=dlist, reps=reps, threads=t,
+                    flash_attn=flash_attn)
+        specs = ([R.BenchSpec(**base, engine="hybrid", placement=p) for p in placements] if placements
+                 else [R.BenchSpec(**base, engine=e) for e in engines])
+        mine = [R.bench_moecli(s, **callbacks) for s in specs]
+        ref = R.bench_llama_cpp(R.BenchSpec(**base), **callbacks) if vs_llama_cpp else None
+        runs += mine
+        refs += [ref] if ref else []
+        summaries += [R.compare(r, ref) for r in mine]
+    rep.finish(runs, summaries, refs, dict(reps=reps, n_prompt=prompts, n_gen=gens, depths=dlist, seed=R.SEED))
 
 
 def register(app: typer.Typer) -> None:
