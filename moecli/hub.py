@@ -195,6 +195,7 @@ class _HubErrors:
 
     def __init__(self, ref: ModelRef, token: str | None, revision: str | None = None):
         self.ref, self.token, self.revision = ref, token, revision
+        self.stage = "info"  # "info": asking for the repo; "files": downloading (a bare 404 means another thing)
 
     def __enter__(self):
         return self
@@ -210,14 +211,16 @@ class _HubErrors:
             msg = (f"{repo} is gated: accept its terms on huggingface.co/{repo}, then pass --token or set HF_TOKEN"
                    if not self.token else f"{repo} is gated and this token has no access: accept its terms on "
                                           f"huggingface.co/{repo} with the account that owns the token")
-        elif isinstance(exc, e.RepositoryNotFoundError):
-            msg = (f"{repo}: no such model repo on the hub" +
+        elif isinstance(exc, e.RepositoryNotFoundError) or (
+                self.stage == "info" and type(exc) is e.HfHubHTTPError and _status(exc) == 404):
+            # A mirror or proxy may answer a missing repo with a bare 404 (no X-Error-Code): the same thing.
+            msg = (f"{repo}: repository not found: no such model repo on the hub" +
                    (" (or it is private and the token has no access)" if self.token
                     else " (if it is private, pass --token or set HF_TOKEN)"))
         elif isinstance(exc, e.RevisionNotFoundError):
             msg = f"{repo} has no revision '{self.revision}'"
-        elif isinstance(exc, (e.RemoteEntryNotFoundError, e.EntryNotFoundError)) and not isinstance(
-                exc, e.LocalEntryNotFoundError):
+        elif (isinstance(exc, (e.RemoteEntryNotFoundError, e.EntryNotFoundError)) and not isinstance(
+                exc, e.LocalEntryNotFoundError)) or (type(exc) is e.HfHubHTTPError and _status(exc) == 404):
             msg = f"{repo}: file not found on the hub ({_first_line(exc)})"
         elif isinstance(exc, (e.LocalEntryNotFoundError, e.OfflineModeIsEnabled)):
             msg = (f"{self.ref.name} is not in the cache and the hub cannot be used (offline): "
@@ -227,7 +230,7 @@ class _HubErrors:
             msg = (f"cannot reach the hub at {endpoint()} ({type(exc).__name__}): check the network, "
                    f"or use --offline for models already pulled; a retry resumes where this stopped")
         elif isinstance(exc, e.HfHubHTTPError):
-            code = exc.response.status_code if exc.response is not None else "?"
+            code = _status(exc) or "?"
             hint = " (the token was refused: check --token / HF_TOKEN)" if code in (401, 403) else ""
             msg = f"the hub answered HTTP {code} for {repo}{hint}"
         elif isinstance(exc, OSError):
@@ -236,6 +239,11 @@ class _HubErrors:
         else:
             return False
         raise MoecliError(_redact(msg, self.token)) from None
+
+
+def _status(exc) -> int | None:
+    response = getattr(exc, "response", None)
+    return response.status_code if response is not None else None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -296,9 +304,10 @@ def pull(name: str, revision: str | None = None, token: str | None = None, offli
         return _from_cache(ref, revision)
     from huggingface_hub import HfApi
 
-    with _HubErrors(ref, token, revision):
+    with _HubErrors(ref, token, revision) as errors:
         info = HfApi(endpoint=endpoint()).model_info(ref.repo_id, revision=revision, files_metadata=True,
                                                      token=token)
+        errors.stage = "files"
         remote = {s.rfilename: RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, s.blob_id)
                   for s in info.siblings or []}
         for path in remote:
@@ -395,6 +404,7 @@ def _fetch_lfs_blob(ref: ModelRef, f: RemoteFile, commit: str, token: str | None
     lock = cache_dir() / ".locks" / folder.name / f"{meta.etag}.moecli.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     size = meta.size if meta.size is not None else f.size
+    note = _partial_note(folder, meta.etag)
     with WeakFileLock(lock):
         if blob.exists():
             return False
@@ -406,6 +416,9 @@ def _fetch_lfs_blob(ref: ModelRef, f: RemoteFile, commit: str, token: str | None
         if urlparse(meta.location).netloc != urlparse(url).netloc:
             headers.pop("authorization", None)  # a signed CDN URL: never send the token to another host
         if size is None or done < size:
+            import json
+
+            note.write_text(json.dumps({"repo_id": ref.repo_id, "path": f.path, "size": size}))
             progress.start(f.path, size, done)
             try:
                 with open(part, "ab") as out:
@@ -416,10 +429,54 @@ def _fetch_lfs_blob(ref: ModelRef, f: RemoteFile, commit: str, token: str | None
         digest = sha256_file(part)
         if digest != f.sha256:
             part.unlink(missing_ok=True)
+            note.unlink(missing_ok=True)
             raise MoecliError(f"{f.path}: SHA-256 mismatch (hub {f.sha256[:12]}..., downloaded {digest[:12]}...): "
                               f"the corrupt download was deleted; run the pull again")
         os.replace(part, blob)
+        note.unlink(missing_ok=True)
     return True
+
+
+def _partial_note(folder: Path, etag: str) -> Path:
+    """Which file a `blobs/<etag>.incomplete` is (for `list`): a small JSON beside moecli's lock for that blob,
+    in the cache's .locks folder, which huggingface_hub's cache scan never reads."""
+    return cache_dir() / ".locks" / folder.name / f"{etag}.moecli.json"
+
+
+@dataclass
+class PartialDownload:
+    repo_id: str
+    quant: str | None      # None: safetensors, or a file another tool left (its name unknown)
+    files: list[str]
+    done: int              # bytes on disk
+    size: int | None       # bytes in all (None: unknown)
+
+    @property
+    def name(self) -> str:
+        return f"{self.repo_id}:{self.quant}" if self.quant else self.repo_id
+
+
+def partial_downloads() -> list[PartialDownload]:
+    """Interrupted pulls in the cache (`blobs/*.incomplete`), one entry per repo and quant; `moecli pull` resumes
+    them. Files huggingface_hub itself left appear by repo only (their names are not recorded)."""
+    import json
+
+    out: dict[tuple[str, str | None], PartialDownload] = {}
+    root = cache_dir()
+    for part in sorted(root.glob("models--*/blobs/*.incomplete")) if root.is_dir() else []:
+        folder = part.parent.parent
+        etag = part.name[:-len(".incomplete")]
+        try:
+            meta = json.loads(_partial_note(folder, etag).read_text())
+            repo_id, path, size = str(meta["repo_id"]), str(meta["path"]), meta.get("size")
+        except (OSError, ValueError, KeyError, TypeError):
+            repo_id, path, size = folder.name[len("models--"):].replace("--", "/", 1), None, None
+        quant = quant_of(path) if path and _is_weights_gguf(path) else None
+        entry = out.setdefault((repo_id, quant), PartialDownload(repo_id, quant, [], 0, 0))
+        entry.files.append(path or part.name)
+        entry.done += part.stat().st_size
+        entry.size = None if size is None or entry.size is None else entry.size + int(size)
+    return list(out.values())
 
 
 class _CountingWriter:

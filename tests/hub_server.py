@@ -7,7 +7,7 @@ Serves repos given as {repo_id: {path: bytes}} through the endpoints the client 
 Errors carry the hub's X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) so the client raises its
 typed exceptions. Faults: `cut[path] = [n, ...]` ends the next transfers of that file after n bytes (one entry per
 request); `stall[path] = n` sends n bytes then hangs until `release()`; `corrupt.add(path)` serves different bytes
-than the listed sha256; `gated` / `tokens` guard repos. `served[path]` counts body bytes sent, `requests` logs
+than the listed sha256; `gated` / `tokens` guard repos; `bare_errors` drops the X-Error-Code headers (a mirror). `served[path]` counts body bytes sent, `requests` logs
 (method, path, headers).
 """
 from __future__ import annotations
@@ -57,6 +57,7 @@ class HubServer:
         self.stall: dict[str, int] = {}
         self.corrupt: set[str] = set()
         self.missing: set[str] = set()  # listed by model_info, 404 on resolve
+        self.bare_errors = False  # answer errors as a plain mirror or proxy would: status only, no X-Error-Code
         self.served: dict[str, int] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self._release = threading.Event()
@@ -197,8 +198,9 @@ class HubServer:
     def _error(self, h, code: int, error_code: str, message: str, commit: str | None = None):
         body = json.dumps({"error": message}).encode()
         h.send_response(code)
-        h.send_header("X-Error-Code", error_code)
-        h.send_header("X-Error-Message", message)
+        if not self.bare_errors:
+            h.send_header("X-Error-Code", error_code)
+            h.send_header("X-Error-Message", message)
         if commit:
             h.send_header("X-Repo-Commit", commit)
         h.send_header("Content-Type", "application/json")

@@ -88,6 +88,7 @@ def test_pull_gguf_by_quant_then_list_show_resolve(gguf_bytes, env, monkeypatch)
         p = cli(env, "pull", "org/M-GGUF")  # default Q4_K_M
         assert p.returncode == 0, p.stderr
         assert "org/M-GGUF:Q4_K_M" in p.stdout and "Traceback" not in p.stderr
+        assert "(gguf, 1 file, " in p.stdout  # not "1 files"
         assert set(s.served) == {"M-Q4_K_M.gguf"}  # no other quant, no mmproj, no README
         path = Path(p.stdout.strip().splitlines()[-1])
         assert path.read_bytes() == gguf_bytes[0]
@@ -114,6 +115,10 @@ def test_pull_gguf_by_quant_then_list_show_resolve(gguf_bytes, env, monkeypatch)
     # 2 layers x 4 experts x 3 x (64 x 32) = 49152 expert parameters; top-2 of 4 -> half of them active.
     assert "llama" in out and "4 per layer, top-2" in out and "49.15K expert parameters" in out
     assert "Q8_0" in out and "F16" in out and "F32" in out and "fits in RAM" in out
+    assert out.count("/snapshots/") == 1  # the path once
+    gguf_path = hub.resolve_local("org/M-GGUF:Q8_0")
+    shown = cli(env, "show", str(gguf_path))  # a path is the name: printed once, not twice
+    assert shown.returncode == 0 and shown.stdout.count(str(gguf_path)) == 1, shown.stdout
 
     assert hub.resolve_local("org/M-GGUF").name == "M-Q4_K_M.gguf"
     assert hub.resolve_local("hf.co/org/M-GGUF:q8_0").name == "M-Q8_0.gguf"
@@ -219,12 +224,17 @@ def test_interrupted_pull_resumes_in_next_run(env, monkeypatch):
         kept = parts[0].stat().st_size
         assert data[:kept] == parts[0].read_bytes()
         assert not list(Path(env["HF_HOME"]).rglob("snapshots/*/model.safetensors"))  # no partial "good" file
+        listing = cli(env, "list")  # the interrupted pull shows, with how to resume it
+        assert listing.returncode == 0 and "org/Big" in listing.stdout, listing.stdout
+        assert f"partial: {hub.fmt_bytes(kept)} of {hub.fmt_bytes(len(data))}" in listing.stdout
+        assert "moecli pull org/Big` resumes" in listing.stdout
         s.release()
         s.served.clear()
         p = cli(env, "pull", "org/Big")
         assert p.returncode == 0, p.stderr
         assert s.served["model.safetensors"] == len(data) - kept  # the second run fetched only the remainder
     assert not list(Path(env["HF_HOME"]).rglob("*.incomplete"))
+    assert "partial" not in cli(env, "list").stdout and hub.partial_downloads() == []
     out = Path(p.stdout.strip().splitlines()[-1]) / "model.safetensors"
     assert out.read_bytes() == data
 
@@ -249,7 +259,13 @@ def test_missing_repo_file_quant_revision(gguf_bytes, env, monkeypatch):
                                     "model-00001-of-00002.safetensors": b"x"},
                     "org/Text": {"README.md": b"no weights"}}) as s:
         serve(s, env, monkeypatch)
-        one_error(cli(env, "pull", "org/Nope-GGUF"), "no such model repo on the hub")
+        one_error(cli(env, "pull", "org/Nope-GGUF"), "org/Nope-GGUF: repository not found")
+        s.bare_errors = True  # a mirror's plain 404: still "repository not found", never "HTTP 404"
+        one_error(cli(env, "pull", "org/Nope-GGUF"), "org/Nope-GGUF: repository not found")
+        s.missing.add("M-Q4_K_M.gguf")
+        one_error(cli(env, "pull", "org/M-GGUF"), "file not found on the hub")
+        s.missing.clear()
+        s.bare_errors = False
         line = one_error(cli(env, "pull", "org/M-GGUF:IQ2_XXS"), "has no IQ2_XXS GGUF")
         assert "available quants: Q4_K_M, Q8_0" in line
         one_error(cli(env, "pull", "org/M-GGUF", "--revision", "v9"), "has no revision 'v9'")

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -114,11 +112,11 @@ def _is_model_name(name: str) -> bool:
 
 
 def list_models() -> None:
-    """List pulled models: name, format/quant, size, path."""
+    """List pulled models: name, format/quant, size, path; interrupted pulls too (`moecli pull` resumes them)."""
     from rich.table import Table
 
-    models = hub.local_models()
-    if not models:
+    models, partial = hub.local_models(), hub.partial_downloads()
+    if not models and not partial:
         typer.echo(f"no pulled models in {hub.cache_dir()} (try: moecli pull Qwen/Qwen3-30B-A3B-GGUF:Q4_K_M)")
         return
     table = Table(box=None, pad_edge=False)
@@ -130,6 +128,11 @@ def list_models() -> None:
             fmt += " (incomplete)"
         rev = ",".join(m.refs) or m.commit[:12]
         table.add_row(m.name, fmt, hub.fmt_bytes(m.size), rev, str(m.path))
+    for d in partial:
+        of = f" of {hub.fmt_bytes(d.size)}" if d.size else ""
+        kind = f"gguf {d.quant}" if d.quant else "files"
+        table.add_row(d.name, f"{kind} (partial: {hub.fmt_bytes(d.done)}{of}; `moecli pull {d.name}` resumes)",
+                      hub.fmt_bytes(d.done), "-", str(hub.storage_folder(d.repo_id) / "blobs"))
     _console().print(table)
 
 
@@ -166,32 +169,10 @@ def summarize(ckpt) -> dict:
 
 
 def host_ram() -> tuple[int, str]:
-    """(bytes of RAM, where the number comes from): this host's profile from `moecli profile` if it names one,
-    else psutil."""
-    for d in _profile_dirs():
-        for f in sorted(d.glob("*.toml")):
-            try:
-                import tomllib
-
-                data = tomllib.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            host = data.get("host", {})
-            if socket.gethostname() not in (host.get("hostname"), host.get("name")):
-                continue  # reference profiles describe other machines
-            for section in (host, data.get("memory", {}), data.get("ram", {}), data.get("cpu", {})):
-                for key, scale in (("ram_bytes", 1), ("total_bytes", 1), ("ram_gb", 1e9), ("total_gb", 1e9),
-                                   ("ram_gib", 2 ** 30), ("total_gib", 2 ** 30)):
-                    if isinstance(section.get(key), (int, float)) and section[key] > 0:
-                        return int(section[key] * scale), f"profile {f.name}"
+    """(bytes of RAM, where the number comes from)."""
     import psutil
 
     return psutil.virtual_memory().total, "psutil"
-
-
-def _profile_dirs() -> list[Path]:
-    dirs = [Path(os.environ["MOECLI_PROFILES"])] if os.environ.get("MOECLI_PROFILES") else []
-    return dirs + [Path("profiles"), Path(__file__).resolve().parents[2] / "profiles"]
 
 
 def show(name: str = typer.Argument(..., help="Pulled model name, GGUF file or model directory")) -> None:
@@ -202,7 +183,8 @@ def show(name: str = typer.Argument(..., help="Pulled model name, GGUF file or m
     path = resolve_model(name)
     s = summarize(load_checkpoint(path))
     out = _console()
-    out.print(f"[bold]{name}[/bold]  {path}")
+    same = Path(name).expanduser().resolve() == path.resolve()
+    out.print(f"[bold]{name}[/bold]" if same else f"[bold]{name}[/bold]  {path}")  # a path is shown once
     out.print(f"architecture  {s['arch']}: {s['n_layer']} layers, width {s['n_embd']}, "
               f"{s['n_head']} heads ({s['n_head_kv']} KV), vocab {s['n_vocab']}, context {s['n_ctx_train']}")
     out.print(f"parameters    {_count(s['params_total'])} total, {_count(s['params_active'])} active per token")
