@@ -129,6 +129,7 @@ def test_load_continues_a_saved_conversation(tmp_path):
     c.sendline(f"/load {save}")
     c.expect_exact(f"Loaded 2 messages from {save}")  # after the conversation so far, shown as it was typed
     assert f"{PROMPT}{story}" in c.before and "What a lovely plan!" in c.before
+    c.expect_exact("restored the saved settings: max_tokens 7, system message")  # said, not silent
     c.expect_exact(PROMPT)
     assert re.search(r"max_tokens\s+7\b", send(c, "/set"))
     assert send(c, "Which city should we see first?").strip()
@@ -143,6 +144,51 @@ def test_load_continues_a_saved_conversation(tmp_path):
     c.expect_exact(PROMPT)
     c.sendintr()
     exits(c, 0)
+
+
+@needs_smol
+def test_terminal_habits_ctrl_c_clears_a_line_type_ahead_is_not_echoed_answers_wrap(tmp_path):
+    env = {k: v for k, v in ENV.items() if k not in ("COLUMNS", "LINES")}
+    c = pexpect.spawn(CMD[0], CMD[1:] + ["--temperature", "0", "-n", "60"], env=env, encoding="utf-8", timeout=30,
+                      dimensions=(50, 40), cwd=str(tmp_path))  # a 40-column terminal
+    c.expect_exact(PROMPT)
+    # Ctrl-C on a half-typed line clears it and does not count toward exiting (two would exit at an empty line).
+    c.send("this line is dropped")
+    c.expect_exact("dropped")  # echoed: readline holds it
+    c.sendintr()
+    c.expect_exact(PROMPT)
+    assert "Ctrl-C again" not in c.before
+    c.sendintr()  # the first Ctrl-C at an empty prompt: the hint, still running
+    c.expect_exact("Ctrl-C again")
+    c.expect_exact(PROMPT)
+    c.send("also gone")
+    c.expect_exact("gone")
+    c.sendintr()  # clears, and resets the count: the next one at an empty prompt is again only a hint
+    c.expect_exact(PROMPT)
+    assert "Ctrl-C again" not in c.before
+    assert "/set top_p" not in send(c, "/set top_p 1") and "Bad value" in send(c, "/set top_p 1.5")
+
+    # A long answer on 40 columns; keys typed while it streams are not echoed into it.
+    c.sendline("Describe the water cycle in detail, in simple words.")
+    c.expect_exact("simple words.")
+    c.expect(r"\w+\W+\w+\W+\w+")  # the answer has started
+    first = c.after
+    c.send("zqxj")  # typed during the answer, no Enter
+    c.expect_exact(PROMPT)
+    answer = first + c.before
+    assert "zqxj" not in answer
+    c.expect_exact("zqxj")  # type-ahead: it shows at the next prompt, where readline reads it
+    c.sendintr()  # and Ctrl-C clears that line
+    c.expect_exact(PROMPT)
+    save = tmp_path / "w.json"
+    send(c, "/save w.json")  # short: a longer line wraps its echo on 40 columns
+    c.sendline("/bye")
+    exits(c, 0)
+    lines = [l for l in answer.replace("\r", "").split("\n") if l.strip()]
+    assert len(lines) > 3 and all(len(l) <= 39 for l in lines), lines  # wrapped before the edge
+    content = json.loads(save.read_text())["messages"][1]["content"]
+    # Joined again, the lines are the answer word for word: no word was cut in two.
+    assert " ".join(answer.split()) == " ".join(content.split()), (answer, content)
 
 
 @needs_smol
@@ -200,6 +246,36 @@ def lines(*items):
     return read
 
 
+def test_word_wrap_breaks_between_words():
+    import io
+
+    from moecli.chat.repl import WordWrap
+
+    out = io.StringIO()
+    w = WordWrap(out, width=10)
+    for piece in ["The", " quick", " brown", " fox", " jumps", " over", "\nthe", " extraordinarily", "-long dog"]:
+        w.write(piece)
+        w.flush()  # after every token, as the chat does: a word in progress stays back
+    w.end()
+    assert out.getvalue().split("\n") == ["The quick", "brown fox", "jumps over", "the", "extraordin", "arily-long",
+                                           "dog"]
+    out = io.StringIO()
+    w = WordWrap(out, width=6)
+    w.write("日本語の文です ok")  # wide characters take two columns
+    w.end()
+    assert out.getvalue().split("\n") == ["日本語", "の文で", "す ok"]
+
+
+def test_set_ranges_are_stated_as_they_are_checked():
+    from moecli.chat.repl import PARAMS
+
+    assert PARAMS["top_p"]("1.0") == 1.0
+    with pytest.raises(ValueError, match=r"must be in \[0\.0, 1\.0\]$"):
+        PARAMS["top_p"]("1.5")
+    with pytest.raises(ValueError, match=r"must be >= 0\.0$"):
+        PARAMS["temperature"]("-1")
+
+
 def test_read_message_multiline_and_continuation():
     assert read_message(lines("hello")) == "hello"
     assert read_message(lines('"""', "one", "", 'two"""')) == "one\n\ntwo"
@@ -229,6 +305,9 @@ def test_expert_line():
     before = {"active": 100, "hits": 50, "cpu_experts": 60, "device_experts": 40}
     after = {"active": 200, "hits": 140, "cpu_experts": 108, "device_experts": 92, "bytes_copied": 5}
     assert st.format_experts(_Model(after), before) == "expert cache hit rate 90.0% | 48%/52% CPU/GPU"
+    on_cpu = _Model(after)
+    on_cpu.device = type("Cpu", (), {"type": "cpu"})()  # torch's CPU device is not called a GPU
+    assert st.format_experts(on_cpu, before) == "expert cache hit rate 90.0% | 48%/52% ggml/torch cpu"
     assert st.format_experts(_Model(None)) == "100% CPU"
     assert st.format_experts(_Model({"active": 4, "hits": 0, "cpu_experts": 4, "device_experts": 0})) == \
         "expert cache hit rate 0.0% | 100% CPU"

@@ -2,14 +2,19 @@
 
 Input is plain `input()` with `readline` (line editing and history); `\"\"\"` opens and closes a multi-line message
 and a line ending in a backslash continues on the next one. Ctrl-C stops an answer (the partial answer stays in the
-conversation, marked as interrupted); at an empty prompt it prints a hint and a second one exits; Ctrl-D exits.
+conversation, marked as interrupted); on a half-typed line it clears the line; at an empty prompt it prints a hint
+and a second one exits; Ctrl-D exits. On a terminal, answers wrap at word boundaries and keys typed while an answer
+streams are not echoed into it (they wait for the next prompt, as a shell's type-ahead).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import sys
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -47,7 +52,7 @@ def _num(kind, lo=None, hi=None):
         except ValueError:
             raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ValueError(f"must be in [{lo}, {hi if hi is not None else 'inf'})")
+            raise ValueError(f"must be in [{lo}, {hi}]" if hi is not None else f"must be >= {lo}")
         return v
     return parse
 
@@ -127,41 +132,26 @@ class Chat:
                 turn.gen_tokens += 1
                 yield t
 
-        status = "ok"
         parser = HarmonyParser() if m.harmony else None  # gpt-oss: reasoning and answer come in channels
         thinking: list[str] = []
+        shown = self.out
+        if self.interactive and _is_tty(shown):
+            self.out = WordWrap(shown)  # answers wrap at word boundaries on a terminal
         try:
-            ids = m.tokenize(m.chat_prompt(self.conversation()), add_special=True)
-            turn.prompt_tokens = len(ids)
-            turn.prompt_new = max(len(ids) - common_prefix(self.session.tokens, ids), 1)
-            t0 = time.perf_counter()
-            try:
-                for piece in m.stream_text(timed(m.generate(ids, s.max_tokens, session=self.session,
-                                                            **s.sampling())), special=parser is not None):
-                    if parser is None:
-                        pieces.append(piece)
-                        self.out.write(piece)
-                        self.out.flush()
-                    else:
-                        self._show(parser.push(piece), pieces, thinking)
-            except MoecliError:
-                if len(ids) + turn.gen_tokens <= self.session.n_ctx:
-                    raise  # something else than the context filling up
-                status = "full"
-        except KeyboardInterrupt:
-            status = "interrupted"
-        except BaseException:
-            self.messages.pop()
-            raise
-        if parser is not None:
-            self._show(parser.flush(), pieces, thinking)
-            if thinking and not pieces:
-                self.err.write("\n")
-        reply = "".join(pieces)
-        if pieces:
-            self.out.write("\n")
-        if status == "interrupted":
-            self.out.write("(answer interrupted)\n")
+            status, t0 = self._stream(m, s, turn, pieces, thinking, parser, timed)
+            if parser is not None:
+                self._show(parser.flush(), pieces, thinking)
+                if thinking and not pieces:
+                    self.err.write("\n")
+            reply = "".join(pieces)
+            if pieces:
+                self.out.write("\n")
+            if status == "interrupted":
+                self.out.write("(answer interrupted)\n")
+        finally:
+            if self.out is not shown:
+                self.out.end()
+                self.out = shown
         self.out.flush()
 
         if reply or status == "ok":
@@ -185,6 +175,36 @@ class Chat:
                            f"{st.format_experts(m, before)}\n")
         self.err.flush()
         return status
+
+    def _stream(self, m, s: Settings, turn, pieces: list[str], thinking: list[str], parser, timed):
+        """Generate and print one answer -> (status, when the prompt started computing); status "ok",
+        "interrupted" (Ctrl-C) or "full" (the context filled up)."""
+        t0 = time.perf_counter()
+        try:
+            ids = m.tokenize(m.chat_prompt(self.conversation()), add_special=True)
+            turn.prompt_tokens = len(ids)
+            turn.prompt_new = max(len(ids) - common_prefix(self.session.tokens, ids), 1)
+            t0 = time.perf_counter()
+            with no_echo(self.interactive):
+                for piece in m.stream_text(timed(m.generate(ids, s.max_tokens, session=self.session,
+                                                            **s.sampling())), special=parser is not None):
+                    if parser is None:
+                        pieces.append(piece)
+                        self.out.write(piece)
+                        self.out.flush()
+                    else:
+                        self._show(parser.push(piece), pieces, thinking)
+        except KeyboardInterrupt:
+            return "interrupted", t0
+        except MoecliError:
+            if turn.prompt_tokens == 0 or turn.prompt_tokens + turn.gen_tokens <= self.session.n_ctx:
+                self.messages.pop()
+                raise  # something else than the context filling up
+            return "full", t0
+        except BaseException:
+            self.messages.pop()
+            raise
+        return "ok", t0
 
     def _show(self, parts: list[tuple[str, str]], answer: list[str], thinking: list[str]) -> None:
         """Harmony channels: the answer ("final") to stdout, reasoning and tool preambles dimmed on stderr."""
@@ -294,12 +314,17 @@ class Chat:
         except MoecliError as e:
             self.say(f"error: {e}")
             return
+        changed = [f.name for f in fields(Settings) if getattr(settings, f.name) != getattr(self.settings, f.name)]
         self.settings, self.messages = settings, messages
         self.show_history()
         saved_with = model
         if saved_with and Path(saved_with).name != Path(str(getattr(self.model, "path", ""))).name:
             self.say(f"(saved with another model: {saved_with})")
-        self.say(f"Loaded {len(messages)} messages from {path}")
+        restored = ", ".join("system message" if k == "system" and settings.system else
+                             "no system message" if k == "system" else f"{k} {getattr(settings, k)}"
+                             for k in changed)
+        self.say(f"Loaded {len(messages)} messages from {path}; "
+                 + (f"restored the saved settings: {restored}" if changed else "the saved settings equal these"))
 
     def show_history(self) -> None:
         if self.settings.system:
@@ -352,6 +377,119 @@ def load_conversation(path: Path) -> tuple[list[dict], Settings, str]:
     return messages, settings, str(data.get("model") or "")
 
 
+# --- the terminal --------------------------------------------------------------------------------------------------
+def _is_tty(stream) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _cells(ch: str) -> int:
+    """Columns a character takes on a terminal: 2 for wide (CJK) characters, 0 for combining marks."""
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+class WordWrap:
+    """A text stream that breaks lines at word boundaries before the terminal's edge (which would cut words).
+
+    The word being written waits until it ends (a space or a newline: one token of delay), so it can move to the
+    next line whole; a word wider than the terminal is cut at the edge. No escape codes: the bytes stay plain text.
+    """
+
+    def __init__(self, out, width: int | None = None):
+        self.out = out
+        self.width = width or max(shutil.get_terminal_size((80, 24)).columns - 1, 10)
+        self.col = 0       # columns used on the current line
+        self.word = ""     # the word not written yet
+        self.word_cells = 0
+        self.space = ""    # the blank before it, written only if the word stays on this line
+
+    def write(self, text: str) -> int:
+        for ch in text:
+            if ch == "\n":
+                self._flush_word()
+                self.out.write("\n")
+                self.col, self.space = 0, ""
+            elif ch in " \t":
+                self._flush_word()
+                if self.col:
+                    self.space += ch
+            else:
+                self.word += ch
+                self.word_cells += _cells(ch)
+                if self.word_cells >= self.width:  # wider than a line: cut it
+                    self._flush_word()
+        return len(text)
+
+    def _flush_word(self) -> None:
+        if not self.word:
+            return
+        if self.col and self.col + len(self.space) + self.word_cells > self.width:
+            self.out.write("\n")
+            self.col = 0
+        elif self.space:
+            self.out.write(self.space)
+            self.col += len(self.space)
+        self.space = ""
+        while self.col + self.word_cells > self.width:  # still too wide: cut at the edge
+            head, cells = "", 0
+            for ch in self.word:
+                if self.col + cells + _cells(ch) > self.width:
+                    break
+                head, cells = head + ch, cells + _cells(ch)
+            self.out.write(head + "\n")
+            self.word, self.word_cells, self.col = self.word[len(head):], self.word_cells - cells, 0
+        self.out.write(self.word)
+        self.col += self.word_cells
+        self.word, self.word_cells = "", 0
+
+    def flush(self) -> None:
+        """Flush what is written; the word being written stays (a token is often part of a word)."""
+        self.out.flush()
+
+    def end(self) -> None:
+        """Write the last word: the answer is over."""
+        self._flush_word()
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return _is_tty(self.out)
+
+
+@contextlib.contextmanager
+def no_echo(active: bool = True):
+    """While an answer streams, keys typed on the terminal are not echoed into it; they wait in the terminal's
+    input queue and show at the next prompt (a shell's type-ahead). Ctrl-C still interrupts (ISIG stays on)."""
+    fd, saved = None, None
+    if active and sys.stdin is not None and _is_tty(sys.stdin):
+        try:
+            import termios
+
+            fd = sys.stdin.fileno()
+            saved = termios.tcgetattr(fd)
+            quiet = termios.tcgetattr(fd)
+            quiet[3] &= ~termios.ECHO
+            termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        except (ImportError, OSError, ValueError):
+            saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def line_buffer() -> str:
+    """What was typed on the prompt line when Ctrl-C came (readline keeps it), '' without readline."""
+    rl = sys.modules.get("readline")
+    try:
+        return rl.get_line_buffer() if rl is not None else ""
+    except Exception:  # noqa: BLE001 - a readline without the call
+        return ""
+
+
 # --- input ---------------------------------------------------------------------------------------------------------
 class Cancelled(Exception):
     """Ctrl-C in the middle of a message being typed: drop it."""
@@ -385,8 +523,10 @@ def read_message(read: Callable[[str], str]) -> str:
         raise Cancelled from None
 
 
-def run(chat: Chat, read: Callable[[str], str] | None = None) -> None:
-    """The read-eval-print loop, until /bye, Ctrl-D or two Ctrl-C in a row at an empty prompt."""
+def run(chat: Chat, read: Callable[[str], str] | None = None,
+        typed: Callable[[], str] = line_buffer) -> None:
+    """The read-eval-print loop, until /bye, Ctrl-D or two Ctrl-C in a row at an empty prompt. Ctrl-C on a
+    half-typed line clears it (`typed()`: the line when it came) and does not count toward exiting."""
     if read is None:
         try:
             import readline  # noqa: F401 - line editing and history for input()
@@ -400,10 +540,17 @@ def run(chat: Chat, read: Callable[[str], str] | None = None) -> None:
         except EOFError:
             chat.out.write("\n")
             return
+        except UnicodeDecodeError:
+            chat.say("error: the terminal sent bytes that are not UTF-8 (check its encoding, e.g. LANG=C.UTF-8)")
+            continue
         except Cancelled:
             chat.out.write("\n")
             continue
         except KeyboardInterrupt:
+            if typed().strip():  # the line is dropped; the next prompt starts empty
+                chat.out.write("\n")
+                interrupts = 0
+                continue
             interrupts += 1
             if interrupts >= 2:
                 chat.out.write("\n")
