@@ -155,33 +155,137 @@ def summarize(out: dict) -> dict:
     return s
 
 
-def render_table(out: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+FORMATS = ("table", "md", "csv", "json")
+WIDTH = 80
+POLICY_WIDTH = 17  # the longest placement name (hybrimoe-prefetch)
 
-    console = console or Console()
-    c = out["costs_ms"]
-    console.print(f"[bold]{out['model_geometry']}[/] {out['quant']} on [bold]{out['profile']}[/]: "
-                  f"expert {out['expert_bytes'] / 1e6:.1f} MB, CPU {c['cpu_a']:.3f}·n+{c['cpu_b']:.3f} ms, "
-                  f"device {c['dev_g0']:.3f}+{c['dev_g1']:.4f}·n ms, copy {c['copy']:.2f} ms; "
-                  f"{out['layers_simulated']} layers, {out['decode_tokens']} decode tokens, "
-                  f"prefill {out['prefill_tokens']} tokens")
+
+def default_trace(say) -> Path:
+    """The newest trace in the user's traces directory (moecli.paths.traces_dir), said in one line; without one,
+    an error that says how to record one."""
+    from moecli.paths import traces_dir
+
+    d = traces_dir()
+    found = sorted(d.glob("*.jsonl"), key=lambda f: f.stat().st_mtime) if d.is_dir() else []
+    if not found:
+        raise MoecliError(f"no --trace given and no trace in {d}: record one with `moecli chat MODEL --placement "
+                          f"hybrimoe --record-trace {d}/NAME.jsonl`, or pass --trace FILE")
+    say(f"trace: {found[-1]} (the newest in {d}; --trace FILE picks another)")
+    return found[-1]
+
+
+def coverage_warnings(out: dict, geometry) -> list[str]:
+    """A trace of some layers predicts the time of those layers only: say so, loud enough to be read."""
+    n, total = out["layers_simulated"], geometry.n_layers
+    if n >= total:
+        return []
+    return [f"warning: the trace covers {n} of the {total} MoE layers of {geometry.name}: the times below are for "
+            f"those {n} layers only, not a whole model (a whole-model trace: `moecli chat --record-trace`)"]
+
+
+def _rows(out: dict) -> list[dict]:
+    """One flat row per (cache ratio, policy)."""
+    rows = []
     for key, row in out["results"].items():
-        t = Table(title=f"cache ratio {key}")
-        for col in ("policy", "TBT ms", "tok/s", "TTFT ms", "hit %", "MB/tok", "CPU %", "µs/dec", "µs/pf"):
-            t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
         for name, e in row.items():
-            t.add_row(name, f"{e['tbt_ms']:.2f}", f"{1000 / e['tbt_ms']:.1f}" if e["tbt_ms"] else "-",
-                      f"{e['ttft_ms']:.1f}" if "ttft_ms" in e else "-", f"{100 * e['hit_rate']:.1f}",
-                      f"{e['copied_bytes_per_token'] / 1e6:.0f}", f"{100 * e['cpu_share']:.0f}",
-                      f"{e['decision_us_decode']:.0f}", f"{e['prefetch_us_decode']:.0f}")
-        console.print(t)
-        cs = out["cache_study"].get(key)
-        if cs:
-            console.print("  cache policies alone (admit every miss): " +
-                          ", ".join(f"{k} {100 * v:.1f} %" for k, v in cs.items()))
-        sm = out["summary"].get(key, {})
+            rows.append({"cache_ratio": float(key), "policy": name, "tbt_ms": e["tbt_ms"],
+                         "tok_s": 1000 / e["tbt_ms"] if e["tbt_ms"] else None, "ttft_ms": e.get("ttft_ms"),
+                         "hit_rate": e["hit_rate"], "mb_per_token": e["copied_bytes_per_token"] / 1e6,
+                         "cpu_share": e["cpu_share"], "decision_us": e["decision_us_decode"],
+                         "prefetch_us": e["prefetch_us_decode"]})
+    return rows
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render(out: dict, fmt: str) -> str:
+    """The sweep as text: `table` (compact, within 80 columns), `md` (markdown), `csv` or `json`."""
+    if fmt == "json":
+        import json
+
+        return json.dumps(out, indent=1) + "\n"
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        rows = _rows(out)
+        w = csv.DictWriter(buf, list(rows[0]) if rows else ["cache_ratio", "policy"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+    if fmt == "md":
+        head = ["cache ratio", "policy", "TBT ms", "tok/s", "TTFT ms", "hit %", "MB/token", "CPU %", "µs/decision"]
+        lines = [_header(out), "", "| " + " | ".join(head) + " |",
+                 "| " + " | ".join("---" if h == "policy" else "---:" for h in head) + " |"]
+        for r in _rows(out):
+            lines.append("| " + " | ".join([
+                f"{r['cache_ratio']:g}", r["policy"], f"{r['tbt_ms']:.2f}", _num(r["tok_s"], ".1f"),
+                _num(r["ttft_ms"], ".1f"), f"{100 * r['hit_rate']:.1f}", f"{r['mb_per_token']:.1f}",
+                f"{100 * r['cpu_share']:.0f}", f"{r['decision_us']:.0f}"]) + " |")
+        return "\n".join(lines + [""] + summary_lines(out)) + "\n"
+    return "\n".join([*_wrap(_header(out)), ""] + compact_table(out) + [""] + summary_lines(out)) + "\n"
+
+
+def _header(out: dict) -> str:
+    c = out["costs_ms"]
+    return (f"{out['model_geometry']} {out['quant']} on {out['profile']}: expert {out['expert_bytes'] / 1e6:.1f} MB, "
+            f"CPU {c['cpu_a']:.3f}·n+{c['cpu_b']:.3f} ms, device {c['dev_g0']:.3f}+{c['dev_g1']:.4f}·n ms, copy "
+            f"{c['copy']:.2f} ms; {out['layers_simulated']} layers, {out['decode_tokens']} decode tokens, prefill "
+            f"{out['prefill_tokens']} tokens")
+
+
+def _wrap(text: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, WIDTH)
+
+
+def compact_table(out: dict) -> list[str]:
+    """Policies down, cache ratios across, for decode time per token, prefill time and hit rate; a metric block
+    per table when all of them would not fit in 80 columns."""
+    keys = list(out["results"])
+    policies = list(dict.fromkeys(p for row in out["results"].values() for p in row))
+    metrics = [("TBT ms", lambda e: _num(e["tbt_ms"], ".2f"), 6),
+               ("TTFT ms", lambda e: _num(e.get("ttft_ms"), ".0f"), 6),
+               ("hit %", lambda e: f"{100 * e['hit_rate']:.0f}", 4)]
+    blocks, block, width = [], [], POLICY_WIDTH
+    for m in metrics:
+        need = len(keys) * (m[2] + 1)
+        if block and width + need > WIDTH:
+            blocks.append(block)
+            block, width = [], POLICY_WIDTH
+        block.append(m)
+        width += need
+    blocks.append(block)
+    lines = []
+    for block in blocks:
+        top = " " * POLICY_WIDTH + "".join(f" {name:<{w * len(keys) + len(keys) - 1}}" for name, _, w in block)
+        sub = f"{'policy / cache':<{POLICY_WIDTH}}" + "".join(
+            f" {f'{float(k):.0%}':>{w}}" for _, _, w in block for k in keys)
+        lines += [top.rstrip(), sub]
+        for p in policies:
+            cells = "".join(f" {(fn(out['results'][k][p]) if p in out['results'][k] else '-'):>{w}}"
+                            for _, fn, w in block for k in keys)
+            lines.append(f"{p:<{POLICY_WIDTH}}{cells}")
+        lines.append("")
+    return lines[:-1]
+
+
+def summary_lines(out: dict) -> list[str]:
+    """Per cache ratio: HybriMoE's speedups over the baselines and its distance to the oracle, in a few lines."""
+    lines = []
+    for key, sm in out["summary"].items():
         for metric, m in sm.items():
-            sp = ", ".join(f"{k[11:]} {v:.2f}×" for k, v in m.items() if k.startswith("speedup_vs_") and v)
-            console.print(f"  hybrimoe {metric}: {sp}; oracle is {m.get('oracle_over_hybrimoe', 0) or 0:.2f}× "
-                          f"faster; fastest online: {m.get('hybrimoe_fastest_online')}")
+            what = "decode" if metric == "tbt_ms" else "prefill"
+            sp = ", ".join(f"{k[11:]} {v:.2f}x" for k, v in m.items() if k.startswith("speedup_vs_") and v)
+            oracle = m.get("oracle_over_hybrimoe")
+            tail = f"; the oracle is {oracle:.2f}x faster" if oracle else ""
+            lines += _wrap(f"{float(key):.0%} cache, {what}: hybrimoe vs {sp}{tail}")
+    cs = [f"{float(k):.0%}: " + ", ".join(f"{n} {100 * v:.0f}%" for n, v in study.items())
+          for k, study in out["cache_study"].items() if study]
+    if cs:
+        lines += _wrap("hit rate of each cache policy alone (every miss admitted): " + "; ".join(cs))
+    return lines

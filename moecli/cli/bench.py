@@ -2,16 +2,12 @@
 `--simulate` a prediction of hybrid speed from a routing trace and a host profile."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from moecli.errors import MoecliError
-
-DEFAULT_TRACE = "../shared/traces/mixtral-8x7b/gsm8k_2_routing.jsonl"
-
 
 def bench(
     model: Optional[str] = typer.Argument(None, help="GGUF file, model directory or pulled name "
@@ -31,8 +27,11 @@ def bench(
                                                                        "geometry (e.g. qwen3-30b-a3b), cached."),
     layers: int = typer.Option(4, "--layers", help="Layers of the --synthetic model."),
     simulate: bool = typer.Option(False, "--simulate", help="Simulate placements over a routing trace."),
-    trace: Optional[Path] = typer.Option(None, "--trace", help="Routing trace file or directory."),
-    profile: Optional[Path] = typer.Option(None, "--profile", help="Host profile TOML (see profiles/)."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Routing trace file or directory (default: the "
+                                                               "newest in the user's traces directory)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Host profile: a name (hybrimoe-testbed, "
+                                                                  "desktop-4090, laptop-8gb, or one `moecli profile` "
+                                                                  "wrote) or a TOML file."),
     model_geometry: Optional[str] = typer.Option(None, "--model-geometry", help="e.g. mixtral-8x7b."),
     cache_ratio: str = typer.Option("0.25,0.5,0.75", "--cache-ratio", help="Device expert cache ratios."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated placements (default: all)."),
@@ -40,42 +39,63 @@ def bench(
                                                               "--simulate: expert quant type."),
     predictor_accuracy: float = typer.Option(0.9, "--predictor-accuracy",
                                              help="Next-layer prediction accuracy when the trace has none."),
-    output: str = typer.Option("md", "-o", "--output", help="md (a markdown table), csv, json or jsonl (one record "
-                                                           "per test, as it finishes); --simulate: table, md, csv "
-                                                           "or json."),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output", help="md (a markdown table, the default), csv, json or jsonl (one record per test, "
+        "as it finishes); --simulate: table (the default: one table within 80 columns), md, csv or json.",
+        show_default=False),
+    plot: Optional[str] = typer.Option(None, "--plot", help="--simulate: draw TBT and TTFT per policy against the "
+                                                            "cache ratio into FILE.png, or '-' in the terminal."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
                                     help="Flash attention for prompts, on both sides (llama.cpp: auto / off)."),
 ) -> None:
     """Benchmark a model like llama-bench (pp/tg tokens/s, optionally vs llama.cpp), or with --simulate predict
     hybrid CPU/GPU speed on a host profile."""
     if not simulate:
+        if plot is not None:
+            raise MoecliError("--plot draws --simulate's results (the real benchmark prints rows: -o csv for a plot)")
         _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic,
-                    layers, quant, output, flash_attn)
+                    layers, quant, output or "md", flash_attn)
         return
-    from moecli.bench.simulate import parse_ratios, render_table, run_sweep
+    _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output or "table",
+              plot)
 
-    output = "table" if output == "md" else output
+
+def _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output, plot) -> None:
+    from moecli.bench import simulate as S
     from moecli.policy.geometry import get_geometry
+    from moecli.profile import store
 
-    if output not in ("table", "json"):
-        raise MoecliError(f"bad output format {output!r}: use table or json")
+    if output not in S.FORMATS:
+        raise MoecliError(f"bad output format {output!r}: use {', '.join(S.FORMATS)}")
     if profile is None:
-        raise MoecliError("--simulate needs --profile FILE (reference hosts are in profiles/)")
+        raise MoecliError(f"--simulate needs --profile NAME or FILE (reference hosts: "
+                          f"{', '.join(store.reference_names())})")
+    profile = store.resolve_profile(profile)
     if model_geometry is None:
         raise MoecliError("--simulate needs --model-geometry NAME (e.g. mixtral-8x7b)")
     if not 0.0 <= predictor_accuracy <= 1.0:
         raise MoecliError("--predictor-accuracy must be within [0, 1]")
-    get_geometry(model_geometry)
-    ratios = parse_ratios(cache_ratio)
-    trace = trace or Path(DEFAULT_TRACE)
-    if not trace.exists():
+    geometry = get_geometry(model_geometry)
+    ratios = S.parse_ratios(cache_ratio)
+    if plot is not None and plot != "-" and not plot.lower().endswith(".png"):
+        raise MoecliError(f"--plot {plot}: give a .png file name, or '-' for a plot in the terminal")
+    if trace is None:
+        trace = S.default_trace(lambda m: typer.echo(m, err=True))
+    elif not trace.exists():
         raise MoecliError(f"trace not found: {trace}")
     pols = [p for p in policies.split(",") if p.strip()] if policies else None
-    out = run_sweep(trace, profile, model_geometry, ratios, pols, quant, predictor_accuracy)
-    if output == "json":
-        typer.echo(json.dumps(out, indent=1))
-    else:
-        render_table(out)
+    out = S.run_sweep(trace, profile, model_geometry, ratios, pols, quant, predictor_accuracy)
+    for line in S.coverage_warnings(out, geometry):
+        typer.echo(line, err=True)
+    typer.echo(S.render(out, output), nl=False)
+    if plot == "-":
+        from moecli.bench.plot import terminal_plot
+
+        typer.echo(terminal_plot(out))
+    elif plot is not None:
+        from moecli.bench.plot import png_plot
+
+        typer.echo(f"plot written: {png_plot(out, Path(plot))}", err=True)
 
 
 def int_list(text: str, flag: str, least: int = 0) -> list[int]:
