@@ -196,7 +196,7 @@ def test_no_gpu_plan_puts_everything_on_cpu():
     facts = P.ModelFacts.from_geometry(QWEN3, "Q4_K")
     p = P.make_plan(facts, None, 4096, 2, costs=build_cost_model(store.safe_default_profile(), QWEN3, "Q4_K"))
     assert p.slots_per_layer == 0 and p.device == "cpu" and not p.on_device
-    assert "--cpu-moe" in p.llama_flags and "exps=CPU" in p.llama_ot
+    assert "--cpu-moe" not in p.llama_flags and "no GPU" in p.llama_flags and not p.llama_ot  # nothing to offload
     assert p.decode_tok_s and p.decode_tok_s > 0
 
 
@@ -241,3 +241,57 @@ def test_bad_input_is_one_line(args, msg):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+# -- habits: progress, warnings, consistent threads, limits, per-user files --------------------------------------
+
+
+def test_run_reports_progress_over_every_timed_point(small_layer):
+    seen = []
+    M.run([small_layer], threads=1, thread_counts=[1], mem_bytes=8 << 20, gpu=False,
+          progress=lambda step, done, total: seen.append((step, done, total)), **SHORT)
+    total = seen[-1][2]
+    assert total == M.cpu_points(SHORT["tokens"], SHORT["multi"], SHORT["error_tokens"]) + 1  # + the bandwidth
+    assert [d for _, d, _ in seen] == sorted(d for _, d, _ in seen) and seen[-1][1] == total
+    assert {s for s, _, _ in seen} == {"CPU experts Q8_0, 1 thread", "memory bandwidth, 1 thread"}
+
+
+def test_fit_warning_only_when_the_fit_is_off(short_meas):
+    from moecli.cli.profile import FIT_WARN_PCT, fit_warnings
+
+    f = short_meas.runtime_fits()[0]
+    good = dict(f.errors[0], error=0.05, error_piecewise=0.05)
+    f.errors = [good]
+    assert fit_warnings(short_meas) == []
+    f.errors = [dict(good, error=0.6, error_piecewise=0.9)]  # the two-piece fit is what the cost model uses
+    (line,) = fit_warnings(short_meas)
+    assert line.startswith("warning:") and "off by 90 %" in line and FIT_WARN_PCT < 90
+
+
+def test_profile_cli_progress_threads_and_warnings(tiny_moe, tmp_path):
+    """Through a terminal: a progress bar while measuring; one thread count throughout; no --cpu-moe advice
+    without a GPU; the profile lands in the per-user directory whatever the current directory is."""
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, MOECLI_PROFILES=str(tmp_path / "mine"), TERM="xterm")
+    env.pop("COLUMNS", None)
+    c = pexpect.spawn(sys.executable, ["-m", "moecli", "profile", str(tiny_moe), "-t", "1"], env=env,
+                      encoding="utf-8", timeout=180, dimensions=(40, 160), cwd=str(tmp_path))
+    c.expect("measuring CPU experts F32, 1 thread")  # the bar's description
+    c.expect(r"\d+%")
+    c.expect(pexpect.EOF)
+    out = c.before
+    assert "profile written: " + str(tmp_path / "mine") in out and not (tmp_path / "profiles").exists()
+    assert "1 thread on the CPU" in out and "the runtime will use 1 thread" in out and "2 threads" not in out
+    assert "--cpu-moe" not in out and "nothing to offload" in out
+    assert list((tmp_path / "mine").glob("*.toml"))
+
+
+def test_profile_context_is_checked(tiny_moe):
+    r = run_cli("profile", "--estimate-only", "--ctx", 100_000_000)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: --ctx 100000000: ") and "TiB of KV cache" in r.stderr
+    r = run_cli("profile", tiny_moe, "--estimate-only", "--ctx", 4096)
+    assert r.returncode == 0 and "warning: --ctx 4096 is beyond the model's trained context of 2048" in r.stderr
+    assert "at ctx 4096" in r.stdout
+    r = run_cli("profile", tiny_moe, "--estimate-only")  # default: the trained length, as chat's
+    assert r.returncode == 0 and "at ctx 2048" in r.stdout and "warning" not in r.stderr

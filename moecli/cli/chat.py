@@ -35,7 +35,8 @@ def chat(
     n_gpu_layers: Optional[int] = typer.Option(
         None, "-ngl", "--n-gpu-layers", "--gpu-layers", help="llama.cpp's flag: 0 runs everything on the CPU, any "
         "N > 0 the GPU (moecli keeps every dense layer there; experts go by the placement)", show_default=False),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads", min=1, help="CPU threads for the ggml engine"),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads", min=1, help="CPU threads for the ggml engine "
+                                          "(default: what this host's profile measured fastest, else all cores)"),
     placement: Optional[str] = typer.Option(
         None, "--placement", help="Expert placement for MoE models: hybrimoe, lru, ktransformers, llama-cpp, "
         "n-cpu-moe=N... (default: all experts on the CPU engine without a GPU, hybrimoe with one)"),
@@ -58,7 +59,7 @@ def chat(
     """Chat with a model (the embedded SmolLM2-135M when none is given). /? in the chat lists the commands."""
     import moecli
     from moecli.chat.repl import Settings
-    from moecli.cli.loading import device_from_flags, load_options, placement_from_flags
+    from moecli.cli.loading import device_from_flags, load_options, placement_from_flags, profile_threads
     from moecli.cli.pull import resolve_or_pull
 
     def say(line: str) -> None:
@@ -73,6 +74,7 @@ def chat(
     path = resolve_or_pull(model, say)
     if model is None:
         say(f"(embedded default model; for a real MoE: {PULL_HINT})")
+    threads = threads or profile_threads(path, model)
     if record_trace and placement is None:
         placement = "llama-cpp"  # recording lives in the executor; this placement keeps every expert on the CPU
     m = moecli.load(path, n_ctx=ctx, threads=threads, flash_attn=flash_attn,

@@ -91,6 +91,17 @@ def _dense_on_gpu(ckpt, device: str, n_ctx: int | None, say) -> dict:
     return {"device": "cpu"}
 
 
+def profile_threads(path: Path, model_name: str | None = None) -> int | None:
+    """The CPU thread count this host's profile measured to be the fastest (`moecli profile` says the runtime will
+    use it), None without a profile."""
+    from moecli.policy.cost import load_profile
+    from moecli.profile import store
+
+    found = store.find_profile(model_name or path)
+    value = load_profile(found).section("cpu").get("threads") if found is not None else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def _slots(path: Path, ckpt, n_ctx: int | None, say, model_name: str | None, device: str | None = None) -> int:
     """Expert slots per layer: this host's profile, else the plan estimated from the probe, said in one line."""
     from moecli.policy.cost import load_profile

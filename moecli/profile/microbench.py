@@ -306,8 +306,13 @@ def _routed_point(bench: _Bench, layer: ExpertLayer, n: int, reps: int, budget_s
     return ms, active, routes
 
 
+def cpu_points(tokens=TOKENS, multi=MULTI, error_tokens=ERROR_TOKENS) -> int:
+    """How many timed points one `measure_cpu` takes (for a progress bar)."""
+    return 2 * len(tokens) + len([m for m in multi if m > 1]) + len(error_tokens)
+
+
 def measure_cpu(layer: ExpertLayer, threads: int, tokens=TOKENS, multi=MULTI, error_tokens=ERROR_TOKENS,
-                reps: int = 5, point_budget_s: float = 0.15, bench: _Bench | None = None) -> CpuFit:
+                reps: int = 5, point_budget_s: float = 0.15, bench: _Bench | None = None, tick=None) -> CpuFit:
     """Fit a, b, first for `layer` at `threads` ggml threads, then check the fit on held-out token counts.
 
     Fit points: one expert with n tokens (n in `tokens`), m experts with one token each (m in `multi`: separates b
@@ -318,17 +323,26 @@ def measure_cpu(layer: ExpertLayer, threads: int, tokens=TOKENS, multi=MULTI, er
 
     G.set_threads(threads)
     bench = bench or _Bench(layer)
-    points = [(1, n, _median_ms(bench.single(n), reps, point_budget_s)) for n in tokens]
-    points += [(m, m, _median_ms(bench.multi(m), reps, point_budget_s)) for m in multi if m > 1]
+    tick = tick or (lambda: None)
+
+    def timed(fn):
+        ms = _median_ms(fn, reps, point_budget_s)
+        tick()
+        return ms
+
+    points = [(1, n, timed(bench.single(n))) for n in tokens]
+    points += [(m, m, timed(bench.multi(m))) for m in multi if m > 1]
     k = min(layer.top_k, layer.n_expert)
     for n in tokens:
         ms, active, _ = _routed_point(bench, layer, n, reps, point_budget_s)
+        tick()
         points.append((active, n * k, ms))
     a, b, first = fit_cost(points)
     fit = CpuFit(layer.label, layer.quant, threads, a, b, first, layer.expert_bytes, layer.expert_flops, points)
     fit.pieces_first_ms, fit.pieces = fit_pieces(points)
     for n in error_tokens:
         measured, _, routes = _routed_point(bench, layer, n, reps, point_budget_s)
+        tick()
         counts = [np.bincount(r, minlength=layer.n_expert) for r in routes]
         # The median of the predictions over the same routings (one layer_ms per routing used).
         pred = float(np.median([fit.layer_ms(c) for c in counts]))
@@ -447,6 +461,7 @@ class Measurements:
     gpu: GpuFit | None = None
     pcie: dict | None = None
     seconds: float = 0.0
+    bandwidth_threads: int = 0   # threads the memory copy ran on (all of them; not runtime_threads)
 
     def runtime_fits(self) -> list[CpuFit]:
         return [f for f in self.cpu if f.threads == self.runtime_threads]
@@ -463,33 +478,53 @@ def run(layers: list[ExpertLayer], threads: int, thread_counts=None, tokens=TOKE
         error_tokens=ERROR_TOKENS, reps: int = 5, point_budget_s: float = 0.15, gpu: bool | None = None,
         mem_bytes: int = 256 << 20, progress=None) -> Measurements:
     """Measure every layer (one per quant) at each thread count (default: 1 and `threads`), the memory bandwidth,
-    and on CUDA the device expert and the PCIe figures (of the first layer)."""
+    and on CUDA the device expert and the PCIe figures (of the first layer).
+
+    `progress(step, done, total)`: the step being measured and how far the whole run is, in timed points."""
     from moecli.kernels import ggml as G
 
     t0 = time.perf_counter()
     counts = sorted(set(thread_counts or (1, threads)))
-    say = progress or (lambda msg: None)
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    per_fit = cpu_points(tokens, multi, error_tokens)
+    total = len(layers) * len(counts) * per_fit + 1 + (2 if gpu and layers else 0)
+    done, step = 0, ""
+    report = progress or (lambda step, done, total: None)
+
+    def say(text: str) -> None:
+        nonlocal step
+        step = text
+        report(step, done, total)
+
+    def tick(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        report(step, done, total)
+
     fits = []
     try:
         for layer in layers:
             bench = _Bench(layer)
             for n in counts:
                 say(f"CPU experts {layer.quant}, {n} thread{'s' * (n > 1)}")
-                fits.append(measure_cpu(layer, n, tokens, multi, error_tokens, reps, point_budget_s, bench))
+                fits.append(measure_cpu(layer, n, tokens, multi, error_tokens, reps, point_budget_s, bench, tick))
             bench.cpu.close()
     finally:
         G.set_threads(threads)  # leave the pool as the runtime will use it
-    say("memory bandwidth")
+    say(f"memory bandwidth, {threads} thread{'s' * (threads > 1)}")
     bw = mem_bandwidth_gbs(mem_bytes, threads)
-    m = Measurements(fits, bw, threads)
-    if gpu is None:
-        import torch
-
-        gpu = torch.cuda.is_available()
+    tick()
+    m = Measurements(fits, bw, threads, bandwidth_threads=threads)
     if gpu and layers:
-        say("GPU expert and PCIe")
+        say("GPU expert")
         m.gpu = measure_gpu_expert(layers[0], tokens)
+        tick()
+        say("PCIe copies")
         m.pcie = measure_pcie()
+        tick()
     m.seconds = time.perf_counter() - t0
     return m
 

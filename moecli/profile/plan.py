@@ -138,8 +138,8 @@ def llama_cpp_flags(facts: ModelFacts, vram_free: int | None, vram_total: int, c
     """(N, flags, -ot) for llama.cpp with the same free VRAM: whole layers of experts on the GPU while they fit
     after its quantized dense weights and F16 KV cache; the first N MoE layers' experts stay on the CPU."""
     L = len(facts.moe_layers)
-    if not vram_free:
-        return L, "--cpu-moe  (no GPU: llama.cpp runs everything on the CPU)", r'-ot "\.ffn_(up|down|gate)_exps=CPU"'
+    if not vram_free:  # nothing to offload: -ngl, --cpu-moe and -ot would only say "the CPU" again
+        return L, "no GPU: llama.cpp's CPU-only defaults, nothing to offload", ""
     budget = vram_free - facts.dense_file_bytes - facts.kv_elems_per_token * ctx * LLAMA_KV_BYTES - margin(vram_total)
     gpu_layers = min(max(budget // (facts.n_expert * facts.expert_bytes), 0), L) if budget > 0 else 0
     n_cpu = L - int(gpu_layers)
