@@ -307,7 +307,7 @@ def test_expert_line():
     assert st.format_experts(_Model(after), before) == "expert cache hit rate 90.0% | 48%/52% CPU/GPU"
     on_cpu = _Model(after)
     on_cpu.device = type("Cpu", (), {"type": "cpu"})()  # torch's CPU device is not called a GPU
-    assert st.format_experts(on_cpu, before) == "expert cache hit rate 90.0% | 48%/52% ggml/torch cpu"
+    assert st.format_experts(on_cpu, before) == "expert cache hit rate 90.0% | 48%/52% CPU/torch-cpu"
     assert st.format_experts(_Model(None)) == "100% CPU"
     assert st.format_experts(_Model({"active": 4, "hits": 0, "cpu_experts": 4, "device_experts": 0})) == \
         "expert cache hit rate 0.0% | 100% CPU"

@@ -93,7 +93,7 @@ def device_name(model) -> str:
 
 def format_experts(model, before: dict | None = None, after: dict | None = None) -> str:
     """'expert cache hit rate 87.5% | 48%/52% CPU/GPU' for the counters between two snapshots, else '100% CPU'.
-    On torch's CPU device the split reads 'ggml/torch cpu' (both halves run on the CPU)."""
+    On torch's CPU device the split reads 'CPU/torch-cpu': the ggml CPU engine and torch's cpu device (no GPU)."""
     after = after if after is not None else snapshot(model)
     dev = device_name(model)
     if not after:
@@ -107,7 +107,7 @@ def format_experts(model, before: dict | None = None, after: dict | None = None)
     if d["active"] > 0:
         parts.append(f"expert cache hit rate {100.0 * d['hits'] / d['active']:.1f}%")
     n = d["cpu_experts"] + d["device_experts"]
-    host, device = ("CPU", "GPU") if dev == "GPU" else ("ggml", f"torch {dev}")
+    host, device = "CPU", ("GPU" if dev == "GPU" else f"torch-{dev}")
     if n > 0:
         cpu = round(100.0 * d["cpu_experts"] / n)
         parts.append(f"100% {host}" if cpu == 100 else f"100% {device}" if cpu == 0

@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.stdout.flush()  # a closed pipe shows here for output still in the buffer
         except BrokenPipeError:
             _closed_pipe()
+        except SystemExit as e:
+            # Click meets a closed pipe inside a command with sys.exit(1), having wrapped stdout to hush it.
+            if e.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+                _closed_pipe()
+            raise
         except MoecliError as e:
             fail(str(e))
         except _EXIT as e:
