@@ -3,6 +3,8 @@
 No timing assertions: only that the runs complete and report sane, positive numbers.
 """
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +147,115 @@ def test_pass_flops_equal_torch_flop_counter(arch):
     with FlopCounterMode(display=False) as counter:
         m.transformer.forward([2], cache, all_logits=False)
     assert R.pass_flops(m.checkpoint, "tg", 1, 0) == counter.get_total_flops()
+
+
+# --- habits: rows as they finish, llama-bench's lists and records, placements, noise, synthetic models ------------
+@needs_smol
+def test_rows_stream_as_each_test_finishes():
+    """llama-bench prints each row when its test is done: the first record arrives while the benchmark still runs."""
+    p = subprocess.Popen([sys.executable, "-m", "moecli", "bench", str(SMOL), "-p", "4,8", "-n", "2,3", "-r", "2",
+                          "-t", "1", "-o", "jsonl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    first = json.loads(p.stdout.readline())
+    still_running = p.poll() is None
+    rest = [json.loads(l) for l in p.stdout]
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+    assert still_running
+    records = [first] + rest
+    assert [r["test"] for r in records] == ["pp4", "pp8", "tg2", "tg3"]  # -p and -n as comma lists
+    for r in records:  # llama-bench's record fields
+        assert r["model_filename"] == SMOL.name and r["model_size"] == SMOL.stat().st_size and r["n_threads"] == 1
+        assert r["avg_ts"] > 0 and len(r["samples_ns"]) == 2 and r["avg_ns"] > 0
+        assert (r["n_prompt"], r["n_gen"]) in ((4, 0), (8, 0), (0, 2), (0, 3))
+
+
+@needs_smol
+def test_thread_lists_one_size_per_file_and_unit_lines():
+    r = _cli(str(SMOL), "-p", "4", "-n", "2", "-r", "1", "-t", "1,2", "--vs-llama-cpp")
+    assert r.returncode == 0, r.stderr
+    rows = [l.split("|")[1:-1] for l in r.stdout.splitlines() if l.startswith("| SmolLM2")]
+    assert [(c[3].strip(), c[4].strip(), c[5].strip()) for c in rows] == [
+        ("ggml", "1", "pp4"), ("ggml", "1", "tg2"), ("llama.cpp", "1", "pp4"), ("llama.cpp", "1", "tg2"),
+        ("ggml", "2", "pp4"), ("ggml", "2", "tg2"), ("llama.cpp", "2", "pp4"), ("llama.cpp", "2", "tg2")]
+    assert len({c[1] for c in rows}) == 1 and len({c[2] for c in rows}) == 1  # one size, one count for the file
+    assert "moecli (ggml, 1 thread) / llama.cpp: pp4" in r.stdout and "moecli (ggml, 2 threads)" in r.stdout
+    assert "experts" not in r.stdout.splitlines()[0]  # no column mixing GB/s and GFLOP/s
+
+
+def test_placement_sweep_shows_hit_rate_and_split():
+    from conftest import tiny_gguf
+
+    r = _cli(str(tiny_gguf("qwen2moe", "Q8_0")), "--placement", "lru,llama-cpp", "-p", "8", "-n", "4", "-r", "1",
+             "-t", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith("| t/s | hit % | CPU % |")
+    rows = {(l.split("|")[4].strip(), l.split("|")[6].strip()): l.split("|")[8:10] for l in lines
+            if l.startswith("| qwen2moe")}
+    assert set(rows) == {("hybrid:lru", "pp8"), ("hybrid:lru", "tg4"), ("hybrid:llama-cpp", "pp8"),
+                         ("hybrid:llama-cpp", "tg4")}
+    assert [c.strip() for c in rows[("hybrid:llama-cpp", "tg4")]] == ["0.0", "100"]  # every expert on the CPU
+    assert re.search(r"experts \(hybrid:lru, 1 thread\): pp8 [\d.]+ GFLOP/s, tg4 [\d.]+ GB/s", r.stdout)
+
+
+def test_noise_warning_for_a_large_spread():
+    out, err = [], []
+    rep = report.Report("md", out=out.append, err=err.append, progress=False)
+    rep.on_event({"loaded": {"engine": "ggml", "threads": 2, "model_info": {"name": "m", "params": 1},
+                             "file_bytes": 10}})
+    base = dict(kind="pp", n=8, depth=0, ms=1.0, samples_ms=[1.0, 1.0])
+    rep.on_row(dict(base, test="pp8", tps=100.0, tps_std=5.0))
+    rep.on_row(dict(base, test="pp16", tps=100.0, tps_std=70.0))
+    assert rep.noise_warnings() == ["warning: large spread between repetitions: pp16 (ggml, 2 threads) ±70 %: the "
+                                    "host is busy or -r is small; these numbers (and ratios) are not reliable"]
+
+
+def test_synthetic_estimate_and_free_space_check(tmp_path):
+    """The free-space check's estimate against a file synth really writes (a tiny geometry), and the refusal."""
+    from conftest import TINY
+
+    from moecli import synth
+    from moecli.bench import synthetic as S
+
+    arch, dims = TINY["qwen3moe"]
+    for ftype in ("Q8_0", "Q4_K_M"):
+        temp, final = S.estimate_bytes(synth, arch, dims, ftype)
+        path = synth.write_gguf(tmp_path / f"t-{ftype}.gguf", arch, dims, 0, ftype)
+        real = path.stat().st_size
+        assert real <= final <= 1.6 * real, (ftype, real, final)
+        assert (temp == 0) == (ftype == "Q8_0")  # K-quants go through an F32 temporary
+    with pytest.raises(MoecliError, match=r"not enough disk space for the test: about .* needed, .* free in"):
+        S.check_space(tmp_path, 1 << 60, "the test")
+
+
+def test_synthetic_writer_shows_progress_on_a_terminal(tmp_path):
+    """The bar follows the bytes the writer puts on disk (through a real pseudo-terminal), and a failing writer's
+    error reaches the caller."""
+    pexpect = pytest.importorskip("pexpect")
+    script = tmp_path / "w.py"
+    script.write_text(f"""
+import time
+from pathlib import Path
+from moecli.bench.synthetic import _write_watched
+out = Path({str(tmp_path / "out.gguf")!r})
+def write():
+    with open(out, "wb") as f:
+        for _ in range(8):
+            f.write(b"x" * (1 << 20)); f.flush(); time.sleep(0.2)
+_write_watched(write, out, set(), 0, 8 << 20, True)
+print("done", out.stat().st_size)
+""")
+    env = dict(os.environ, TERM="xterm", PYTHONPATH=str(ROOT))
+    c = pexpect.spawn(sys.executable, [str(script)], env=env, encoding="utf-8", timeout=60, dimensions=(24, 120))
+    c.expect("writing weights")
+    c.expect("MB")
+    c.expect(f"done {8 << 20}")
+    c.expect(pexpect.EOF)
+
+    from moecli.bench.synthetic import _write_watched
+
+    def broken():
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _write_watched(broken, tmp_path / "x.gguf", set(), 0, 1, False)
