@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from moecli.cli import options as opt
 from moecli.errors import MoecliError
 from moecli.resolve import PULL_HINT
 
@@ -27,39 +28,22 @@ def chat(
     min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0),
     repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", min=0.0, help="1 = off"),
     seed: Optional[int] = typer.Option(None, "-s", "--seed", help="Sampling seed (default: random)"),
-    ctx: Optional[int] = typer.Option(
-        None, "-c", "--ctx-size", "--ctx", help="Context length in tokens (default: the model's trained length, "
-        "shortened to what fits in memory)", show_default=False),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, "
-                                                        "cuda or cuda:N"),
-    n_gpu_layers: Optional[int] = typer.Option(
-        None, "-ngl", "--n-gpu-layers", "--gpu-layers", help="llama.cpp's flag: 0 runs everything on the CPU, any "
-        "N > 0 the GPU (moecli keeps every dense layer there; experts go by the placement)", show_default=False),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads", min=1, help="CPU threads for the ggml engine "
-                                          "(default: what this host's profile measured fastest, else all cores)"),
-    placement: Optional[str] = typer.Option(
-        None, "--placement", help="Expert placement for MoE models: hybrimoe, lru, ktransformers, llama-cpp, "
-        "n-cpu-moe=N... (default: all experts on the CPU engine without a GPU, hybrimoe with one)"),
-    cpu_moe: bool = typer.Option(False, "--cpu-moe", "-cmoe", help="llama.cpp's flag: every routed expert on the "
-                                                                   "CPU (= --placement llama-cpp)"),
-    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", "-ncmoe", help="llama.cpp's flag: the experts of "
-                                            "the first N layers on the CPU (= --placement n-cpu-moe=N)",
-                                            show_default=False),
-    expert_slots: Optional[int] = typer.Option(
-        None, "--expert-slots", min=0, help="Device expert-cache slots per layer (default: from the host profile, "
-        "else estimated from the free VRAM)"),
+    ctx: Optional[int] = opt.CTX,
+    device: str = opt.DEVICE,
+    n_gpu_layers: Optional[int] = opt.N_GPU_LAYERS,
+    threads: Optional[int] = opt.THREADS,
+    placement: Optional[str] = opt.PLACEMENT,
+    cpu_moe: bool = opt.CPU_MOE,
+    n_cpu_moe: Optional[int] = opt.N_CPU_MOE,
+    expert_slots: Optional[int] = opt.EXPERT_SLOTS,
     record_trace: Optional[str] = typer.Option(
         None, "--record-trace", help="Write the routing of this chat (ids, weights, router scores, the executor's "
         "predictions) to FILE in moecli's trace format, for `moecli bench --simulate --trace FILE`"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and rates after each answer"),
-    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
-                                    help="Prompts attend through ggml's flash attention (ggml engine); off: "
-                                         "llama.cpp's non-flash path, logits bit-identical to it"),
+    flash_attn: bool = opt.FLASH_ATTN,
 ) -> None:
     """Chat with a model (the embedded SmolLM2-135M when none is given). /? in the chat lists the commands."""
-    import moecli
     from moecli.chat.repl import Settings
-    from moecli.cli.loading import device_from_flags, load_options, placement_from_flags, profile_threads
     from moecli.cli.pull import resolve_or_pull
 
     def say(line: str) -> None:
@@ -69,18 +53,15 @@ def chat(
         prompt = read_stdin(say).rstrip("\n")
     if prompt is not None and not prompt.strip():
         raise MoecliError("empty prompt")
-    placement = placement_from_flags(placement, cpu_moe, n_cpu_moe)
-    dev = device_from_flags(device, n_gpu_layers, say)
+    # Flags are checked before anything is pulled: a wrong --device never waits for a download.
+    placement = opt.placement_from_flags(placement, cpu_moe, n_cpu_moe)
+    device = opt.device_from_flags(device, n_gpu_layers, say)
+    if record_trace and placement is None:
+        placement = "llama-cpp"  # recording lives in the executor; this placement keeps every expert on the CPU
     path = resolve_or_pull(model, say)
     if model is None:
         say(f"(embedded default model; for a real MoE: {PULL_HINT})")
-    threads = threads or profile_threads(path, model)
-    if record_trace and placement is None:
-        placement = "llama-cpp"  # recording lives in the executor; this placement keeps every expert on the CPU
-    m = moecli.load(path, n_ctx=ctx, threads=threads, flash_attn=flash_attn,
-                    **load_options(path, dev, ctx, placement, expert_slots, say, model))
-    for note in m.notes:
-        say(note)
+    m = opt.load_model(path, ctx, device, threads, placement, expert_slots, flash_attn, model_name=model, say=say)
     with m.record_trace(record_trace) if record_trace else contextlib.nullcontext():
         _chat(m, prompt, m.n_ctx, Settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                            repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,

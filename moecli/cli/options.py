@@ -1,6 +1,8 @@
-"""How a command loads a model: device (`auto` by default), engine, placement and expert slots, from the flags
-users of llama.cpp already type (`-ngl`, `--cpu-moe`, `--n-cpu-moe N`) and moecli's own (`--device`,
-`--placement`, `--expert-slots`). Shared by every command that runs a model.
+"""Options shared by the commands that load a model (chat, serve): one definition each, and the load itself.
+
+How a command loads a model: device (`auto` by default), engine, placement and expert slots, from the flags users
+of llama.cpp already type (`-c/--ctx-size`, `-t`, `-ngl`, `--cpu-moe`, `--n-cpu-moe N`, `-fa`) and moecli's own
+(`--device`, `--placement`, `--expert-slots`).
 
 - No GPU (or `-ngl 0`): the CPU engine, every expert through ggml; a placement runs the hybrid executor on torch's
   CPU device (for tests and traces).
@@ -11,11 +13,58 @@ users of llama.cpp already type (`-ngl`, `--cpu-moe`, `--n-cpu-moe N`) and moecl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+import typer
 
 from moecli.errors import MoecliError
 
 VRAM_SHARE = 0.9  # of the free VRAM a dense model may fill: the CUDA context and activations need the rest
+
+CTX = typer.Option(None, "-c", "--ctx-size", "--ctx", min=1, show_default=False,
+                   help="Context length in tokens (default: the model's trained length, shortened to what fits "
+                        "in memory)")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N")
+N_GPU_LAYERS = typer.Option(None, "-ngl", "--n-gpu-layers", "--gpu-layers", show_default=False,
+                            help="llama.cpp's flag: 0 runs everything on the CPU, any N > 0 the GPU (moecli keeps "
+                                 "every dense layer there; experts go by the placement)")
+THREADS = typer.Option(None, "-t", "--threads", min=1, help="CPU threads for the ggml engine (default: what this "
+                                                            "host's profile measured fastest, else all cores)")
+PLACEMENT = typer.Option(
+    None, "--placement", help="Expert placement for MoE models: hybrimoe, lru, ktransformers, llama-cpp, "
+    "n-cpu-moe=N... (default: all experts on the CPU engine without a GPU, hybrimoe with one)")
+CPU_MOE = typer.Option(False, "--cpu-moe", "-cmoe", help="llama.cpp's flag: every routed expert on the CPU "
+                                                          "(= --placement llama-cpp)")
+N_CPU_MOE = typer.Option(None, "--n-cpu-moe", "-ncmoe", show_default=False,
+                         help="llama.cpp's flag: the experts of the first N layers on the CPU (= --placement "
+                              "n-cpu-moe=N)")
+EXPERT_SLOTS = typer.Option(
+    None, "--expert-slots", min=0, help="Device expert-cache slots per layer (default: from the host profile, "
+    "else estimated from the free VRAM)")
+FLASH_ATTN = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
+                          help="Prompts attend through ggml's flash attention (ggml engine); off: "
+                               "llama.cpp's non-flash path, logits bit-identical to it")
+
+
+def _stderr(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def load_model(path, ctx: Optional[int], device: str, threads: Optional[int], placement: Optional[str],
+               expert_slots: Optional[int], flash_attn: bool, *, n_gpu_layers: Optional[int] = None,
+               cpu_moe: bool = False, n_cpu_moe: Optional[int] = None, model_name: Optional[str] = None,
+               say: Callable[[str], None] = _stderr):
+    """moecli.load with every flag above resolved; what was chosen or risked is said in one line each."""
+    import moecli
+
+    placement = placement_from_flags(placement, cpu_moe, n_cpu_moe)
+    dev = device_from_flags(device, n_gpu_layers, say)
+    threads = threads or profile_threads(path, model_name)
+    m = moecli.load(path, n_ctx=ctx, threads=threads, flash_attn=flash_attn,
+                    **load_options(Path(path), dev, ctx, placement, expert_slots, say, model_name))
+    for note in m.notes:
+        say(note)
+    return m
 
 
 def placement_from_flags(placement: str | None, cpu_moe: bool, n_cpu_moe: int | None) -> str | None:
