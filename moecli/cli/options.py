@@ -96,11 +96,10 @@ def device_from_flags(device: str, n_gpu_layers: int | None, say: Callable[[str]
         if device not in ("auto", "cpu"):
             raise MoecliError(f"-ngl 0 keeps every layer on the CPU, but --device {device} asks for another device")
         return "cpu"
-    chosen = resolve_device(device if device != "auto" else "auto")
+    chosen = resolve_device(device)  # a GPU asked for by name and absent: its one-line error
     if chosen == "cpu":
-        if device not in ("auto", "cpu"):
-            return resolve_device(device)  # raises with the reason
-        say(f"warning: -ngl {n_gpu_layers}: no GPU found (torch sees no CUDA device): running on the CPU")
+        why = "no GPU found (torch sees no CUDA device)" if device == "auto" else "--device cpu"
+        say(f"warning: -ngl {n_gpu_layers}: {why}: running on the CPU")
     return chosen
 
 
