@@ -632,49 +632,68 @@ def _matches(models: list[LocalModel], ref: ModelRef) -> list[LocalModel]:
 
 
 def find_local(name: str) -> list[LocalModel]:
-    """Every cached revision of a pulled model name (for `rm`)."""
+    """Every cached revision of a pulled model name (for `rm`): the named quant, or every model of the repo."""
     ref = parse_name(name)
-    return _matches([m for m in local_models()], ref)
+    models = local_models()
+    if ref.quant:
+        return _matches(models, ref)
+    return [m for m in models if m.repo_id.lower() == ref.repo_id.lower()]
 
 
 def remove(models: list[LocalModel]) -> int:
-    """Delete these models' files through huggingface_hub's cache API; whole revisions when nothing else is in them.
+    """Delete these models' files through huggingface_hub's cache API, one repo folder at a time; whole revisions
+    when nothing else is in them. Returns the bytes freed.
 
-    Returns the bytes freed."""
+    Never by a bare commit hash across the cache: `HFCacheInfo.delete_revisions` deletes the first repo it meets
+    with that hash, and repos pushed with the same history (every repo of a mirror) share their commits."""
+    from dataclasses import replace
+
     from huggingface_hub import scan_cache_dir
 
-    info = scan_cache_dir(cache_dir())
-    wanted = {p.absolute() for m in models for p in m.files}
-    if not wanted:
-        return 0
-    revisions, files = [], []
-    for repo in info.repos:
-        if repo.repo_type != "model":
+    wanted = {_link_path(p) for m in models for p in m.files}
+    folders = {storage_folder(m.repo_id).resolve() for m in models}
+    freed = 0
+    for folder in sorted(folders):
+        info = scan_cache_dir(cache_dir())
+        repo = next((r for r in info.repos if r.repo_type == "model" and r.repo_path.resolve() == folder), None)
+        if repo is None:
             continue
+        only = replace(info, repos=frozenset([repo]))  # the strategies below see this repo and nothing else
+        revisions, files = [], []
         for rev in repo.revisions:
-            mine = [f for f in rev.files if f.file_path.absolute() in wanted]
+            mine = [f for f in rev.files if _link_path(f.file_path) in wanted]
             if not mine:
                 continue
             # Small side files (config, tokenizer) go with the model when nothing else needs them.
             others = [f for f in rev.files if f not in mine and _is_model_file(f.file_name, f.file_path)]
-            if not others:
-                revisions.append(rev.commit_hash)
-            else:
+            if others:
                 files.extend(mine)
-    freed = 0
-    if revisions:
-        strategy = info.delete_revisions(*revisions)
-        freed += strategy.expected_freed_size
-        strategy.execute()
-    if files:
-        info = scan_cache_dir(cache_dir())
-        keep = {str(f.file_path.absolute()) for f in files}
-        current = [f for r in info.repos for rev in r.revisions for f in rev.files
-                   if str(f.file_path.absolute()) in keep]
-        strategy = info.delete_files(*current)
-        freed += strategy.expected_freed_size
-        strategy.execute()
+            else:
+                revisions.append(rev.commit_hash)
+        if files:
+            freed += _execute_inside(only.delete_files(*files), folder)
+        if revisions:
+            if files:  # the files just deleted are gone from this repo's view
+                info = scan_cache_dir(cache_dir())
+                repo = next(r for r in info.repos if r.repo_path.resolve() == folder)
+                only = replace(info, repos=frozenset([repo]))
+            freed += _execute_inside(only.delete_revisions(*revisions), folder)
     return freed
+
+
+def _link_path(p: Path) -> Path:
+    """A cache path with its folders resolved but not the file itself (snapshot entries are links to blobs)."""
+    return p.parent.resolve() / p.name
+
+
+def _execute_inside(strategy, folder: Path) -> int:
+    """Run a deletion strategy only if every path it names lies inside this repo's folder."""
+    paths = [*strategy.blobs, *strategy.refs, *strategy.repos, *strategy.snapshots, *strategy.files]
+    outside = [p for p in paths if not _link_path(Path(p)).is_relative_to(folder)]
+    if outside:
+        raise MoecliError(f"refusing to delete {outside[0]}: it is outside {folder}")
+    strategy.execute()
+    return strategy.expected_freed_size
 
 
 def _is_model_file(name: str, path: Path) -> bool:

@@ -343,6 +343,68 @@ def test_rm_asks_and_removes_one_quant(gguf_bytes, env, monkeypatch):
         (Path(env["HF_HOME"]) / "hub/models--org--M-GGUF/snapshots").iterdir())
 
 
+def test_rm_deletes_only_the_named_repo_when_repos_share_a_commit(gguf_bytes, env, monkeypatch):
+    """Repos pushed with the same history share their commit hashes (every repo of a mirror): `rm` must delete by
+    repo folder, never the first cached repo that has the hash."""
+    names = ["org/A-GGUF", "org/B-GGUF", "org/C-GGUF", "org/D-GGUF"]
+    with HubServer({n: gguf_repo(gguf_bytes) for n in names}) as s:
+        assert len({r.sha for r in s.repos.values()}) == 1  # one commit for the four repos
+        serve(s, env, monkeypatch)
+        for n in names:
+            for q in ("Q4_K_M", "Q8_0"):
+                assert cli(env, "pull", f"{n}:{q}").returncode == 0
+    hub_dir = Path(env["HF_HOME"]) / "hub"
+
+    def snapshot(repo):
+        folder = hub_dir / f"models--{repo.replace('/', '--')}"
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
+
+    before = {n: snapshot(n) for n in names}
+    everything = sorted(m.name for m in hub.local_models())
+    for victim in names:  # each repo in turn while the others stay: one quant (files), then the rest (revision)
+        p = cli(env, "rm", "-y", f"{victim}:Q8_0")
+        assert p.returncode == 0 and f"removed {victim}:Q8_0 " in p.stdout, p.stderr
+        everything.remove(f"{victim}:Q8_0")
+        assert sorted(m.name for m in hub.local_models()) == everything
+        p = cli(env, "rm", "-y", victim)
+        assert p.returncode == 0 and f"removed {victim}:Q4_K_M " in p.stdout, p.stderr
+        everything.remove(f"{victim}:Q4_K_M")
+        assert sorted(m.name for m in hub.local_models()) == everything
+        assert snapshot(victim) == []
+        for other in names[names.index(victim) + 1:]:
+            assert snapshot(other) == before[other]  # not a byte of another repo touched
+            path = hub.resolve_local(f"{other}:Q8_0")
+            assert path.read_bytes() == gguf_bytes[1]
+
+
+def test_rm_without_quant_removes_every_quant_of_the_repo(gguf_bytes, env, monkeypatch):
+    with HubServer({"org/A-GGUF": gguf_repo(gguf_bytes), "org/B-GGUF": gguf_repo(gguf_bytes)}) as s:
+        serve(s, env, monkeypatch)
+        for q in ("Q4_K_M", "Q8_0"):
+            assert cli(env, "pull", f"org/A-GGUF:{q}").returncode == 0
+        assert cli(env, "pull", "org/B-GGUF:Q8_0").returncode == 0
+    p = cli(env, "rm", "-y", "org/A-GGUF")
+    assert p.returncode == 0 and "removed org/A-GGUF:Q4_K_M, org/A-GGUF:Q8_0 " in p.stdout, p.stderr
+    assert [m.name for m in hub.local_models()] == ["org/B-GGUF:Q8_0"]
+
+
+def test_rm_one_quant_keeps_the_same_quant_of_a_repo_sharing_the_commit(gguf_bytes, env, monkeypatch):
+    with HubServer({"org/A-GGUF": gguf_repo(gguf_bytes), "org/B-GGUF": gguf_repo(gguf_bytes)}) as s:
+        serve(s, env, monkeypatch)
+        for n in ("org/A-GGUF", "org/B-GGUF"):
+            assert cli(env, "pull", f"{n}:Q4_K_M").returncode == 0
+        assert cli(env, "pull", "org/B-GGUF:Q8_0").returncode == 0
+    # B's Q4_K_M is the only model in its revision apart from Q8_0: removing it removes files, not the revision;
+    # A's revision (same hash) holds only Q4_K_M and must survive.
+    p = cli(env, "rm", "-y", "org/B-GGUF:Q4_K_M")
+    assert p.returncode == 0, p.stderr
+    assert sorted(m.name for m in hub.local_models()) == ["org/A-GGUF:Q4_K_M", "org/B-GGUF:Q8_0"]
+    p = cli(env, "rm", "-y", "org/B-GGUF:Q8_0")  # the last model of B: its whole revision, by B's folder
+    assert p.returncode == 0, p.stderr
+    assert [m.name for m in hub.local_models()] == ["org/A-GGUF:Q4_K_M"]
+    assert hub.resolve_local("org/A-GGUF").read_bytes() == gguf_bytes[0]
+
+
 def test_quant_selection_rules():
     files = ["a/M-Q4_K_M.gguf", "M-UD-Q4_K_XL-00001-of-00002.gguf", "M-UD-Q4_K_XL-00002-of-00002.gguf",
              "M-iq4_xs.gguf", "mmproj-F16.gguf", "M-BF16.gguf"]

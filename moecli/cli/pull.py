@@ -204,10 +204,10 @@ def _count(n: int) -> str:
 # ---------------------------------------------------------------- rm
 
 def rm(
-    name: str = typer.Argument(..., help="Pulled model name (owner/repo[:QUANT])"),
+    name: str = typer.Argument(..., help="Pulled model name: owner/repo:QUANT, or owner/repo for all its quants"),
     yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation"),
 ) -> None:
-    """Remove a pulled model's files from the Hugging Face cache."""
+    """Remove a pulled model's files from the Hugging Face cache (that repo's folder only)."""
     models = hub.find_local(name)
     if not models:
         hub.resolve_local(name)  # raises with close names and the pull hint
