@@ -34,6 +34,11 @@ class GGUFTokenizer:
         self._piece = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
 
+    @property
+    def llama_vocab(self):
+        """llama.cpp's vocabulary handle (for its grammar sampler); valid while this tokenizer lives."""
+        return self._vocab
+
     def __del__(self):
         if getattr(self, "_model", None):
             self._L.llama_model_free(self._model)

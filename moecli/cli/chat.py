@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from moecli.cli import options as opt
 from moecli.errors import MoecliError
 from moecli.resolve import PULL_HINT, resolve_model
 
@@ -25,24 +26,18 @@ def chat(
     min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0),
     repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", min=0.0, help="1 = off"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: random)"),
-    ctx: int = typer.Option(4096, "-c", "--ctx", min=16, help="Context length in tokens"),
-    device: str = typer.Option("cpu", "--device", help="torch device for everything but CPU experts"),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads", min=1, help="CPU threads for the ggml engine"),
-    placement: Optional[str] = typer.Option(
-        None, "--placement", help="Expert placement for MoE models: hybrimoe, lru, ktransformers, llama-cpp, "
-        "n-cpu-moe=N... (default: all experts on the CPU engine without a GPU, hybrimoe with one)"),
-    expert_slots: Optional[int] = typer.Option(
-        None, "--expert-slots", min=0, help="Device expert-cache slots per layer (default: from the host profile)"),
+    ctx: int = opt.CTX,
+    device: str = opt.DEVICE,
+    threads: Optional[int] = opt.THREADS,
+    placement: Optional[str] = opt.PLACEMENT,
+    expert_slots: Optional[int] = opt.EXPERT_SLOTS,
     record_trace: Optional[str] = typer.Option(
         None, "--record-trace", help="Write the routing of this chat (ids, weights, router scores, the executor's "
         "predictions) to FILE in moecli's trace format, for `moecli bench --simulate --trace FILE`"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and rates after each answer"),
-    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
-                                    help="Prompts attend through ggml's flash attention (ggml engine); off: "
-                                         "llama.cpp's non-flash path, logits bit-identical to it"),
+    flash_attn: bool = opt.FLASH_ATTN,
 ) -> None:
     """Chat with a model (the embedded SmolLM2-135M when none is given). /? in the chat lists the commands."""
-    import moecli
     from moecli.chat.repl import Settings
 
     if prompt == "-":
@@ -54,8 +49,7 @@ def chat(
         typer.echo(f"(embedded default model; for a real MoE: {PULL_HINT})", err=True)
     if record_trace and placement is None:
         placement = "llama-cpp"  # recording lives in the executor; this placement keeps every expert on the CPU
-    m = moecli.load(path, device=device, n_ctx=ctx, threads=threads, flash_attn=flash_attn,
-                    **placement_options(device, placement, expert_slots))
+    m = opt.load_model(path, ctx, device, threads, placement, expert_slots, flash_attn)
     with m.record_trace(record_trace) if record_trace else contextlib.nullcontext():
         _chat(m, prompt, ctx, Settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,
@@ -77,30 +71,6 @@ def _chat(m, prompt, ctx, settings) -> None:
         return
     typer.echo('Type a message (/? for help, """ for multi-line, /bye or Ctrl-D to exit).', err=True)
     run(c)
-
-
-def placement_options(device: str, placement: str | None, expert_slots: int | None) -> dict:
-    """`load()` options for the placement flags: a GPU gets HybriMoE with the profile's slots by default."""
-    if placement is None and expert_slots is None and not device.startswith("cuda"):
-        return {}
-    slots = expert_slots
-    if slots is None:
-        from moecli.profile import find_profile, no_profile_message
-
-        found = find_profile()
-        slots = _profile_slots(found) if found else None
-        if slots is None:
-            typer.echo(no_profile_message(), err=True)
-            slots = 0
-    return {"placement": placement or "hybrimoe", "expert_slots": slots}
-
-
-def _profile_slots(path) -> int | None:
-    from moecli.policy.cost import load_profile
-
-    plan = load_profile(path).section("plan")
-    value = plan.get("slots_per_layer")
-    return int(value) if isinstance(value, (int, float)) else None
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,142 @@
+"""Constrained decoding through llama.cpp's own grammar sampler (GBNF), driven over our logits and the GGUF's
+vocabulary: JSON schemas become GBNF with llama-cpp-python's converter, the sampler masks the tokens the grammar
+refuses, and every token we choose is fed back to it.
+
+A schema comes from a client, so it is hostile input: remote `$ref`s are never fetched, nesting and repetition
+counts are bounded before conversion, and the grammar's size after it.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+
+import numpy as np
+import torch
+
+from moecli.errors import MoecliError
+
+MAX_DEPTH = 32  # nesting of a schema (objects in objects...)
+MAX_REPEAT = 1000  # minItems/maxItems/minLength/... and {n} in patterns: GBNF spells repetitions out
+MAX_GRAMMAR = 256 * 1024  # characters of GBNF
+_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains",
+           "maxContains")
+
+# Any JSON value, as llama.cpp's json.gbnf (response_format {"type": "json_object"}, ollama's format "json").
+JSON_OBJECT_SCHEMA = {"type": "object"}
+
+
+def check_schema(schema, depth: int = 0) -> None:
+    """Refuse schemas whose grammar would be huge or whose conversion would recurse without end."""
+    if depth > MAX_DEPTH:
+        raise MoecliError(f"JSON schema nested deeper than {MAX_DEPTH} levels")
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in _COUNTS and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and value > MAX_REPEAT:
+                raise MoecliError(f"JSON schema {key} = {value} is above {MAX_REPEAT}")
+            if key == "pattern" and isinstance(value, str):
+                for n in re.findall(r"\{\s*(\d+)", value) + re.findall(r",\s*(\d+)\s*\}", value):
+                    if int(n) > MAX_REPEAT:
+                        raise MoecliError(f"JSON schema pattern repeats {n} times (above {MAX_REPEAT})")
+            if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+                raise MoecliError(f"JSON schema $ref {value[:80]!r}: only local references (#/...) are allowed")
+            check_schema(value, depth + 1)
+    elif isinstance(schema, list):
+        for value in schema:
+            check_schema(value, depth + 1)
+
+
+def converter(prop_order: list[str] = ()):
+    """llama-cpp-python's JSON schema -> GBNF converter, never fetching; `prop_order` puts those keys first."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    return SchemaConverter(prop_order={k: i for i, k in enumerate(prop_order)}, allow_fetch=False, dotall=False,
+                           raw_pattern=False)
+
+
+def visit(conv, schema, name: str) -> str:
+    """Add the rules of `schema` to `conv` under the rule `name` (returned); schema errors as MoecliError."""
+    check_schema(schema)
+    if not isinstance(schema, dict):
+        raise MoecliError("a JSON schema must be an object")
+    try:
+        schema = conv.resolve_refs(schema, "request")
+        return conv.visit(schema, name)
+    except MoecliError:
+        raise
+    except RecursionError:
+        raise MoecliError("JSON schema too deeply recursive") from None
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds on bad schemas
+        raise MoecliError(f"unsupported JSON schema: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def schema_gbnf(schema) -> str:
+    """GBNF text whose `root` matches the JSON documents valid under `schema`."""
+    conv = converter()
+    visit(conv, schema, "")
+    return finish(conv)
+
+
+def finish(conv, extra: str = "") -> str:
+    text = conv.format_grammar() + extra
+    if len(text) > MAX_GRAMMAR:
+        raise MoecliError(f"the grammar of this JSON schema is too large ({len(text)} characters)")
+    return text
+
+
+def literal(text: str) -> str:
+    """A GBNF string literal."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
+
+
+class Grammar:
+    """llama.cpp's grammar sampler over a GGUF vocabulary; call it on a logits tensor to mask refused tokens in
+    place, then `accept(token)` the chosen one. `triggers` (regexes) make it lazy, as llama.cpp's tool-call
+    grammars: unconstrained until the generated text matches one, constrained from the match on."""
+
+    def __init__(self, vocab, n_vocab: int, gbnf: str, triggers: list[str] | None = None):
+        import llama_cpp as L
+
+        from moecli.kernels.llama_log import quiet_llama
+
+        quiet_llama()
+        self._L = L
+        self.n_vocab = n_vocab
+        if triggers:
+            pats = (ctypes.c_char_p * len(triggers))(*[t.encode() for t in triggers])
+            self._smpl = L.llama_sampler_init_grammar_lazy_patterns(vocab, gbnf.encode(), b"root", pats,
+                                                                    len(triggers), None, 0)
+        else:
+            self._smpl = L.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+        if not self._smpl:
+            raise MoecliError("llama.cpp refused the grammar")
+        self._data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._array = L.llama_token_data_array(
+            data=self._data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=n_vocab, selected=-1,
+            sorted=False)
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        n = self.n_vocab
+        d = self._data
+        d["id"] = self._ids
+        d["logit"] = logits[:n].numpy()
+        self._array.size, self._array.selected, self._array.sorted = n, -1, False
+        self._L.llama_sampler_apply(self._smpl, ctypes.byref(self._array))
+        logits[:n] = torch.from_numpy(d["logit"].copy())
+        if logits.numel() > n:
+            logits[n:] = float("-inf")  # rows past the vocabulary (padding) are no tokens
+
+    def accept(self, token: int) -> None:
+        """Advance the grammar over the chosen token (never call it with an end-of-generation token: llama.cpp
+        aborts when one is accepted before the grammar is complete)."""
+        self._L.llama_sampler_accept(self._smpl, token)
+
+    def __del__(self):
+        if getattr(self, "_smpl", None):
+            self._L.llama_sampler_free(self._smpl)
+            self._smpl = None
