@@ -78,8 +78,14 @@ def schema_gbnf(schema) -> str:
     return finish(conv)
 
 
+# llama-cpp-python's converter lets JSON strings hold raw control characters (invalid JSON); llama.cpp's own one
+# (json-schema-to-grammar.cpp) excludes them: use its rule.
+_CHAR_RULE = re.compile(r"^char ::= .*$", re.M)
+_STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
 def finish(conv, extra: str = "") -> str:
-    text = conv.format_grammar() + extra
+    text = _CHAR_RULE.sub(lambda _: _STRICT_CHAR, conv.format_grammar()).rstrip("\n") + "\n" + extra
     if len(text) > MAX_GRAMMAR:
         raise MoecliError(f"the grammar of this JSON schema is too large ({len(text)} characters)")
     return text

@@ -3,9 +3,12 @@ Ctrl-C / SIGTERM ending every queued and running request with an error event bef
 and the port freed on exit."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import signal
 import socket
 import sys
+import threading
 from typing import Callable
 
 import sse_starlette.sse  # noqa: F401 - patches uvicorn's exit handler; ours (below) runs first
@@ -53,6 +56,19 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame):
         self._on_exit()  # the engine fails its jobs: each stream sends its error event and ends
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's, without raising the signal again once stopped: a stop on request exits 0."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def serve(app, engine, sock: socket.socket, verbose: bool = False, on_ready: Callable[[], None] | None = None) -> None:
