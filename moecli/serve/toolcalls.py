@@ -91,16 +91,18 @@ def parse_llama(text: str) -> list[ToolCall] | None:
     if text.startswith("<|python_tag|>"):
         text = text[len("<|python_tag|>"):].strip()
     if text.startswith("{"):
-        calls = []
-        for part in re.split(r"\}\s*;\s*\{", text):
-            part = ("{" if not part.startswith("{") else "") + part + ("}" if not part.endswith("}") else "")
+        calls, pos, dec = [], 0, json.JSONDecoder()
+        while pos < len(text):
             try:
-                call = _json_call(json.loads(part))
+                obj, pos = dec.raw_decode(text, pos)
             except ValueError:
                 return None
+            call = _json_call(obj)
             if call is None:
                 return None
             calls.append(call)
+            while pos < len(text) and text[pos] in " \t\n;":
+                pos += 1
         return calls
     if text.startswith("["):
         try:
