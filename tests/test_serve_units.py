@@ -134,6 +134,7 @@ def test_slots_keep_conversations_apart_and_reuse_the_longest_prefix(tiny):
     sb, feed = pool.acquire(b)  # shares nothing with slot 0: a new slot, slot 0 keeps its tokens
     assert sb is not sa and feed == b
     tiny.step(sb, feed)
+    pool.release(sb)
     s2, feed = pool.acquire(a + [1, 2])  # extends conversation a: its slot, only the new tokens
     assert s2 is sa and feed == [1, 2]
     s3, _ = pool.acquire([5])  # the other idle slot
