@@ -41,9 +41,19 @@ def bench(
     output: str = typer.Option("md", "-o", "--output", help="md (table), json or csv."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
                                     help="Flash attention for prompts, on both sides (llama.cpp: auto / off)."),
+    serve: bool = typer.Option(False, "--serve", help="Load-test `moecli serve` (with --vs-llama-cpp also "
+                                                      "llama_cpp.server): aggregate tok/s per --streams, TTFT."),
+    streams: str = typer.Option("1,2,4,8", "--streams", help="--serve: concurrent client streams to test."),
+    requests: int = typer.Option(2, "--requests", help="--serve: requests per stream."),
 ) -> None:
     """Benchmark a model like llama-bench (pp/tg tokens/s, optionally vs llama.cpp), or with --simulate predict
     hybrid CPU/GPU speed on a host profile."""
+    if serve:
+        from moecli.bench.serve import main as bench_serve
+
+        typer.echo(bench_serve(model, streams, requests, n_prompt, n_gen, threads, 4096, vs_llama_cpp, reps, output,
+                               lambda m: typer.echo(m, err=True)))
+        return
     if not simulate:
         _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic,
                     layers, quant, output, flash_attn)

@@ -21,6 +21,7 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0  # OpenAI's: minus this once for every token seen in the last repeat_last_n
     frequency_penalty: float = 0.0  # minus this times the token's count there (llama.cpp applies both so)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's; -100 bans a token)
 
 
 class Sampler:
@@ -38,10 +39,13 @@ class Sampler:
         """The next token. `constrain(logits)` may set disallowed tokens to -inf in place (a grammar)."""
         p = self.p
         logits = logits.float().cpu()
-        if (self._penalizes and history) or constrain is not None:
+        if (self._penalizes and history) or constrain is not None or p.logit_bias:
             logits = logits.clone()  # a normal tensor to modify: the forward returns an inference tensor
             if self._penalizes and history:
                 self._penalize(logits, history)
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+                logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
             if constrain is not None:
                 constrain(logits)
                 if not bool(torch.isfinite(logits).any()):

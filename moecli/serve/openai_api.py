@@ -102,7 +102,8 @@ async def chat_completions(request):
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             sampling=svc.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                   min_p=body.min_p, seed=body.seed, presence_penalty=body.presence_penalty,
-                                  frequency_penalty=body.frequency_penalty, repeat_penalty=body.repeat_penalty))
+                                  frequency_penalty=body.frequency_penalty, repeat_penalty=body.repeat_penalty,
+                                  logit_bias=body.logit_bias))
 
     prep = await run_in_threadpool(prepare)
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
@@ -209,7 +210,8 @@ async def completions(request):
                                                  min_p=body.min_p, seed=body.seed,
                                                  presence_penalty=body.presence_penalty,
                                                  frequency_penalty=body.frequency_penalty,
-                                                 repeat_penalty=body.repeat_penalty)), text
+                                                 repeat_penalty=body.repeat_penalty,
+                                                 logit_bias=body.logit_bias)), text
 
     prep, text = await run_in_threadpool(prepare)
     rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())

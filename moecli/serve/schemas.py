@@ -92,6 +92,7 @@ class Sampling(Strict):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repeat_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's way) -> bias in [-100, 100]
 
 
 # --- OpenAI ----------------------------------------------------------------------------------------------------------

@@ -104,9 +104,20 @@ class Service:
     def sampling(self, **given) -> SamplingParams:
         """The server's defaults with the request's values (None: not given) on top."""
         values = {k: v for k, v in given.items() if v is not None}
+        if "logit_bias" in values:
+            values["logit_bias"] = self._bias(values["logit_bias"]) or None
         if "seed" in values:
             values["seed"] = values["seed"] % (2 ** 63)
         return replace(self.defaults, **values)
+
+    def _bias(self, bias: dict) -> dict[int, float]:
+        n_vocab, out = self.model.config.n_vocab, {}
+        for k, v in bias.items():
+            if not (k.strip().isdigit() and int(k) < n_vocab) or not -100.0 <= v <= 100.0:
+                raise APIError(400, f"logit_bias: {k[:20]!r}: {v} (token ids in [0, {n_vocab}), biases in "
+                                    "[-100, 100])", param="logit_bias")
+            out[int(k)] = float(v)
+        return out
 
     def max_tokens(self, n_prompt: int, asked: int | None, strict: bool) -> int:
         """Tokens to generate: checked against the context (OpenAI's routes refuse what does not fit; ollama's
