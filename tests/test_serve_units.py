@@ -141,3 +141,31 @@ def test_slots_keep_conversations_apart_and_reuse_the_longest_prefix(tiny):
     assert s3 is sb and pool.acquire([6]) is None  # both busy: the request waits
     pool.release(s2, keep=False)
     assert sa.cached == 0
+
+
+def test_json_schema_on_a_safetensors_model_through_a_vocabulary_built_from_tokenizer_json():
+    import json
+
+    import jsonschema
+    from conftest import tiny_hf
+
+    import moecli
+    from moecli.api import Session
+    from moecli.runtime.sampling import Sampler, SamplingParams
+
+    m = moecli.load(tiny_hf("qwen3moe"))
+    vocab = gr.hf_vocab(m.path)
+    assert all(vocab.token_bytes(t, True) == m.tokenizer.token_bytes(t, True) for t in range(vocab.n_vocab))
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"]}
+    g = gr.Grammar(vocab.llama_vocab, vocab.n_vocab, gr.schema_gbnf(schema))
+    s, sample, out = Session(m, 256), Sampler(SamplingParams(temperature=0.0)), []
+    feed = s.reuse(m.tokenize("Tell me about the sky."))
+    for _ in range(80):
+        t = sample(m.step(s, feed), s.tokens, g)
+        if m.tokenizer.is_eog(t) or g.ends(t):
+            break
+        g.accept(t)
+        out.append(t)
+        feed = [t]
+    jsonschema.validate(json.loads(m.detokenize(out)), schema)

@@ -80,6 +80,7 @@ def serve(
     defaults = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               repeat_penalty=repeat_penalty)
     svc = Service(m, name, parallel, ctx, defaults, aliases=(path.name, path.stem))
+    svc.engine.pool.check_memory()
     app = build_app(svc, api_key=api_key, max_body=max_body * 1024 * 1024)
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{_url_host(bound_host)}:{bound_port}"

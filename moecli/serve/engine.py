@@ -145,7 +145,7 @@ class _Sequence:
         token = self.sampler(logits, self.slot.tokens, req.grammar)
         now = time.perf_counter()
         self.t_first = self.t_first or now
-        if self.tokenizer.is_eog(token):
+        if self.tokenizer.is_eog(token) or (req.grammar is not None and req.grammar.ends(token)):
             return "stop"
         self.t_last = now
         if req.grammar is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -96,6 +97,52 @@ def literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def hf_vocab(model_dir: Path):
+    """llama.cpp's vocabulary for a Hugging Face byte-level BPE tokenizer (Qwen, DeepSeek, Llama 3, gpt-oss...), so
+    its grammar sampler works on safetensors models too: the tokens, their types and the merges written into a
+    vocabulary-only GGUF (a few MB, in a temporary directory) and loaded as GGUF vocabularies are. Returns the
+    GGUFTokenizer (keep it alive while the handle is used)."""
+    import tempfile
+
+    import gguf
+
+    from moecli.formats.gguf import GGUFFile
+    from moecli.tokenizer import GGUFTokenizer
+
+    try:
+        spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        model = spec["model"]
+        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        if model.get("type") != "BPE" or not byte_level:
+            raise MoecliError("constrained output on a safetensors model needs a byte-level BPE tokenizer")
+        vocab, added = model["vocab"], {t["id"]: t for t in spec.get("added_tokens", [])}
+        n = max(list(vocab.values()) + list(added)) + 1
+        tokens, types = [f"[PAD{i}]" for i in range(n)], [5] * n  # llama.cpp's UNUSED
+        for t, i in vocab.items():
+            tokens[i], types[i] = t, 1  # NORMAL
+        for i, t in added.items():
+            tokens[i], types[i] = t["content"], 3 if t.get("special") else 4  # CONTROL / USER_DEFINED
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MoecliError(f"cannot read {model_dir.name}/tokenizer.json for the grammar: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="moecli-vocab-") as tmp:
+        path = Path(tmp) / "vocab.gguf"
+        w = gguf.GGUFWriter(path, "llama")
+        for key, value in (("context_length", 4096), ("embedding_length", 64), ("block_count", 1),
+                           ("feed_forward_length", 64), ("attention.head_count", 1)):
+            w.add_uint32(f"llama.{key}", value)
+        w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        w.add_string("tokenizer.ggml.model", "gpt2")
+        w.add_string("tokenizer.ggml.pre", "gpt-2")  # tokenizing rules: unused, only pieces are read
+        w.add_array("tokenizer.ggml.tokens", tokens)
+        w.add_array("tokenizer.ggml.token_type", types)
+        w.add_array("tokenizer.ggml.merges", merges)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return GGUFTokenizer(GGUFFile(path))
+
+
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
 
 
@@ -112,6 +159,7 @@ class Grammar:
         quiet_llama()
         self._L = L
         self.n_vocab = n_vocab
+        self._vocab = vocab
         if triggers:
             pats = (ctypes.c_char_p * len(triggers))(*[t.encode() for t in triggers])
             self._smpl = L.llama_sampler_init_grammar_lazy_patterns(vocab, gbnf.encode(), b"root", pats,
@@ -136,6 +184,11 @@ class Grammar:
         logits[:n] = torch.from_numpy(d["logit"].copy())
         if logits.numel() > n:
             logits[n:] = float("-inf")  # rows past the vocabulary (padding) are no tokens
+
+    def ends(self, token: int) -> bool:
+        """Whether `token` ends generation for this vocabulary: the grammar admits such tokens only once its text is
+        complete (a vocabulary built from tokenizer.json may mark more of them than the model's tokenizer)."""
+        return bool(self._L.llama_vocab_is_eog(self._vocab, token))
 
     def accept(self, token: int) -> None:
         """Advance the grammar over the chosen token (never call it with an end-of-generation token: llama.cpp

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from moecli.serve.errors import APIError
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; llama-server more)
+MAX_STOP_LEN = 1024  # characters of one stop string (each token's check looks back that far)
 
 
 class Strict(BaseModel):
@@ -227,4 +228,6 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP:
         raise APIError(400, f"stop: at most {MAX_STOP} stop strings", param="stop")
+    if any(len(s) > MAX_STOP_LEN for s in stops):
+        raise APIError(400, f"stop: a stop string is longer than {MAX_STOP_LEN} characters", param="stop")
     return [s for s in stops if s]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
@@ -42,6 +43,8 @@ class Service:
         self.family = tc.family(self.template)
         self.thinks = thinks(self.template)
         self.loaded_at = time.time()
+        self._grammar_vocab = None
+        self._vocab_lock = threading.Lock()
 
     # --- names ------------------------------------------------------------------------------------------------
     def check_model(self, requested: str | None) -> str:
@@ -85,14 +88,19 @@ class Service:
             raise APIError(400, str(e)) from None
 
     def grammar(self, gbnf: str, triggers: list[str] | None = None) -> gr.Grammar:
-        vocab = getattr(self.model.tokenizer, "llama_vocab", None)
-        if vocab is None:
-            raise APIError(400, "constrained output (response_format, format, tool_choice) needs a GGUF model: "
-                                "llama.cpp's grammar sampler reads its vocabulary")
         try:
-            return gr.Grammar(vocab, self.model.tokenizer.n_vocab, gbnf, triggers)
+            vocab = self._vocab()
+            return gr.Grammar(vocab.llama_vocab, vocab.n_vocab, gbnf, triggers)
         except MoecliError as e:
             raise APIError(400, str(e)) from None
+
+    def _vocab(self):
+        """llama.cpp's vocabulary for the grammar sampler: the GGUF's own, or one built from tokenizer.json."""
+        with self._vocab_lock:
+            if self._grammar_vocab is None:
+                tok = self.model.tokenizer
+                self._grammar_vocab = tok if hasattr(tok, "llama_vocab") else gr.hf_vocab(self.model.path)
+            return self._grammar_vocab
 
     def schema_grammar(self, schema) -> gr.Grammar:
         try:

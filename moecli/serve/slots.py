@@ -27,6 +27,23 @@ class SlotPool:
     def allocated(self) -> int:
         return len(self._slots)
 
+    def check_memory(self) -> None:
+        """Allocate the first slot now and refuse at start when all of them could not fit in the free RAM (a slot
+        holds a whole context's KV cache; the others are allocated on first use)."""
+        import psutil
+
+        from moecli.errors import MoecliError
+
+        if not self._slots:
+            self._slots.append(self._new())
+        per = getattr(getattr(self._slots[0], "cache", None), "nbytes", 0)
+        more = per * (self.size - len(self._slots))
+        free = psutil.virtual_memory().available
+        if more > 0.9 * free:
+            gib = 1 << 30
+            raise MoecliError(f"{self.size} KV slots need {per * self.size / gib:.1f} GiB ({per / gib:.2f} GiB "
+                              f"each) and {free / gib:.1f} GiB of memory is free: lower -np or --ctx")
+
     def cached_tokens(self) -> list[int]:
         return [s.cached for s in self._slots]
 
