@@ -159,6 +159,7 @@ def test_ollama_routes(server):
     u = server.url
     tags = httpx.get(u + "/api/tags").json()["models"]
     assert tags[0]["name"] == "tiny" and tags[0]["details"]["family"] == "qwen3moe" and tags[0]["size"] > 0
+    assert tags[0]["details"]["quantization_level"] == "Q8_0"
     show = httpx.post(u + "/api/show", json={"model": "tiny"}).json()
     assert show["model_info"]["general.architecture"] == "qwen3moe" and "completion" in show["capabilities"]
     assert httpx.get(u + "/api/version").json()["version"]

@@ -37,19 +37,23 @@ def _digest(svc) -> str:
 
 def _details(svc) -> dict:
     c = svc.model.config
-    quant = getattr(svc.model.checkpoint, "quant_name", None) or _quant_from_name(svc.model.path.name)
     params = getattr(c, "n_params", None)
     return {"parent_model": "", "format": "gguf" if svc.model.path.suffix == ".gguf" else "safetensors",
             "family": c.arch, "families": [c.arch],
             "parameter_size": f"{params / 1e9:.1f}B" if params else "",
-            "quantization_level": quant or ""}
+            "quantization_level": _quant(svc.model)}
 
 
-def _quant_from_name(name: str) -> str:
-    import re
+def _quant(model) -> str:
+    """The GGUF's file type as llama.cpp names it (Q4_K_M, Q8_0...), "" when the file does not say."""
+    import gguf
 
-    m = re.search(r"(?i)(I?Q\d(?:_[A-Z0-9]+)*|F16|BF16|F32|MXFP4\w*)(?=[.-]|$)", name.removesuffix(".gguf"))
-    return m.group(1).upper() if m else ""
+    get = getattr(model.checkpoint.source, "get", None)
+    ftype = get("general.file_type") if callable(get) else None
+    try:
+        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else ""
+    except (ValueError, TypeError):
+        return ""
 
 
 def _entry(svc) -> dict:
