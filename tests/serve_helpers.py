@@ -23,7 +23,8 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "moecli", "serve", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT)
         self.stderr: list[str] = []
-        threading.Thread(target=self._drain_err, daemon=True).start()
+        self._err = threading.Thread(target=self._drain_err, daemon=True)
+        self._err.start()
         self.url = self._wait_url(timeout)
         self.port = int(self.url.rsplit(":", 1)[1])
 
@@ -46,6 +47,12 @@ class Server:
                 return m.group(1)
         self.stop()
         raise RuntimeError("server did not start in time")
+
+    def err_text(self) -> str:
+        """Everything the server wrote on stderr (all of it once the process has exited)."""
+        if self.proc.poll() is not None:
+            self._err.join(5)
+        return "".join(self.stderr)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

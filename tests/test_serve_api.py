@@ -5,6 +5,7 @@ mid-stream, each bad input of the issue (the server keeps serving), the API key,
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -289,7 +290,28 @@ def test_moecli_ps(server):
 
 
 # --- API key, non-loopback warning, ps without a server ------------------------------------------------------------
-def test_api_key_and_stop_with_sigterm_mid_stream():
+def _stop_mid_stream(s: Server, sig: int, headers: dict | None = None) -> None:
+    """A signal while a stream runs: the stream ends with an error event, the process exits 0, the port is free."""
+    import socket
+
+    events = []
+    body = {"prompt": "Once", "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60, headers=headers or {}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 2:
+                    s.proc.send_signal(sig)
+    assert s.proc.wait(30) == 0
+    last = json.loads(events[-1])
+    assert "error" in last and "shutting down" in last["error"]["message"]
+    with socket.socket() as sock:  # nobody listens there any more (REUSEADDR: as a new server binds)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", s.port))
+        sock.listen()
+
+
+def test_api_key_and_sigterm_mid_stream():
     s = Server(str(tiny_gguf("qwen3moe", "Q8_0")), "--ctx", str(CTX), env={"MOECLI_API_KEY": "s3cret"})
     try:
         r = httpx.get(s.url + "/v1/models")
@@ -297,25 +319,16 @@ def test_api_key_and_stop_with_sigterm_mid_stream():
         assert httpx.get(s.url + "/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 401
         good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
         assert len(good.models.list().data) == 1
-        # SIGTERM while a stream runs: the stream ends with an error event, the process exits, the port is free
-        events = []
-        body = {"prompt": "Once", "max_tokens": 500, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60,
-                          headers={"Authorization": "Bearer s3cret"}) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 2:
-                        s.proc.send_signal(15)
-        assert s.proc.wait(30) == 0
-        last = json.loads(events[-1])
-        assert "error" in last and "shutting down" in last["error"]["message"]
-        import socket
+        _stop_mid_stream(s, signal.SIGTERM, {"Authorization": "Bearer s3cret"})
+    finally:
+        s.stop()
 
-        with socket.socket() as sock:  # nobody listens there any more (REUSEADDR: as a new server binds)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", s.port))
-            sock.listen()
+
+def test_ctrl_c_mid_stream():
+    s = Server(str(tiny_gguf("qwen3moe", "Q8_0")), "--ctx", str(CTX))
+    try:
+        _stop_mid_stream(s, signal.SIGINT)
+        assert "moecli serve: stopped" in s.err_text() and "Traceback" not in s.err_text()
     finally:
         s.stop()
 
