@@ -111,14 +111,28 @@ def _allowed(g, n) -> list[int]:
 def test_lazy_tool_grammar_takes_hold_after_its_trigger(tiny):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     tok = tiny.tokenizer
-    g = gr.Grammar(tok.llama_vocab, tok.n_vocab, tc.forced_grammar(tc.HERMES, tools, False),
-                   tc.lazy_triggers(tc.HERMES))
+    gbnf = tc.forced_grammar(tc.HERMES, tools, False)
+    g = gr.LazyGrammar(lambda: gr.Grammar(tok.llama_vocab, tok.n_vocab, gbnf), tc.lazy_trigger(tc.HERMES), tok)
     assert len(_allowed(g, tok.n_vocab)) == tok.n_vocab  # free text before the trigger
     for t in tiny.tokenize("Let me check. <tool_call>", add_special=False):
         g.accept(t)
     allowed = _allowed(g, tok.n_vocab)
     assert 0 < len(allowed) < tok.n_vocab
     assert all("\n{".startswith(tok.token_bytes(t).decode("utf-8", "replace")) for t in allowed)
+
+
+def test_a_refused_token_is_an_error_not_an_abort(tiny):
+    tok = tiny.tokenizer
+    g = gr.Grammar(tok.llama_vocab, tok.n_vocab, 'root ::= "ab"')
+    bad = tiny.tokenize("zz", add_special=False)[0]
+    assert not g.allows(bad)
+    with pytest.raises(MoecliError, match="refuses"):
+        g.accept(bad)  # llama.cpp itself would abort the process here
+    # a trigger completed by a token whose rest the grammar refuses: the call stays free, nothing aborts
+    lazy = gr.LazyGrammar(lambda: gr.Grammar(tok.llama_vocab, tok.n_vocab, 'root ::= "abc"'), "a", tok)
+    for t in tiny.tokenize("the man and more", add_special=False):  # "a" arrives inside "man": "an" is refused
+        lazy.accept(t)
+    assert len(_allowed(lazy, tok.n_vocab)) == tok.n_vocab
 
 
 def test_slots_keep_conversations_apart_and_reuse_the_longest_prefix(tiny):

@@ -148,10 +148,13 @@ _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=Tr
 
 class Grammar:
     """llama.cpp's grammar sampler over a GGUF vocabulary; call it on a logits tensor to mask refused tokens in
-    place, then `accept(token)` the chosen one. `triggers` (regexes) make it lazy, as llama.cpp's tool-call
-    grammars: unconstrained until the generated text matches one, constrained from the match on."""
+    place, then `accept(token)` the chosen one.
 
-    def __init__(self, vocab, n_vocab: int, gbnf: str, triggers: list[str] | None = None):
+    llama.cpp aborts the process when it is made to accept a token its grammar refuses (a C++ exception through its
+    C API), so every token is checked first (`allows`, one candidate through the sampler) and a refusal is an error.
+    """
+
+    def __init__(self, vocab, n_vocab: int, gbnf: str):
         import llama_cpp as L
 
         from moecli.kernels.llama_log import quiet_llama
@@ -160,19 +163,19 @@ class Grammar:
         self._L = L
         self.n_vocab = n_vocab
         self._vocab = vocab
-        if triggers:
-            pats = (ctypes.c_char_p * len(triggers))(*[t.encode() for t in triggers])
-            self._smpl = L.llama_sampler_init_grammar_lazy_patterns(vocab, gbnf.encode(), b"root", pats,
-                                                                    len(triggers), None, 0)
-        else:
-            self._smpl = L.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+        self._smpl = L.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
         if not self._smpl:
             raise MoecliError("llama.cpp refused the grammar")
         self._data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
         self._ids = np.arange(n_vocab, dtype=np.int32)
-        self._array = L.llama_token_data_array(
-            data=self._data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=n_vocab, selected=-1,
-            sorted=False)
+        self._array = self._token_array(self._data)
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        self._one_array = self._token_array(self._one)
+
+    def _token_array(self, data: np.ndarray):
+        L = self._L
+        return L.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)),
+                                        size=len(data), selected=-1, sorted=False)
 
     def __call__(self, logits: torch.Tensor) -> None:
         n = self.n_vocab
@@ -185,17 +188,66 @@ class Grammar:
         if logits.numel() > n:
             logits[n:] = float("-inf")  # rows past the vocabulary (padding) are no tokens
 
+    def allows(self, token: int) -> bool:
+        if not 0 <= token < self.n_vocab:
+            return False
+        self._one["id"], self._one["logit"] = token, 0.0
+        self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
+        self._L.llama_sampler_apply(self._smpl, ctypes.byref(self._one_array))
+        return bool(np.isfinite(self._one["logit"][0]))
+
     def ends(self, token: int) -> bool:
         """Whether `token` ends generation for this vocabulary: the grammar admits such tokens only once its text is
         complete (a vocabulary built from tokenizer.json may mark more of them than the model's tokenizer)."""
         return bool(self._L.llama_vocab_is_eog(self._vocab, token))
 
     def accept(self, token: int) -> None:
-        """Advance the grammar over the chosen token (never call it with an end-of-generation token: llama.cpp
-        aborts when one is accepted before the grammar is complete)."""
+        """Advance the grammar over the chosen token (an end-of-generation token is never accepted: it ends)."""
+        if not self.allows(token):
+            raise MoecliError(f"the grammar refuses token {token}")
         self._L.llama_sampler_accept(self._smpl, token)
 
     def __del__(self):
         if getattr(self, "_smpl", None):
             self._L.llama_sampler_free(self._smpl)
             self._smpl = None
+
+
+class LazyGrammar:
+    """A grammar that holds only from a trigger on (as llama.cpp's lazy tool-call grammars, `tool_choice: auto`):
+    free text until the generated text contains `trigger`, then the grammar, fed the text from the trigger on.
+    Done here rather than with llama.cpp's lazy mode, which aborts when the token that completes the trigger carries
+    text its grammar refuses; here such a call is left unconstrained (and parsed, or given back as text)."""
+
+    def __init__(self, make, trigger: str, tokenizer):
+        self._make, self.trigger, self._tok = make, trigger, tokenizer  # make() -> Grammar
+        self._text = b""
+        self._inner: Grammar | None = None
+        self._dead = False
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        if self._inner is not None:
+            self._inner(logits)
+
+    def ends(self, token: int) -> bool:
+        return self._inner is not None and self._inner.ends(token)
+
+    def accept(self, token: int) -> None:
+        if self._inner is not None:
+            self._inner.accept(token)
+            return
+        if self._dead:
+            return
+        self._text += self._tok.token_bytes(token, True)
+        i = self._text.find(self.trigger.encode())
+        if i < 0:
+            self._text = self._text[-4 * len(self.trigger):]  # only the end can still complete the trigger
+            return
+        inner = self._make()
+        tail = self._text[i:].decode("utf-8", "replace")
+        for t in self._tok.encode(tail, False):
+            if not inner.allows(t):
+                self._dead = True  # the call does not start as the grammar wants: leave it free
+                return
+            inner.accept(t)
+        self._inner = inner

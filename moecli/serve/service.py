@@ -87,10 +87,13 @@ class Service:
         except MoecliError as e:
             raise APIError(400, str(e)) from None
 
-    def grammar(self, gbnf: str, triggers: list[str] | None = None) -> gr.Grammar:
+    def grammar(self, gbnf: str, trigger: str | None = None):
+        """A grammar over the model's vocabulary; with a trigger, one that holds only from the trigger on."""
         try:
             vocab = self._vocab()
-            return gr.Grammar(vocab.llama_vocab, vocab.n_vocab, gbnf, triggers)
+            make = lambda: gr.Grammar(vocab.llama_vocab, vocab.n_vocab, gbnf)  # noqa: E731
+            first = make()  # a bad grammar is refused now, not when the trigger comes
+            return gr.LazyGrammar(make, trigger, vocab) if trigger else first
         except MoecliError as e:
             raise APIError(400, str(e)) from None
 
@@ -153,8 +156,8 @@ class Service:
             grammar = self.grammar(self._tool_grammar(fam, tools, parallel))
         elif schema is not None:
             grammar = self.schema_grammar(schema)
-        elif tool_mode == "auto" and tc.lazy_triggers(fam):
-            grammar = self.grammar(self._tool_grammar(fam, tools, parallel), tc.lazy_triggers(fam))
+        elif tool_mode == "auto" and tc.lazy_trigger(fam):
+            grammar = self.grammar(self._tool_grammar(fam, tools, parallel), tc.lazy_trigger(fam))
         with_tools = tool_mode != "none"
         split = self.thinks if reasoning is None else (reasoning and self.thinks)
         in_reasoning = split and opens_thinking(prompt_text)

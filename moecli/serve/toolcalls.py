@@ -234,12 +234,7 @@ def forced_grammar(fam: Family, tools: list[dict], parallel: bool) -> str:
     return gr.finish(conv, root + "\n")
 
 
-def lazy_triggers(fam: Family) -> list[str]:
-    """Patterns after which `tool_choice: auto` output is held to the grammar (llama.cpp's lazy grammars)."""
-    if fam is HERMES:
-        return [r"[\s\S]*?(<tool_call>)[\s\S]*"]
-    return []
-
-
-def lazy_grammar(fam: Family, tools: list[dict], parallel: bool) -> str | None:
-    return forced_grammar(fam, tools, parallel) if lazy_triggers(fam) else None
+def lazy_trigger(fam: Family) -> str | None:
+    """The text after which `tool_choice: auto` output is held to the tool-call grammar (llama.cpp's lazy grammars):
+    the families whose calls open with a marker of their own."""
+    return fam.start if fam is HERMES else None
