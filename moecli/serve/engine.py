@@ -253,7 +253,11 @@ class Engine:
                 if self._stopping:
                     break
                 self._admit()
-            self._round()
+            try:
+                self._round()
+            except Exception as e:  # noqa: BLE001 - the thread must live on: fail this round's sequences
+                for seq in list(self._active):
+                    self._end(seq, e)
         self._fail_all()
 
     def _admit(self) -> None:
@@ -262,7 +266,12 @@ class Engine:
             if job.cancelled.is_set():
                 self._pending.popleft()
                 continue
-            got = self.pool.acquire(job.req.prompt)
+            try:
+                got = self.pool.acquire(job.req.prompt)
+            except Exception as e:  # noqa: BLE001 - a slot that cannot be allocated (memory): this request fails
+                self._pending.popleft()
+                job.emit(Failed(f"cannot allocate a KV slot: {type(e).__name__}: {e}", 503))
+                continue
             if got is None:
                 return  # every slot is busy: the queue waits, in order
             self._pending.popleft()
