@@ -183,3 +183,28 @@ def test_json_schema_on_a_safetensors_model_through_a_vocabulary_built_from_toke
         out.append(t)
         feed = [t]
     jsonschema.validate(json.loads(m.detokenize(out)), schema)
+
+
+def test_conversation_as_templates_expect_it():
+    from moecli.serve.errors import APIError
+    from moecli.serve.schemas import Message
+    from moecli.serve.service import conversation, hermes_fallback
+
+    msgs = [Message.model_validate(m) for m in [
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_name": "get", "content": "rainy"},  # ollama's way
+    ]]
+    conv = conversation(msgs)
+    assert conv[0] == {"role": "system", "content": "Be brief."}
+    assert conv[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert [c.get("name") for c in conv[3:]] == ["get", "get"]
+    fb = hermes_fallback(conv, [{"type": "function", "function": {"name": "get"}}])
+    assert fb[0]["role"] == "system" and "<tools>" in fb[0]["content"] and fb[0]["content"].startswith("Be brief.")
+    assert '<tool_call>\n{"name": "get", "arguments": {"city": "Paris"}}\n</tool_call>' in fb[2]["content"]
+    assert fb[3] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
+    with pytest.raises(APIError, match="not supported"):
+        conversation([Message.model_validate({"role": "user", "content": [{"type": "image_url"}]})])

@@ -54,6 +54,7 @@ class Message(Strict):
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+    tool_name: str | None = None  # ollama's name for the function a tool result answers
     reasoning_content: str | None = None
     thinking: str | None = None  # ollama's name for it
     images: list | None = None  # ollama

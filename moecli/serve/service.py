@@ -239,7 +239,7 @@ def conversation(messages: list[Message]) -> list[dict]:
                 calls.append(call)
             msg["tool_calls"] = calls
         if role == "tool":
-            msg["name"] = m.name or names.get(m.tool_call_id or "", "")
+            msg["name"] = m.name or m.tool_name or names.get(m.tool_call_id or "", "")
             if m.tool_call_id:
                 msg["tool_call_id"] = m.tool_call_id
         reasoning = m.reasoning_content or m.thinking
