@@ -51,6 +51,10 @@ def bench(
     if serve:
         from moecli.bench.serve import main as bench_serve
 
+        if synthetic is not None:  # a random-weight MoE of a real geometry, cached
+            from moecli.bench.run import synthetic_model
+
+            model = str(synthetic_model(synthetic, layers, quant or "Q4_K_M", echo=lambda m: typer.echo(m, err=True)))
         typer.echo(bench_serve(model, streams, requests, n_prompt, n_gen, threads, 4096, vs_llama_cpp, reps, output,
                                lambda m: typer.echo(m, err=True)))
         return
