@@ -43,6 +43,20 @@ class Session:
         self.cache.pos = 0
         self.tokens = []
 
+    def reuse(self, tokens: list[int]) -> list[int]:
+        """Keep the cached prefix `tokens` shares with this session; return the tokens still to compute (at least
+        one: a prompt that is all cached recomputes its last token for fresh logits)."""
+        common = common_prefix(self.tokens, tokens)
+        if common == len(tokens):
+            common -= 1
+        self.cache.pos, self.tokens = common, list(tokens[:common])
+        return list(tokens[common:])
+
+    @property
+    def cached(self) -> int:
+        """Tokens in the cache now."""
+        return len(self.tokens)
+
 
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", n_ctx: int | None = None, engine: str = "auto",
@@ -166,22 +180,23 @@ class Model:
         self._check_ids(tokens)
         session = session or Session(self, min(len(tokens) + max_tokens, self.transformer.max_ctx))
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
-        common = common_prefix(session.tokens, tokens)
-        if common == len(tokens):  # the whole prompt is cached: recompute its last token for fresh logits
-            common -= 1
-        session.cache.pos, session.tokens = common, tokens[:common]
-        feed = tokens[common:]
+        feed = session.reuse(tokens)
         for _ in range(max_tokens):
-            if session.cache.pos + len(feed) > session.n_ctx:
-                raise MoecliError(f"context is full ({session.n_ctx} tokens): start a new conversation "
-                                  "or load the model with a larger context")
-            logits = self.transformer.forward(feed, session.cache, all_logits=False)[-1]
-            session.tokens.extend(feed)
+            logits = self.step(session, feed)
             token = sampler(logits, session.tokens)
             if stop_at_eog and self.tokenizer.is_eog(token):
                 return
             yield token
             feed = [token]
+
+    def step(self, session: Session, feed: list[int]) -> torch.Tensor:
+        """Append `feed` to the session and return the next-token logits after it ([n_vocab])."""
+        if session.cache.pos + len(feed) > session.n_ctx:
+            raise MoecliError(f"context is full ({session.n_ctx} tokens): start a new conversation "
+                              "or load the model with a larger context")
+        logits = self.transformer.forward(feed, session.cache, all_logits=False)[-1]
+        session.tokens.extend(feed)
+        return logits
 
     def stream_text(self, tokens: Iterator[int], special: bool = False) -> Iterator[str]:
         """Text pieces for generated tokens, never splitting a UTF-8 character; control tokens only with `special`."""

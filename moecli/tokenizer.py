@@ -31,8 +31,12 @@ class GGUFTokenizer:
         self.add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
         self.chat_template = gguf.get("tokenizer.chat_template")
         self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
-        self._piece = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
+
+    @property
+    def llama_vocab(self):
+        """llama.cpp's vocabulary handle (for its grammar sampler); valid while this tokenizer lives."""
+        return self._vocab
 
     def __del__(self):
         if getattr(self, "_model", None):
@@ -52,9 +56,10 @@ class GGUFTokenizer:
         """The token's bytes; control tokens render as their text only with `special` (streaming hides them)."""
         key = (token, special)
         piece = self._pieces.get(key)
-        if piece is None:
-            n = self._L.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
-            piece = self._pieces[key] = self._piece.raw[:max(n, 0)]
+        if piece is None:  # a buffer per miss: the server reads pieces from several threads
+            buf = self._ct.create_string_buffer(256)
+            n = self._L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            piece = self._pieces[key] = buf.raw[:max(n, 0)]
         return piece
 
     def is_eog(self, token: int) -> bool:

@@ -47,9 +47,23 @@ def bench(
                                                             "cache ratio into FILE.png, or '-' in the terminal."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
                                     help="Flash attention for prompts, on both sides (llama.cpp: auto / off)."),
+    serve: bool = typer.Option(False, "--serve", help="Load-test `moecli serve` (with --vs-llama-cpp also "
+                                                      "llama_cpp.server): aggregate tok/s per --streams, TTFT."),
+    streams: str = typer.Option("1,2,4,8", "--streams", help="--serve: concurrent client streams to test."),
+    requests: int = typer.Option(2, "--requests", help="--serve: requests per stream."),
 ) -> None:
     """Benchmark a model like llama-bench (pp/tg tokens/s, optionally vs llama.cpp), or with --simulate predict
     hybrid CPU/GPU speed on a host profile."""
+    if serve:
+        from moecli.bench.serve import main as bench_serve
+
+        if synthetic is not None:  # a random-weight MoE of a real geometry, cached
+            from moecli.bench.run import synthetic_model
+
+            model = str(synthetic_model(synthetic, layers, quant or "Q4_K_M", echo=lambda m: typer.echo(m, err=True)))
+        typer.echo(bench_serve(model, streams, requests, n_prompt, n_gen, threads, 4096, vs_llama_cpp, reps, output,
+                               lambda m: typer.echo(m, err=True)))
+        return
     if not simulate:
         if plot is not None:
             raise MoecliError("--plot draws --simulate's results (the real benchmark prints rows: -o csv for a plot)")

@@ -1,9 +1,13 @@
-"""Token sampling with the usual knobs (llama.cpp / ollama names and order)."""
+"""Token sampling with the usual knobs (llama.cpp / ollama names and order): penalties over the recent tokens, an
+optional constraint (a grammar masking logits), then greedy or top-k -> top-p -> min-p -> temperature."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from moecli.errors import MoecliError
 
 
 @dataclass
@@ -15,6 +19,9 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: minus this once for every token seen in the last repeat_last_n
+    frequency_penalty: float = 0.0  # minus this times the token's count there (llama.cpp applies both so)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's; -100 bans a token)
 
 
 class Sampler:
@@ -22,14 +29,27 @@ class Sampler:
         self.p = params
         self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+    @property
+    def _penalizes(self) -> bool:
+        p = self.p
+        return p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+    def __call__(self, logits: torch.Tensor, history: list[int],
+                 constrain: Callable[[torch.Tensor], None] | None = None) -> int:
+        """The next token. `constrain(logits)` may set disallowed tokens to -inf in place (a grammar)."""
         p = self.p
         logits = logits.float().cpu()
-        if p.repeat_penalty != 1.0 and history:
+        if (self._penalizes and history) or constrain is not None or p.logit_bias:
             logits = logits.clone()  # a normal tensor to modify: the forward returns an inference tensor
-            recent = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
-            vals = logits[recent]
-            logits[recent] = torch.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+            if self._penalizes and history:
+                self._penalize(logits, history)
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+                logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+            if constrain is not None:
+                constrain(logits)
+                if not bool(torch.isfinite(logits).any()):
+                    raise MoecliError("the constraint (grammar) allows no next token")
         if p.temperature <= 0:
             return int(torch.argmax(logits))
         if p.top_k > 0:
@@ -47,3 +67,23 @@ class Sampler:
         probs = torch.where(keep, probs, torch.zeros_like(probs))
         choice = torch.multinomial(probs / probs.sum(), 1, generator=self.gen)
         return int(idx[choice])
+
+    def _penalize(self, logits: torch.Tensor, history: list[int]) -> None:
+        p = self.p
+        recent = torch.tensor(history[-p.repeat_last_n:], dtype=torch.long)
+        ids, counts = torch.unique(recent, return_counts=True)
+        vals = logits[ids]
+        if p.repeat_penalty != 1.0:
+            vals = torch.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        logits[ids] = vals - counts.float() * p.frequency_penalty - p.presence_penalty
+
+
+def logprobs(logits: torch.Tensor, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token` and its `top` most likely tokens with theirs (before penalties,
+    constraints and temperature, as OpenAI reports them)."""
+    lp = torch.log_softmax(logits.float().cpu(), dim=-1)
+    best = []
+    if top > 0:
+        vals, idx = torch.topk(lp, min(top, lp.numel()))
+        best = [(int(i), float(v)) for i, v in zip(idx, vals)]
+    return float(lp[token]), best

@@ -1,0 +1,1 @@
+"""The HTTP server (`moecli serve`): OpenAI- and ollama-compatible routes over one engine thread."""
