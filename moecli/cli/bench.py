@@ -56,13 +56,16 @@ def bench(
     hybrid CPU/GPU speed on a host profile."""
     if serve:
         from moecli.bench.serve import main as bench_serve
+        from moecli.bench.synthetic import synthetic_model
 
         if synthetic is not None:  # a random-weight MoE of a real geometry, cached
-            from moecli.bench.run import synthetic_model
-
             model = str(synthetic_model(synthetic, layers, quant or "Q4_K_M", echo=lambda m: typer.echo(m, err=True)))
-        typer.echo(bench_serve(model, streams, requests, n_prompt, n_gen, threads, 4096, vs_llama_cpp, reps, output,
-                               lambda m: typer.echo(m, err=True)))
+        prompts, gens = int_list(n_prompt, "-p", 1), int_list(n_gen, "-n", 1)
+        thread_list = int_list(threads, "-t", 1) if threads is not None else [None]
+        if len(prompts) > 1 or len(gens) > 1 or len(thread_list) > 1:
+            raise MoecliError("--serve takes one -p, -n and -t value (the concurrency list is --streams)")
+        typer.echo(bench_serve(model, streams, requests, prompts[0], gens[0], thread_list[0], 4096, vs_llama_cpp,
+                               reps, output, lambda m: typer.echo(m, err=True)))
         return
     if not simulate:
         if plot is not None:
