@@ -75,7 +75,7 @@ def _tiles(rows: int, n: int, k: int) -> tuple[int, int, int, bool]:
     dot = rows > DECODE_ROWS
     if _interpreting():
         bm = min(_np2(rows), 64) if dot else _np2(rows)
-        return max(bm, 16) if dot else bm, max(min(_np2(n), 64), 16), max(min(_np2(k), 256), 16), dot
+        return max(bm, 16) if dot else bm, max(min(_np2(n), 256), 16), max(min(_np2(k), 256), 16), dot
     if dot:
         return 64, 64, 64, True
     return _np2(rows), 32, 64, False
