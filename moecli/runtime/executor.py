@@ -155,14 +155,9 @@ class HybridExperts:
                 self._load(layer, e, victim)
             else:
                 scratch.add(e)
-        out = torch.zeros_like(hidden, dtype=torch.float32)
-        for e in dev_list:
-            if e in scratch:
-                self.dev.load_scratch(layer, e)
-                self._count_copy()
-            tok_idx, slot_idx = torch.nonzero(ids == e, as_tuple=True)
-            y = self.dev.compute(layer, e, hidden[tok_idx], scratch=e in scratch)
-            out.index_add_(0, tok_idx, y * weights[tok_idx, slot_idx, None].float())
+        out = self.dev.run(layer, hidden, ids, weights, dev_list, scratch)  # one grouped launch pair
+        for _ in scratch & set(dev_list):
+            self._count_copy()
 
         if layer not in self.split_layers and self.slots:
             self.policy.update(layer, tokens, self._score_dict(scores))
