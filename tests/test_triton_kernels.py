@@ -20,6 +20,14 @@ from moecli.kernels import gguf_triton as K  # noqa: E402
 if not D.use_triton("cpu"):
     pytest.skip("Triton's interpreter is not enabled (TRITON_INTERPRET=1)", allow_module_level=True)
 
+
+
+@pytest.fixture(autouse=True)
+def forms_as_on_gpu(monkeypatch):
+    """1-16 rows take the decode form, more the tl.dot form, as on a GPU (the interpreter would take tl.dot)."""
+    monkeypatch.setattr(D, "FORMS_AS_ON_GPU", True)
+
+
 TYPES = sorted(D.TRITON_TYPES, key=lambda t: t.value)
 # byte offsets of fp16 scale fields in a block; MXFP4's E8M0 exponent at 0
 F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q2_K: (80, 82),

@@ -69,13 +69,20 @@ def _np2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# Under the interpreter tl.dot is one numpy matmul (exact in float32) while the decode form's broadcast product is a
+# large temporary array: the interpreter takes the dot form for every row count, unless this is set (the kernel
+# tests set it to choose the forms as on a GPU, so that both are tested).
+FORMS_AS_ON_GPU = False
+
+
 def _tiles(rows: int, n: int, k: int) -> tuple[int, int, int, bool]:
     """(BM, BN, BK, DOT) for `rows` activation rows against an n x k weight. The interpreter costs per program and
     per op, not per element: there the tiles are as large as the shape allows."""
     dot = rows > DECODE_ROWS
     if _interpreting():
-        bm = min(_np2(rows), 64) if dot else _np2(rows)
-        return max(bm, 16) if dot else bm, max(min(_np2(n), 256), 16), max(min(_np2(k), 256), 16), dot
+        dot = dot or not FORMS_AS_ON_GPU
+        bm = max(min(_np2(rows), 64), 16) if dot else _np2(rows)
+        return bm, max(min(_np2(n), 256), 16), max(min(_np2(k), 256), 16), dot
     if dot:
         return 64, 64, 64, True
     return _np2(rows), 32, 64, False
