@@ -11,7 +11,10 @@ import logging
 import os
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
+
+from moecli.kernels.torch_dequant import _KV_IQ4NL, _KV_MXFP4  # ggml's 4-bit codebooks
+from moecli.kernels.torch_dequant import bytes_per_row as row_bytes
 
 log = logging.getLogger("moecli")
 T = GGMLQuantizationType
@@ -19,8 +22,6 @@ T = GGMLQuantizationType
 # The types the kernels read in place; any other weight is dequantized once to bf16 (`warn_fallback_type`).
 TRITON_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4, T.IQ4_NL,
                           T.IQ4_XS, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K})
-_KV_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-_KV_MXFP4 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 DECODE_ROWS = 16  # up to this many rows per weight (or per expert) the decode form runs; more: tl.dot tiles
 
 
@@ -60,9 +61,8 @@ def _lut(device: torch.device) -> torch.Tensor:
     return torch.tensor(_KV_IQ4NL + _KV_MXFP4, dtype=torch.float32, device=device)
 
 
-def row_bytes(ggml_type, cols: int) -> int:
-    block, size = GGML_QUANT_SIZES[T(ggml_type)]
-    return cols // block * size
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _np2(n: int) -> int:
@@ -111,15 +111,11 @@ def linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, ou
     n = w.shape[0]
     y = out if out is not None else torch.empty((m, n), dtype=torch.float32, device=x.device)
     bm, bn, bk, dot = _tiles(m, n, K)
-    grid = (triton_cdiv(n, bn), triton_cdiv(m, bm))
+    grid = (_cdiv(n, bn), _cdiv(m, bm))
     _kernels().linear_kernel[grid](x, w.raw, _lut(x.device), bias if bias is not None else y, y, m, n, K,
                                    w.row_bytes, x.stride(0), y.stride(0), TYPE=int(w.type),
                                    HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, DOT=dot)
     return y
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def pair_blocks(pair_exp: torch.Tensor, n_expert: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +131,7 @@ def pair_blocks(pair_exp: torch.Tensor, n_expert: int, bm: int) -> tuple[torch.T
     nblk = (counts + bm - 1) // bm
     blk_end = torch.cumsum(nblk, 0)
     first = torch.cumsum(counts, 0) - counts  # expert's first position in `order`
-    NB = triton_cdiv(P, bm) + min(n_expert, P)
+    NB = _cdiv(P, bm) + min(n_expert, P)
     b = torch.arange(NB, device=dev)
     be = torch.searchsorted(blk_end, b, right=True)
     ec = be.clamp(max=n_expert - 1)
@@ -177,13 +173,13 @@ def grouped_experts(x: torch.Tensor, pair_tok: torch.Tensor, pair_exp: torch.Ten
     (tg, _, og), (tu, _, ou), (td, _, od) = layout.gate, layout.up, layout.down
     bg, bu, bd = biases if biases is not None else (out, out, out)
     nb = blk_expert.numel()
-    kern.gate_up_kernel[(triton_cdiv(ff, bn), nb)](
+    kern.gate_up_kernel[(_cdiv(ff, bn), nb)](
         x, x.stride(0), pair_tok, blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes, og, ou,
         lut, bg, bu, h, ff, d, row_bytes(tg, d), row_bytes(tu, d), TYPE_G=int(tg), TYPE_U=int(tu),
         HAS_BIAS=biases is not None, OAI=act == "swiglu_oai", BM=bm, BN=bn, BK=bk, DOT=dot)
     y = torch.zeros((P, d), dtype=torch.float32, device=dev)
-    bm2, bn2, bk2, _ = _tiles(min(x.shape[0], P), d, ff)
-    kern.down_kernel[(triton_cdiv(d, bn2), nb)](
+    _, bn2, bk2, _ = _tiles(min(x.shape[0], P), d, ff)
+    kern.down_kernel[(_cdiv(d, bn2), nb)](
         h, pair_w.reshape(-1).float(), blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes, od,
         lut, bd, y, d, ff, row_bytes(td, ff), TYPE=int(td), HAS_BIAS=biases is not None, BM=bm, BN=bn2, BK=bk2,
         DOT=dot)
