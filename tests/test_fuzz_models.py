@@ -182,9 +182,9 @@ def _mutate_bytes(rng, raw: bytes, header_len: int) -> tuple[str, bytes]:
 
 def gguf_case(rng, base: H.RawGGUF) -> tuple[str, bytes]:
     g = copy.deepcopy(base)
-    notes = [_mutate_structure(rng, g) for _ in range(rng.choice((1, 1, 1, 2, 3)))]
+    notes = [_mutate_structure(rng, g) for _ in range(rng.choice((1, 1, 1, 1, 1, 2, 3)))]
     raw = g.to_bytes()
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         note, raw = _mutate_bytes(rng, raw, len(raw) - len(g.data))
         notes.append(note)
     return "; ".join(notes), raw
