@@ -174,7 +174,7 @@ def _mutate_bytes(rng, raw: bytes, header_len: int) -> tuple[str, bytes]:
         return "bit flips", bytes(b)
     if r < 0.7:
         i = rng.randrange(8, header_len - 8)
-        b[i:i + 8] = struct.pack("<Q", rng.choice(_INTS[:-1] + (rng.getrandbits(64),)))
+        b[i:i + 8] = struct.pack("<Q", rng.choice(_INTS + (rng.getrandbits(64),)) & ((1 << 64) - 1))
         return "overwrite u64", bytes(b)
     cut = rng.choice((rng.randrange(header_len), rng.randrange(len(b))))
     return "truncate", bytes(b[:cut])
