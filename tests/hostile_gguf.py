@@ -138,3 +138,28 @@ class RawGGUF:
     def write(self, path) -> Path:
         Path(path).write_bytes(self.to_bytes())
         return Path(path)
+
+
+# ------------------------------------------------------------------------------------------- base models
+# The tiny models hostile tests start from: a 2-layer Mixtral-style MoE (4 experts, 2 used), 64 wide, 400 rows.
+BASE_DIMS = dict(n_vocab=400, n_embd=64, n_layer=2, n_head=2, n_head_kv=1, head_dim=32, n_ff=64, n_expert=4,
+                 n_expert_used=2, context_length=256)
+
+
+def base_gguf(workdir: Path) -> Path:
+    from moecli.synth import SynthDims, write_gguf
+
+    p = Path(workdir) / "base.gguf"
+    if not p.exists():
+        write_gguf(p, "llama", SynthDims(**BASE_DIMS))
+    return p
+
+
+def base_hf(workdir: Path) -> Path:
+    from hf_fixtures import write_hf
+    from moecli.synth import SynthDims
+
+    d = Path(workdir) / "base-hf"
+    if not d.exists():
+        write_hf(d, "mixtral", SynthDims(**BASE_DIMS), 0)
+    return d

@@ -106,7 +106,8 @@ def _read_value(cur: _Cursor, vtype: GGUFValueType, path: Path, depth: int = 0):
         else:  # nested arrays: rare and small; read in place so the cursor moves past them
             if depth >= MAX_NESTING:
                 raise MoecliError(f"{path.name}: corrupt GGUF (arrays nested more than {MAX_NESTING} deep)")
-            return [_read_value(cur, sub, path, depth + 1) for _ in range(count)]
+            items = [_read_value(cur, sub, path, depth + 1) for _ in range(count)]
+            return [v.decode(cur.buf) if isinstance(v, _LazyArray) else v for v in items]
         if cur.pos > len(cur.buf):
             raise MoecliError(f"{path.name}: truncated GGUF (header ends early)")
         return lazy

@@ -109,7 +109,7 @@ def gguf_vocab(g, n_rows: int) -> None:
     if model is None:
         return  # no vocabulary: llama.cpp's tokenizer refuses the file on its own, with a clean error
     if model not in TOKENIZER_MODELS:
-        raise UnsupportedError(f"{name}: tokenizer.ggml.model '{_short(model)}' is not supported "
+        raise UnsupportedError(f"{name}: tokenizer.ggml.model {_short(model)} is not supported "
                                f"({', '.join(TOKENIZER_MODELS)})")
     if g.kind("tokenizer.ggml.tokens") is None:
         raise MoecliError(f"{name}: metadata lacks tokenizer.ggml.tokens")
@@ -194,11 +194,11 @@ def config(c, n_layers_present: int, where: str, hf: bool = False) -> None:
         key = FIELD_KEYS.get(field, (field, field))[hf]
         raise MoecliError(f"{where}: {key} = {_short(getattr(c, field))} {problem}")
 
+    if c.n_layer > n_layers_present:
+        bad("n_layer", f"but the file has tensors for {n_layers_present} layers")
     for f in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ctx_train"):
         if not 1 <= getattr(c, f) <= (1 << 31 if f == "n_ctx_train" else MAX_DIM):
             bad(f, "is out of range")
-    if c.n_layer > n_layers_present:
-        bad("n_layer", f"but the file has tensors for {n_layers_present} layers")
     if c.n_head % c.n_head_kv:
         bad("n_head", f"is not a multiple of the {c.n_head_kv} KV heads")
     if not (math.isfinite(c.rms_eps) and 0 < c.rms_eps < 1):
