@@ -281,6 +281,10 @@ def _run_case(path: str, deep: bool) -> str:
 def worker() -> None:
     from moecli.errors import MoecliError
 
+    # results go to a private copy of stdout: whatever the code under test prints (llama.cpp logs) goes to stderr
+    results = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     for line in sys.stdin:
         req = json.loads(line)
         try:
@@ -291,8 +295,8 @@ def worker() -> None:
             outcome = "exception:RecursionError"
         except Exception as e:  # noqa: BLE001 - the class is the finding
             outcome = f"exception:{type(e).__name__}"
-        sys.stdout.write(json.dumps({"outcome": outcome}) + "\n")
-        sys.stdout.flush()
+        results.write(json.dumps({"outcome": outcome}) + "\n")
+        results.flush()
 
 
 class Worker:
