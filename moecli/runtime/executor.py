@@ -155,14 +155,7 @@ class HybridExperts:
                 self._load(layer, e, victim)
             else:
                 scratch.add(e)
-        out = torch.zeros_like(hidden, dtype=torch.float32)
-        for e in dev_list:
-            if e in scratch:
-                self.dev.load_scratch(layer, e)
-                self._count_copy()
-            tok_idx, slot_idx = torch.nonzero(ids == e, as_tuple=True)
-            y = self.dev.compute(layer, e, hidden[tok_idx], scratch=e in scratch)
-            out.index_add_(0, tok_idx, y * weights[tok_idx, slot_idx, None].float())
+        out = self._device_experts(layer, hidden, ids, weights, dev_list, scratch)
 
         if layer not in self.split_layers and self.slots:
             self.policy.update(layer, tokens, self._score_dict(scores))
@@ -183,6 +176,21 @@ class HybridExperts:
         st.layer_ms[layer] = st.layer_ms.get(layer, 0.0) + ms
         self._layer_ms[layer] = 0.8 * self._layer_ms.get(layer, ms) + 0.2 * ms
         return out.to(hidden.dtype)
+
+    def _device_experts(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                        experts: list[int], scratch: set[int]) -> torch.Tensor:
+        """The device's share of a layer: sum over `experts` (resident, or in `scratch` for one use) of
+        weight * expert(hidden) for the tokens routed to each, as float32 [n, d]. The ONE place device experts
+        compute (the grouped-kernel seam)."""
+        out = torch.zeros_like(hidden, dtype=torch.float32)
+        for e in experts:
+            if e in scratch:
+                self.dev.load_scratch(layer, e)
+                self._count_copy()
+            tok_idx, slot_idx = torch.nonzero(ids == e, as_tuple=True)
+            y = self.dev.compute(layer, e, hidden[tok_idx], scratch=e in scratch)
+            out.index_add_(0, tok_idx, y * weights[tok_idx, slot_idx, None].float())
+        return out
 
     # -- mechanics ----------------------------------------------------------------------------------------------
     def _calibrate(self, layer: int, counts: np.ndarray) -> None:
