@@ -199,12 +199,35 @@ class Model:
             raise MoecliError(f"context is full ({session.n_ctx} tokens): start a new conversation "
                               "or load the model with a larger context")
         logits = self.transformer.forward(feed, session.cache, all_logits=False)[-1]
-        if not self._finite_seen:  # once: a check every step would cost a device sync per token
+        self._check_first(logits)
+        session.tokens.extend(feed)
+        return logits
+
+    @property
+    def batched(self) -> bool:
+        """Whether `step_batch` runs its sequences in one forward pass (the one-graph CPU engine)."""
+        return self.transformer.fused_forward is not None
+
+    def step_batch(self, work: list[tuple[Session, list[int]]]) -> list[torch.Tensor]:
+        """`step` for several sessions at once, in one forward pass where the engine batches (`batched`): the
+        next-token logits after each feed. Each session must be a different one; at most 512 tokens in all."""
+        for session, feed in work:
+            self._check_ids(feed)
+            if session.cache.pos + len(feed) > session.n_ctx:
+                raise MoecliError(f"context is full ({session.n_ctx} tokens)")
+        logits = self.transformer.forward_batch([(feed, session.cache) for session, feed in work])
+        self._check_first(logits)
+        for session, feed in work:
+            session.tokens.extend(feed)
+        return list(logits)
+
+    def _check_first(self, logits: torch.Tensor) -> None:
+        """NaN/inf logits from a corrupt file are a model error, found on the first forward pass (once: a check
+        every step would cost a device sync per token)."""
+        if not self._finite_seen:
             if not bool(torch.isfinite(logits).all()):
                 self._non_finite()
             self._finite_seen = True
-        session.tokens.extend(feed)
-        return logits
 
     def _non_finite(self):
         raise MoecliError(f"model error: {self.path.name} computes NaN/inf logits (its weights or metadata are "
