@@ -110,7 +110,8 @@ def load_options(path: Path, device: str, n_ctx: int | None, placement: str | No
         if placement is None and expert_slots is None:
             return {"device": "cpu"}
         slots = expert_slots if expert_slots is not None else _slots(path, None, n_ctx, say, model_name)
-        return {"device": "cpu", "placement": placement or "hybrimoe", "expert_slots": slots}
+        return {"device": "cpu", "placement": placement or "hybrimoe", "expert_slots": slots,
+                "host_profile": _host_profile(path, model_name)}
     from moecli.models.loader import load_checkpoint
 
     ckpt = load_checkpoint(path)  # the metadata decides; the weights stay memory-mapped, untouched
@@ -119,7 +120,15 @@ def load_options(path: Path, device: str, n_ctx: int | None, placement: str | No
             say("note: placements and expert slots apply to Mixture-of-Experts models; this one is dense")
         return _dense_on_gpu(ckpt, device, n_ctx, say)
     slots = expert_slots if expert_slots is not None else _slots(path, ckpt, n_ctx, say, model_name, device)
-    return {"device": device, "placement": placement or "hybrimoe", "expert_slots": slots}
+    return {"device": device, "placement": placement or "hybrimoe", "expert_slots": slots,
+            "host_profile": _host_profile(path, model_name)}
+
+
+def _host_profile(path: Path, model_name: str | None) -> Path | None:
+    """This host's profile for this model (its cost model reaches the executor), None without one."""
+    from moecli.profile import store
+
+    return store.find_profile(model_name or path)
 
 
 def _dense_on_gpu(ckpt, device: str, n_ctx: int | None, say) -> dict:
