@@ -103,6 +103,9 @@ class Model:
                 raise MoecliError("placements apply to Mixture-of-Experts models; this model is dense")
             ggml.set_threads(threads)
             linear = None
+            if self.device.type == "cuda":  # a plan that does not fit fails here, before anything is loaded
+                _check_device_memory(self.checkpoint, self.path, self.device, placement or "hybrimoe",
+                                     expert_slots, n_ctx)
             if costs is None:  # this host's measured costs for this model (or the defaults), refitted as it runs
                 from moecli.profile.costs import host_costs
 
@@ -251,6 +254,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def _check_device_memory(ckpt, path: Path, device: torch.device, placement: str, slots: int, n_ctx: int) -> None:
+    from moecli.profile import plan as P
+
+    free, total = torch.cuda.mem_get_info(device)
+    P.check_fits(P.ModelFacts.from_checkpoint(ckpt, path.name), placement, slots, n_ctx, free, total, str(device))
 
 
 def load(path: str | Path, device: str = "cpu", **options) -> Model:

@@ -165,8 +165,10 @@ def _slots(path: Path, ckpt, n_ctx: int | None, say, model_name: str | None, dev
     from moecli.profile import store
 
     found = store.find_profile(model_name or path)
-    if found is not None:
-        value = load_profile(found).section("plan").get("slots_per_layer")
+    hp = load_profile(found) if found is not None else None
+    # A profile's plan is for the model it was measured with: another model's slots would not fit or waste memory.
+    if hp is not None and store.model_key(hp.section("host").get("model")) == store.model_key(model_name or path):
+        value = hp.section("plan").get("slots_per_layer")
         if isinstance(value, (int, float)) and value >= 0:
             return int(value)
     if device is None:  # torch's CPU device: a device cache would sit in the same RAM
