@@ -34,6 +34,7 @@ from moecli.runtime.experts import OAI_ALPHA, OAI_LIMIT
 T = GGMLQuantizationType
 KV_PAD = 256  # llama.cpp pads its cache size and the attended key count to 256
 CACHED_MAX_N = 4  # batches up to this size keep their graphs (decode, short drafts)
+KEPT_GRAPHS = 32  # decode graphs kept (one per batch shape and caches: several slots, their 256-key buckets)
 UBATCH = 512  # the most tokens one graph takes (llama.cpp's default n_ubatch)
 _SEGMENT_NODES = 256  # graph size of one layer's segment in split mode (a layer has ~60 nodes)
 
@@ -69,38 +70,58 @@ def supported(ckpt: Checkpoint, experts) -> bool:
 
 
 class _Step:
-    """The graph of one forward shape: n tokens over n_kv keys, logits of every token or of the last one."""
+    """The graph of one forward shape: a batch of sequences, each n_i tokens of its own cache over its first n_kv_i
+    keys (`seqs`: (cache, n_i, n_kv_i)), logits of every token or of each sequence's last one.
 
-    def __init__(self, fwd: "GgmlForward", n: int, n_kv: int, all_logits: bool, cache: GgmlKVCache,
-                 split: bool = False):
+    Every matmul (dense weights, router, experts) runs over the whole batch's tokens; only the attention is per
+    sequence (its K/V store and its masked softmax over its own cache), as llama.cpp's batch of several seq ids.
+    One sequence is the plain forward; several are continuous batching's decode step."""
+
+    def __init__(self, fwd: "GgmlForward", seqs: list[tuple[GgmlKVCache, int, int]], all_logits: bool,
+                 kept: bool, split: bool = False):
         c = fwd.config
-        d, H, cap = c.n_embd, c.n_head, cache.capacity
+        d, H = c.n_embd, c.n_head
         Hkv, hd, dv = fwd.kv_shape
-        self.cache_ptrs = (cache.k.data_ptr(), cache.vt.data_ptr())
-        self.n = n
+        self.cache_ptrs = tuple((cache.k.data_ptr(), cache.vt.data_ptr()) for cache, _, _ in seqs)
+        sizes = [n_i for _, n_i, _ in seqs]
+        offsets = np.cumsum([0] + sizes)[:-1].tolist()  # each sequence's first row in the batch
+        n = self.n = sum(sizes)
+        self.sizes = sizes
+        single = len(seqs) == 1
         # decode reads llama.cpp's repacked copies of the dense weights where they exist (its faster gemv);
         # prompts the file's own layout (this CPU's AVX-512 kernels beat the repacked ones on big batches)
-        rp = n <= CACHED_MAX_N
+        rp = n <= CACHED_MAX_N or not single
         W = lambda t: None if t is None else G.weight_tensor(t, rp)  # noqa: E731
-        n_nodes = 96 * c.n_layer + 64
+        n_nodes = (96 + 24 * len(seqs)) * c.n_layer + 64 + 4 * len(seqs)  # each sequence adds its attention
         # room for one graph of the whole pass, or (split) one graph per layer plus the head
         ctx = self.ctx = G.Ctx(n_nodes, 2 * n_nodes if not split else _SEGMENT_NODES * 2 * (c.n_layer + 1))
         p = ctx.ptr
         # prompts: flash attention (its masked keys are skipped, no n x n_kv scores); decode: llama.cpp's
         # non-flash path, faster for one row here. The latent (absorbed MLA) form keeps the non-flash path.
-        flash = fwd.flash_attn and n > CACHED_MAX_N and dv > 0
+        flash = fwd.flash_attn and single and n > CACHED_MAX_N and dv > 0
         mask_type, mask_dtype = (T.F16, np.float16) if flash else (T.F32, np.float32)  # ggml's FA takes F16 masks
         self.tokens = np.zeros(n, dtype=np.int32)
         self.pos = np.zeros(n, dtype=np.int32)
-        self.mask = np.zeros((n, n_kv), dtype=mask_dtype)
-        self.mask_swa = np.zeros((n, n_kv), dtype=mask_dtype) if c.sliding_window else None
         tok_t = ctx.tensor(G.GGML_TYPE_I32, n, data=self.tokens.ctypes.data)
         pos_t = ctx.tensor(G.GGML_TYPE_I32, n, data=self.pos.ctypes.data)
-        mask_t = ctx.tensor(mask_type, n_kv, n, data=self.mask.ctypes.data)
-        swa_t = ctx.tensor(mask_type, n_kv, n, data=self.mask_swa.ctypes.data) if c.sliding_window else None
-        kc = ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=self.cache_ptrs[0])
-        vc = ctx.tensor(T.F32, cap * Hkv * dv * c.n_layer, data=self.cache_ptrs[1])
-        k_layer, v_layer = cap * Hkv * hd * 4, cap * Hkv * dv * 4
+        # per sequence: its mask(s) [n_i, n_kv_i], its cache's K and V, its rows' offset in the batch
+        self.masks, self.masks_swa, att_seqs = [], [], []
+        for (cache, n_i, n_kv_i), off in zip(seqs, offsets):
+            cap = cache.capacity
+            mask = np.zeros((n_i, n_kv_i), dtype=mask_dtype)
+            swa = np.zeros((n_i, n_kv_i), dtype=mask_dtype) if c.sliding_window else None
+            self.masks.append(mask)
+            self.masks_swa.append(swa)
+            att_seqs.append(dict(
+                n=n_i, n_kv=n_kv_i, off=off, cap=cap,
+                mask=ctx.tensor(mask_type, n_kv_i, n_i, data=mask.ctypes.data),
+                swa=ctx.tensor(mask_type, n_kv_i, n_i, data=swa.ctypes.data) if swa is not None else None,
+                kc=ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=cache.k.data_ptr()),
+                vc=ctx.tensor(T.F32, cap * Hkv * dv * c.n_layer, data=cache.vt.data_ptr()),
+                k_layer=cap * Hkv * hd * 4, v_layer=cap * Hkv * dv * 4))
+        # the rows that go on past the last layer: all, or each sequence's last (llama.cpp's out_ids)
+        self.out_ids = np.array([off + n_i - 1 for off, n_i in zip(offsets, sizes)], dtype=np.int32)
+        out_ids_t = ctx.tensor(G.GGML_TYPE_I32, len(seqs), data=self.out_ids.ctypes.data)
 
         def norm(a, w):
             return G.ggml_mul(p, G.ggml_rms_norm(p, a, c.rms_eps), w)
@@ -139,42 +160,14 @@ class _Step:
                     q, k = norm(q, W(L["q_norm"])), norm(k, W(L["k_norm"]))
                 q = G.ggml_rope_ext(p, q, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
                 k = G.ggml_rope_ext(p, k, pos_t, None, c.rope_dim, mode, *fwd.rope_args)
-            # store K rows (and V columns) at positions start.. (destinations re-pointed per call)
-            k_dst = G.ggml_view_2d(p, kc, hd * Hkv, n, hd * Hkv * 4, 0)
-            k_store = G.ggml_cpy(p, G.ggml_reshape_2d(p, k, hd * Hkv, n), k_dst)
-            self.stores.append((k_dst, k_store, self.cache_ptrs[0] + l * k_layer, hd * Hkv * 4))
-            K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
-            if v is None:  # latent attention: the values are the cached latents (the first kv_lora_rank dims)
-                r = c.kv_lora_rank
-                Vt = G.ggml_view_3d(p, kc, r, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
-                V = G.ggml_cont(p, G.ggml_transpose(p, G.ggml_permute(p, Vt, 0, 2, 1, 3)))  # [n_kv, r, 1]
-            else:
-                v_dst = G.ggml_view_2d(p, vc, n, dv * Hkv, cap * 4, 0)
-                v_store = G.ggml_cpy(p, G.ggml_transpose(p, G.ggml_reshape_2d(p, v, dv * Hkv, n)), v_dst)
-                self.stores.append((v_dst, v_store, self.cache_ptrs[1] + l * v_layer, 4))
-                V = G.ggml_permute(p, G.ggml_view_3d(p, vc, n_kv, Hkv, dv, cap * dv * 4, cap * 4, l * v_layer),
-                                   0, 2, 1, 3)
-            # attention over the first n_kv positions, as llama.cpp's build_attn_mha
-            qp, Kp, mask_l = G.ggml_permute(p, q, 0, 2, 1, 3), G.ggml_permute(p, K, 0, 2, 1, 3), \
-                swa_t if L.get("swa") else mask_t
-            if flash:  # V rows [dv, n_kv, Hkv] out of the transposed cache (a copy of n_kv x dv x Hkv floats)
-                o = G.ggml_flash_attn_ext(p, qp, Kp, G.ggml_cont(p, G.ggml_transpose(p, V)), mask_l,
-                                          fwd.kq_scale, 0.0, 0.0)
-                if "sinks" in L:
-                    G.ggml_flash_attn_ext_add_sinks(o, W(L["sinks"]))
-                att = linear(L["o"], G.ggml_reshape_2d(p, o, c_dv * H, n))  # o is [dv, H, n]
-            else:
-                kq = G.ggml_soft_max_ext(p, G.ggml_mul_mat(p, Kp, qp), mask_l, fwd.kq_scale, 0.0)
-                if "sinks" in L:  # gpt-oss: a per-head logit joins every softmax denominator
-                    G.ggml_soft_max_add_sinks(kq, W(L["sinks"]))
-                kqv = G.ggml_mul_mat(p, V, kq)
-                if v is None:  # back from the latent space, per head: v_b [r, dv, H]
-                    kqv = G.ggml_mul_mat(p, W(L["v_b"]), kqv)
-                att = linear(L["o"], G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), c_dv * H, n))
-            if l == c.n_layer - 1 and not all_logits and n > 1:  # only the last token goes on (llama.cpp)
-                att = G.ggml_view_2d(p, att, d, 1, d * 4, (n - 1) * d * 4)
-                inp = G.ggml_view_2d(p, inp, d, 1, d * 4, (n - 1) * d * 4)
-                m = 1
+            att = linear(L["o"], self._attention(p, fwd, L, q, k, v, att_seqs, l, flash, c_dv))
+            if l == c.n_layer - 1 and not all_logits and n > len(seqs):  # only the last tokens go on (llama.cpp)
+                if single:
+                    att = G.ggml_view_2d(p, att, d, 1, d * 4, (n - 1) * d * 4)
+                    inp = G.ggml_view_2d(p, inp, d, 1, d * 4, (n - 1) * d * 4)
+                else:
+                    att, inp = G.ggml_get_rows(p, att, out_ids_t), G.ggml_get_rows(p, inp, out_ids_t)
+                m = len(seqs)
             ffn_inp = G.ggml_add(p, att, inp)
             h = norm(ffn_inp, W(L["ffn_norm"]))
             if "ffn" in L:  # dense models, and deepseek2's leading dense layers
@@ -199,14 +192,14 @@ class _Step:
         # keeps its buffer from one prompt batch to the next (micro-batches, back-to-back prompts) as llama.cpp
         # keeps its compute buffer: a fresh one of ~100 MB is faulted in page by page (~10 % of a 512-token pass).
         # Decoding gives it back, so the model decodes in no more memory than its file.
-        self.owns_galloc = n <= CACHED_MAX_N
+        self.owns_galloc = kept
         self.galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type()) if self.owns_galloc else \
             fwd.prompt_galloc()
         if split:
             self.segments.append(self._segment([logits], None, m))
             return
         self.graph = G.Graph(ctx, [], 2 * n_nodes)
-        for k_dst, store, _, _ in self.stores:  # the stores first: the attention reads what they write
+        for _, store, *_ in self.stores:  # the stores first: the attention reads what they write
             G.ggml_build_forward_expand(self.graph.ptr, store)
         G.ggml_build_forward_expand(self.graph.ptr, logits)
         for _, probs, _, _ in self.routing:  # reported to on_router; nothing else may consume them (gpt-oss)
@@ -221,13 +214,68 @@ class _Step:
         last = self.fwd.config.n_layer if l is None else l
         g = G.Graph(self.ctx, [], _SEGMENT_NODES * (last - self._seg_layer + 1))
         self._seg_layer = last + 1
-        for _, store, _, _ in self.stores[self._seg_stores:]:
+        for _, store, *_ in self.stores[self._seg_stores:]:
             G.ggml_build_forward_expand(g.ptr, store)
         self._seg_stores = len(self.stores)
         for t in outs:
             if t is not None:
                 G.ggml_build_forward_expand(g.ptr, t)
         return dict(graph=g, layer=l, m=m, ffn_inp=ffn_inp, h=h, shared=shared)
+
+    def _attention(self, p, fwd, L, q, k, v, att_seqs, l: int, flash: bool, c_dv: int):
+        """Each sequence's K/V stored in its cache (destinations re-pointed at its position per call), then its
+        attention over its first n_kv positions as llama.cpp's build_attn_mha; the outputs [c_dv * H, n] side by
+        side in batch order."""
+        c, H = fwd.config, fwd.config.n_head
+        Hkv, hd, dv = fwd.kv_shape
+        single = len(att_seqs) == 1
+        N = sum(s["n"] for s in att_seqs)
+        q_row = q.contents.nb[2]
+        k2 = G.ggml_reshape_2d(p, k, hd * Hkv, N)
+        v2 = G.ggml_reshape_2d(p, v, dv * Hkv, N) if v is not None else None
+        outs = []
+        for si, s in enumerate(att_seqs):
+            n, n_kv, off, cap, kc, vc = s["n"], s["n_kv"], s["off"], s["cap"], s["kc"], s["vc"]
+            k_layer, v_layer = s["k_layer"], s["v_layer"]
+            qs = q if single else G.ggml_view_3d(p, q, q.contents.ne[0], H, n, q.contents.nb[1], q_row, off * q_row)
+            ks = k2 if single else G.ggml_view_2d(p, k2, hd * Hkv, n, hd * Hkv * 4, off * hd * Hkv * 4)
+            # store K rows (and V columns) at positions start.. (destinations re-pointed per call)
+            k_dst = G.ggml_view_2d(p, kc, hd * Hkv, n, hd * Hkv * 4, 0)
+            k_store = G.ggml_cpy(p, ks, k_dst)
+            self.stores.append((k_dst, k_store, kc.contents.data + l * k_layer, hd * Hkv * 4, si))
+            K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
+            if v is None:  # latent attention: the values are the cached latents (the first kv_lora_rank dims)
+                r = c.kv_lora_rank
+                Vt = G.ggml_view_3d(p, kc, r, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
+                V = G.ggml_cont(p, G.ggml_transpose(p, G.ggml_permute(p, Vt, 0, 2, 1, 3)))  # [n_kv, r, 1]
+            else:
+                vs = v2 if single else G.ggml_view_2d(p, v2, dv * Hkv, n, dv * Hkv * 4, off * dv * Hkv * 4)
+                v_dst = G.ggml_view_2d(p, vc, n, dv * Hkv, cap * 4, 0)
+                v_store = G.ggml_cpy(p, G.ggml_transpose(p, vs), v_dst)
+                self.stores.append((v_dst, v_store, vc.contents.data + l * v_layer, 4, si))
+                V = G.ggml_permute(p, G.ggml_view_3d(p, vc, n_kv, Hkv, dv, cap * dv * 4, cap * 4, l * v_layer),
+                                   0, 2, 1, 3)
+            qp, Kp, mask_l = G.ggml_permute(p, qs, 0, 2, 1, 3), G.ggml_permute(p, K, 0, 2, 1, 3), \
+                s["swa"] if L.get("swa") else s["mask"]
+            if flash:  # V rows [dv, n_kv, Hkv] out of the transposed cache (a copy of n_kv x dv x Hkv floats)
+                o = G.ggml_flash_attn_ext(p, qp, Kp, G.ggml_cont(p, G.ggml_transpose(p, V)), mask_l,
+                                          fwd.kq_scale, 0.0, 0.0)
+                if "sinks" in L:
+                    G.ggml_flash_attn_ext_add_sinks(o, self.W(L["sinks"]))
+                o = G.ggml_reshape_2d(p, o, c_dv * H, n)  # o is [dv, H, n]
+            else:
+                kq = G.ggml_soft_max_ext(p, G.ggml_mul_mat(p, Kp, qp), mask_l, fwd.kq_scale, 0.0)
+                if "sinks" in L:  # gpt-oss: a per-head logit joins every softmax denominator
+                    G.ggml_soft_max_add_sinks(kq, self.W(L["sinks"]))
+                kqv = G.ggml_mul_mat(p, V, kq)
+                if v is None:  # back from the latent space, per head: v_b [r, dv, H]
+                    kqv = G.ggml_mul_mat(p, self.W(L["v_b"]), kqv)
+                o = G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), c_dv * H, n)
+            outs.append(o)
+        out = outs[0]
+        for o in outs[1:]:
+            out = G.ggml_concat(p, out, o, 1)
+        return out
 
     def _mla(self, p, c, L, h, n: int, pos_t, norm, linear):
         """deepseek2's attention inputs as llama.cpp builds them for a decompressed cache: q (or q_a -> norm -> q_b)
@@ -342,19 +390,22 @@ class _Step:
                 s = G.ggml_mul(p, s, G.ggml_div(p, G.ggml_silu(p, g), g))
         return s
 
-    def run(self, tokens: list[int], start: int, on_router=None) -> torch.Tensor:
-        n = self.n
+    def run(self, tokens: list[int], starts: list[int], on_router=None) -> torch.Tensor:
+        """Logits of the batch `tokens` (each sequence's n_i in order), sequence i's at positions starts[i].."""
         self.tokens[:] = tokens
-        qpos = np.arange(start, start + n, dtype=np.int32)
-        self.pos[:] = qpos
-        # causal: token start+i sees keys 0..start+i; the padding keys beyond are masked too
-        kpos = np.arange(self.mask.shape[1])[None, :]
-        np.copyto(self.mask, np.where(kpos <= qpos[:, None], 0.0, -np.inf))
-        if self.mask_swa is not None:  # and within the window (llama.cpp's LLAMA_SWA_TYPE_STANDARD)
-            window = self.fwd.config.sliding_window
-            np.copyto(self.mask_swa, np.where((kpos <= qpos[:, None]) & (qpos[:, None] - kpos < window), 0.0, -np.inf))
-        for dst, store, base, stride in self.stores:  # a cpy writes through its result, a view of dst
-            dst.contents.data = store.contents.data = base + start * stride
+        row = 0
+        for n, start, mask, mask_swa in zip(self.sizes, starts, self.masks, self.masks_swa):
+            qpos = np.arange(start, start + n, dtype=np.int32)
+            self.pos[row:row + n] = qpos
+            row += n
+            # causal: token start+i sees its own sequence's keys 0..start+i; the padding keys beyond are masked too
+            kpos = np.arange(mask.shape[1])[None, :]
+            np.copyto(mask, np.where(kpos <= qpos[:, None], 0.0, -np.inf))
+            if mask_swa is not None:  # and within the window (llama.cpp's LLAMA_SWA_TYPE_STANDARD)
+                window = self.fwd.config.sliding_window
+                np.copyto(mask_swa, np.where((kpos <= qpos[:, None]) & (qpos[:, None] - kpos < window), 0.0, -np.inf))
+        for dst, store, base, stride, seq in self.stores:  # a cpy writes through its result, a view of dst
+            dst.contents.data = store.contents.data = base + starts[seq] * stride
         if self.split:
             self._run_split(on_router)
         else:
@@ -525,32 +576,57 @@ class GgmlForward:
         """Logits of `tokens` at positions cache.pos.. (all of them or the last one); the caller advances pos.
         Long prompts go in micro-batches of UBATCH tokens, as llama.cpp's n_ubatch (the attention scores of one
         batch are n x n_kv floats per head)."""
-        if min(tokens) < 0 or max(tokens) >= self.config.n_vocab:  # ggml's get_rows would read out of bounds
-            from moecli.errors import MoecliError
-
-            raise MoecliError(f"token id out of range [0, {self.config.n_vocab})")
+        self._check_ids(tokens)
         start, out = cache.pos, []
         for i in range(0, len(tokens), UBATCH):
             chunk = tokens[i:i + UBATCH]
             last = i + UBATCH >= len(tokens)
-            logits = self._batch(chunk, cache, start + i, all_logits or len(chunk) == 1, on_router)
+            logits = self._batch([(chunk, cache, start + i)], all_logits or len(chunk) == 1, on_router)
             if all_logits or last:
                 out.append(logits)
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def _batch(self, tokens: list[int], cache: GgmlKVCache, start: int, all_logits: bool, on_router):
-        n = len(tokens)
-        n_kv = min(cache.capacity, max(KV_PAD, -(-(start + n) // KV_PAD) * KV_PAD))  # llama.cpp's get_n_kv
-        key = (n, n_kv, all_logits)
-        if n <= CACHED_MAX_N and self._prompt_galloc is not None:  # decoding: the prompt's buffers go back
+    def decode_batch(self, work: list[tuple[list[int], GgmlKVCache]], on_router=None) -> torch.Tensor:
+        """Several sequences in ONE forward pass (continuous batching): `tokens` of each at its cache.pos.., every
+        cache a different sequence's. Returns each sequence's last-token logits [len(work), n_vocab]; the caller
+        advances each pos. The batch takes at most UBATCH tokens."""
+        if sum(len(t) for t, _ in work) > UBATCH:
+            raise ValueError(f"a batch takes at most {UBATCH} tokens")
+        if len({id(cache) for _, cache in work}) != len(work):
+            raise ValueError("each sequence of a batch needs its own cache")
+        for tokens, cache in work:
+            self._check_ids(tokens)
+            if cache.pos + len(tokens) > cache.n_ctx:
+                raise ValueError(f"context full: {cache.pos + len(tokens)} tokens > {cache.n_ctx}")
+        return self._batch([(t, cache, cache.pos) for t, cache in work], len(work) == 1 and len(work[0][0]) == 1,
+                           on_router)
+
+    def _check_ids(self, tokens: list[int]) -> None:
+        if min(tokens) < 0 or max(tokens) >= self.config.n_vocab:  # ggml's get_rows would read out of bounds
+            from moecli.errors import MoecliError
+
+            raise MoecliError(f"token id out of range [0, {self.config.n_vocab})")
+
+    def _batch(self, batch: list[tuple[list[int], GgmlKVCache, int]], all_logits: bool, on_router):
+        """One graph over (tokens, cache, start) per sequence. Decode-sized graphs (one sequence of a few tokens, or
+        several sequences) are kept, keyed by their shapes and caches, the least recently used dropped."""
+        seqs = [(cache, len(t), min(cache.capacity, max(KV_PAD, -(-(start + len(t)) // KV_PAD) * KV_PAD)))
+                for t, cache, start in batch]  # n_kv: llama.cpp's get_n_kv
+        n = sum(len(t) for t, _, _ in batch)
+        keep = n <= CACHED_MAX_N or len(batch) > 1
+        if keep and self._prompt_galloc is not None:  # decoding: the prompt's buffers go back
             G.ggml_gallocr_free(self._prompt_galloc)
             self._prompt_galloc = None
             if self.experts is not None:
                 self.experts.engine.release_buffers()
             G.trim_heap()
-        step = self._steps.get(key)
-        if step is None or step.cache_ptrs != (cache.k.data_ptr(), cache.vt.data_ptr()):
-            step = _Step(self, n, n_kv, all_logits, cache, split=self._split(n))
-            if n <= CACHED_MAX_N:
-                self._steps[key] = step
-        return step.run(tokens, start, on_router)
+        key = (tuple((cache.k.data_ptr(), cache.vt.data_ptr(), cache.capacity, n_i, n_kv) for cache, n_i, n_kv in seqs),
+               all_logits)
+        step = self._steps.pop(key, None)
+        if step is None:
+            step = _Step(self, seqs, all_logits, keep, split=len(batch) == 1 and self._split(n))
+        if keep:
+            self._steps[key] = step  # (re)inserted last: the most recently used
+            while len(self._steps) > KEPT_GRAPHS:
+                self._steps.pop(next(iter(self._steps)))
+        return step.run([t for b in batch for t in b[0]], [start for _, _, start in batch], on_router)
