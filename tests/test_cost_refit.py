@@ -39,9 +39,10 @@ def test_host_profile_costs_reach_the_executor_and_are_refitted():
     assert ex.refit.measurements > 0
     s = m.stats.as_dict()
     assert s["cost_model_error"] is not None and s["syncs"] > 0
-    # grouped kernels: 2 launches per layer step with device experts (+2 per scratch expert); torch: one per expert
-    want_launches = s["device_experts"] if not ex.dev.triton else None
-    assert 0 < s["launches"] <= 2 * s["device_experts"] if want_launches is None else s["launches"] == want_launches
+    if ex.dev.triton:  # grouped kernels: 2 launches per layer step with device experts (+2 per scratch expert)
+        assert 0 < s["launches"] <= 2 * s["device_experts"]
+    else:  # the torch fallback: one computation per expert
+        assert s["launches"] == s["device_experts"]
     per = m.stats.per_layer()
     assert set(per) == set(ex.layers) and all(v["measured_ms"] > 0 for v in per.values())
 
