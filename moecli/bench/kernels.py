@@ -148,7 +148,7 @@ def bench_device(types=None, tokens=(1, 512), shapes=None, min_time=0.3, echo=pr
                         else None
                     t_th = _device_time(lambda: xb @ torch_dequant.dequantize(raw, ty, (n, k), torch.bfloat16).T,
                                         device, min_time)
-                decode = m <= D.DECODE_ROWS
+                decode = m <= 16
 
                 def rate(t):
                     if t is None:

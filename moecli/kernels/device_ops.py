@@ -22,7 +22,7 @@ T = GGMLQuantizationType
 # The types the kernels read in place; any other weight is dequantized once to bf16 (`warn_fallback_type`).
 TRITON_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4, T.IQ4_NL,
                           T.IQ4_XS, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K})
-DECODE_ROWS = 16  # up to this many rows per weight (or per expert) the decode form runs; more: tl.dot tiles
+DECODE_ROWS = 4  # up to this many rows per weight (or per expert): the decode form; more: tl.dot tiles
 
 
 def _interpreting() -> bool:
@@ -76,16 +76,18 @@ FORMS_AS_ON_GPU = False
 
 
 def _tiles(rows: int, n: int, k: int) -> tuple[int, int, int, bool]:
-    """(BM, BN, BK, DOT) for `rows` activation rows against an n x k weight. The interpreter costs per program and
-    per op, not per element: there the tiles are as large as the shape allows."""
+    """(BM, BN, BK, DOT) for `rows` activation rows against an n x k weight. On a GPU the decode form's broadcast
+    product must stay small in registers (BM <= 4); from 5 rows on, tl.dot on 16+-row tiles (tensor cores; padded
+    rows are masked). The interpreter costs per program and per op, not per element: there the tiles are as large
+    as the shape allows."""
     dot = rows > DECODE_ROWS
     if _interpreting():
         dot = dot or not FORMS_AS_ON_GPU
         bm = max(min(_np2(rows), 64), 16) if dot else _np2(rows)
         return bm, max(min(_np2(n), 256), 16), max(min(_np2(k), 256), 16), dot
-    if dot:
-        return 64, 64, 64, True
-    return _np2(rows), 32, 64, False
+    if not dot:
+        return _np2(rows), 32, 64, False
+    return (16 if rows <= 16 else 64), 64, 64, True
 
 
 class QuantWeight:

@@ -21,11 +21,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# ggml type ids (gguf.GGMLQuantizationType values) used as compile-time constants
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16, MXFP4 = 10, 11, 12, 13, 14, 20, 23, 30, 39
+# ggml type ids (gguf.GGMLQuantizationType values). Compiled kernels may only read globals that are constexpr.
+_c = tl.constexpr
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = _c(0), _c(1), _c(2), _c(3), _c(6), _c(7), _c(8)
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = _c(10), _c(11), _c(12), _c(13), _c(14)
+IQ4_NL, IQ4_XS, BF16, MXFP4 = _c(20), _c(23), _c(30), _c(39)
 
-OAI_ALPHA, OAI_LIMIT = 1.702, 7.0  # gpt-oss's clamped SwiGLU (same constants as moecli.runtime.experts)
+OAI_ALPHA, OAI_LIMIT = _c(1.702), _c(7.0)  # gpt-oss's clamped SwiGLU (the constants of moecli.runtime.experts)
 
 
 @triton.jit

@@ -224,7 +224,7 @@ class DeviceExpertCache:
         for e in slot_of:
             self.copy_engine.wait(self.pending.pop((layer, -1) if scratch else (layer, e), None))
         if not slot_of or not self.triton:
-            out = torch.zeros((x.shape[0], self.layouts[layer].d), dtype=torch.float32, device=x.device)
+            out = torch.zeros((x.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)  # experts map d -> d
             for e in slot_of:  # the torch fallback: one expert at a time
                 tok, k = torch.nonzero(ids == e, as_tuple=True)
                 y = self.compute(layer, e, x[tok], scratch=scratch)
