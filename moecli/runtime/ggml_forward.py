@@ -82,7 +82,6 @@ class _Step:
         c = fwd.config
         d, H = c.n_embd, c.n_head
         Hkv, hd, dv = fwd.kv_shape
-        self.cache_ptrs = tuple((cache.k.data_ptr(), cache.vt.data_ptr()) for cache, _, _ in seqs)
         sizes = [n_i for _, n_i, _ in seqs]
         offsets = np.cumsum([0] + sizes)[:-1].tolist()  # each sequence's first row in the batch
         n = self.n = sum(sizes)
