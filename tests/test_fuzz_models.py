@@ -6,7 +6,8 @@ outcome like any other, never the end of the test run. A case passes when it loa
 fails the property. Deep cases (those that load) also build the model, compute logits, decode every token id,
 render the chat template and ask llama.cpp about every id; a sample also goes through the real CLI.
 
-In the suite: a seeded Hypothesis run (MOECLI_FUZZ_CASES cases each for GGUF and safetensors, default 60).
+In the suite: a seeded Hypothesis run (MOECLI_FUZZ_CASES cases each for GGUF and safetensors, default 40; the first
+of each kind also through `moecli chat -p`, MOECLI_FUZZ_CLI_RATE=0.05 sends a share of the others).
 A campaign that counts outcome classes instead of stopping at the first failure:
     PYTHONPATH=$PWD python3 tests/test_fuzz_models.py --cases 300 [--seed 0] [--cli-rate 0.05] [--kind gguf|hf]
 """
@@ -366,7 +367,7 @@ class Fuzzer:
 
     def case(self, rng, kind: str, cli_rate: float = 0.0) -> tuple[str, str]:
         self.n += 1
-        deep = rng.random() < 0.5
+        deep = rng.random() < 0.35
         cli = rng.random() < cli_rate
         if kind == "gguf":
             desc, raw = gguf_case(rng, self.base)
@@ -401,7 +402,8 @@ except ImportError:  # the campaign runs without pytest
     pytest = None
 
 if pytest is not None:
-    N_CASES = int(os.environ.get("MOECLI_FUZZ_CASES", "60"))
+    N_CASES = int(os.environ.get("MOECLI_FUZZ_CASES", "40"))
+    CLI_RATE = float(os.environ.get("MOECLI_FUZZ_CLI_RATE", "0"))
 
     @pytest.fixture(scope="module")
     def fuzzer(tmp_path_factory):
@@ -417,10 +419,11 @@ if pytest is not None:
                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
         @given(st.randoms(use_true_random=False))
         def prop(rng):
-            # the first CLI case is forced, so every run also crosses the real command line
-            outcome, desc = fuzzer.case(rng, kind, cli_rate=0.05 if fuzzer.n > 1 else 1.0)
+            # the first case of each kind also runs through the real command line (`chat -p`), more by env var
+            outcome, desc = fuzzer.case(rng, kind, cli_rate=1.0 if fuzzer.n == first else CLI_RATE)
             assert outcome in GOOD, f"{kind} case ({desc}): {outcome}"
 
+        first = fuzzer.n
         prop()
 
 
