@@ -61,7 +61,7 @@ class Session:
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", n_ctx: int | None = None, engine: str = "auto",
                  threads: int | None = None, placement: str | None = None, expert_slots: int = 0, costs=None,
-                 flash_attn: bool = True):
+                 flash_attn: bool = True, host_profile: str | Path | None = None):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path)
         self.config = self.checkpoint.config
@@ -103,6 +103,16 @@ class Model:
                 raise MoecliError("placements apply to Mixture-of-Experts models; this model is dense")
             ggml.set_threads(threads)
             linear = None
+            if self.device.type == "cuda":  # a plan that does not fit fails here, before anything is loaded
+                _check_device_memory(self.checkpoint, self.path, self.device, placement or "hybrimoe",
+                                     expert_slots, n_ctx)
+            if costs is None:  # this host's measured costs for this model (or the defaults), refitted as it runs
+                from moecli.profile.costs import host_costs
+
+                costs, source = host_costs(self.checkpoint, self.path, profile=host_profile)
+            else:
+                source = "costs given by the caller"
+            self.cost_source = source
             experts = HybridExperts(self.checkpoint, self.device, placement or "hybrimoe", expert_slots, costs)
         else:
             linear = None
@@ -281,6 +291,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _check_device_memory(ckpt, path: Path, device: torch.device, placement: str, slots: int, n_ctx: int) -> None:
+    from moecli.profile import plan as P
+
+    free, total = torch.cuda.mem_get_info(device)
+    P.check_fits(P.ModelFacts.from_checkpoint(ckpt, path.name), placement, slots, n_ctx, free, total, str(device))
+
+
 def load(path: str | Path, device: str = "cpu", **options) -> Model:
     """Load a GGUF file or a Hugging Face safetensors directory.
 
@@ -288,7 +305,8 @@ def load(path: str | Path, device: str = "cpu", **options) -> Model:
     quantized weights, the default on the CPU; "torch": the fp32 reference), threads (ggml threads),
     placement (a named placement, e.g. "hybrimoe", "lru", "ktransformers", "llama-cpp", "n-cpu-moe=N": routed
     experts split between the ggml CPU engine and an expert cache on `device`), expert_slots (cache slots per
-    layer), costs (a policy.cost.CostModel; defaults derive from the expert size), flash_attn (ggml engine: prompts
+    layer), costs (a policy.cost.CostModel; default: this host's profile for the model, `host_profile` a path or
+    name to choose one, else defaults from the expert size; the executor refits it as it runs), flash_attn (ggml engine: prompts
     attend through ggml's flash attention, as llama.cpp's default; False: its non-flash path everywhere).
     """
     return Model(path, device=device, **options)

@@ -47,7 +47,7 @@ class Stats:
     layer_ms: dict[int, float] = field(default_factory=dict)  # measured wall ms per layer (experts call)
     predicted_ms: dict[int, float] = field(default_factory=dict)  # the cost model's span for the same calls
     decision_ms: dict[int, float] = field(default_factory=dict)  # decision core: plan + admissions
-    prefetch_ms: dict[int, float] = field(default_factory=dict)  # prediction (gates) + prefetch choice
+    prefetch_ms: dict[int, float] = field(default_factory=dict)  # prediction (gates) + prefetch choice, no copies
     calls: int = 0
 
     @property
@@ -183,6 +183,7 @@ class HybridExperts:
 
         t_pf = time.perf_counter()
         predictions = self._predict(layer, hidden) if (core.prefetcher is not None or self.recorder) else {}
+        predict_s = time.perf_counter() - t_pf
         after_now = self._now()
         after_copy = self._copy_free_at(after_now)
         a = core.after_layer(layer, d.tokens, d.cpu, sc, n, after_now, after_copy,
@@ -195,8 +196,7 @@ class HybridExperts:
             self._load(layer, e, victim)
         self._copy_time(len(a.prefetch) + len(a.admits), t_copy)
         st.prefetched += len(a.prefetch)
-        st.prefetch_ms[layer] = st.prefetch_ms.get(layer, 0.0) + (time.perf_counter() - t_pf) * 1e3 \
-            - a.decision_s * 1e3
+        st.prefetch_ms[layer] = st.prefetch_ms.get(layer, 0.0) + (predict_s + a.prefetch_s) * 1e3
         st.decision_ms[layer] = st.decision_ms.get(layer, 0.0) + (d.decision_s + a.decision_s) * 1e3
         if self.log is not None:
             self.log.append(core_record(layer, d, a))
