@@ -11,6 +11,9 @@ from moecli.errors import MoecliError
 from moecli.formats.tensor import TensorData
 
 
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0  # gpt-oss's clamped SwiGLU (llama.cpp: LLM_FFN_SWIGLU_OAI_MOE)
+
+
 @dataclass
 class ModelConfig:
     arch: str  # family name: llama, qwen2moe, qwen3moe, olmoe, deepseek2, gpt-oss
@@ -131,5 +134,12 @@ class Checkpoint:
             if optional:
                 return
             raise MoecliError(f"model file lacks tensor {name}")
-        if tuple(t.ne) != tuple(ne):
+        if _squeeze(t.ne) != _squeeze(ne):  # ggml pads shapes with 1s: {n} is {n, 1}
             raise MoecliError(f"tensor {name} has shape {list(t.ne)}, expected {list(ne)} from the model config")
+
+
+def _squeeze(ne) -> tuple:
+    ne = tuple(int(n) for n in ne)
+    while len(ne) > 1 and ne[-1] == 1:
+        ne = ne[:-1]
+    return ne

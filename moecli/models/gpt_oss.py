@@ -10,7 +10,6 @@ Differences from the shared decoder:
 """
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import torch
@@ -18,10 +17,11 @@ from gguf import GGMLQuantizationType as T
 
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.tensor import TensorData
+from moecli.models import spec as S
 from moecli.models.config import Checkpoint, ExpertStack, ModelConfig
-from moecli.models.deepseek2 import YarnRope, yarn_params
 from moecli.models.layers import Embedding, TorchLinear, to_torch
-from moecli.models.transformer import Transformer
+from moecli.models.rope import torch_rope
+from moecli.models.transformer import Transformer, build_layer, kv_shape  # noqa: F401  the shared graph
 
 
 def from_gguf(g) -> ModelConfig:
@@ -69,36 +69,23 @@ def from_gguf(g) -> ModelConfig:
         expert_act="swiglu_oai", **fields)
 
 
-def validate(ckpt: Checkpoint) -> None:
-    """The gpt-oss tensors against the config (ggml order), naming the first that disagrees."""
-    c, chk = ckpt.config, ckpt.check_shape
-    q, kv, E, ff = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_expert, c.n_ff_exp
-    if c.n_head % c.n_head_kv:
-        raise MoecliError(f"{c.n_head} query heads do not divide into {c.n_head_kv} KV heads")
-    chk("token_embd.weight", c.n_embd, c.n_vocab)
-    chk("output_norm.weight", c.n_embd)
-    chk("output.weight", c.n_embd, c.n_vocab, optional=True)
-    for l in range(c.n_layer):
-        b = f"blk.{l}."
-        for name, ne in (("attn_norm.weight", (c.n_embd,)), ("post_attention_norm.weight", (c.n_embd,)),
-                         ("attn_q.weight", (c.n_embd, q)), ("attn_k.weight", (c.n_embd, kv)),
-                         ("attn_v.weight", (c.n_embd, kv)), ("attn_output.weight", (q, c.n_embd)),
-                         ("attn_sinks.weight", (c.n_head,)), ("ffn_gate_inp.weight", (c.n_embd, E))):
-            chk(b + name, *ne)
-        for name, n in (("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv), ("attn_output.bias", c.n_embd),
-                        ("ffn_gate_inp.bias", E)):
-            chk(b + name, n, optional=True)
-        for kind, ne in (("gate", (c.n_embd, ff)), ("up", (c.n_embd, ff)), ("down", (ff, c.n_embd))):
-            stack = ckpt.experts.get(f"{b}ffn_{kind}_exps")
-            if stack is None:
-                raise MoecliError(f"model file lacks tensor {b}ffn_{kind}_exps.weight")
-            got = tuple(stack.stacked.ne) if stack.stacked is not None else (*stack.ne, stack.n)
-            if got != (*ne, E):
-                raise MoecliError(f"tensor {b}ffn_{kind}_exps.weight has shape {list(got)}, "
-                                  f"expected {[*ne, E]} from the model config")
-            if stack.bias is not None and tuple(stack.bias.ne) != (ne[1], E):
-                raise MoecliError(f"tensor {b}ffn_{kind}_exps.bias has shape {list(stack.bias.ne)}, "
-                                  f"expected {[ne[1], E]} from the model config")
+def _always(c, l) -> bool:
+    return True
+
+
+def _exps_bias(kind: str, ne) -> S.TensorSpec:
+    return S.TensorSpec(f"ffn_{kind}_exps.bias", ne, "bias", required=False)
+
+
+SPEC = S.Spec(layer=S.attention(bias=_always, out_bias=_always) + (
+    S.TensorSpec("attn_sinks.weight", lambda c: (c.n_head,), "sinks"),
+    S.norm("post_attention_norm.weight"),
+    *S.moe(gate_up_init="w_oai")[:1],
+    S.TensorSpec("ffn_gate_inp.bias", lambda c: (c.n_expert,), "bias", required=False),
+    *S.moe(gate_up_init="w_oai")[1:],
+    _exps_bias("gate", lambda c: (c.n_ff_exp, c.n_expert)), _exps_bias("up", lambda c: (c.n_ff_exp, c.n_expert)),
+    _exps_bias("down", lambda c: (c.n_embd, c.n_expert)),
+), globals=S.GLOBALS)
 
 
 class Layer:
@@ -159,13 +146,9 @@ class GptOssTransformer(Transformer):
         self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
         self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
         self.max_ctx = max_ctx or c.n_ctx_train
-        # YaRN as llama.cpp derives it (the rope part only: gpt-oss scales q.k by 1/sqrt(head_dim))
-        y = yarn_params(dataclasses.replace(c, qk_nope_dim=0, qk_rope_dim=c.head_dim))
-        y.pop("kq_scale")
-        if c.rope_scaling == "yarn" and not c.yarn_truncate:  # transformers' gpt-oss: unrounded correction range
-            y["corr"] = _yarn_corr(c)
-        self.kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(c.head_dim)))
-        self.rope = YarnRope(c.head_dim, c.rope_theta, True, self.max_ctx, self.device, **y)
+        # YaRN as llama.cpp derives it (the rope part only: gpt-oss scales q.k by 1/sqrt(head_dim)); transformers'
+        # truncate=False: the unrounded correction range
+        self.rope, self.kq_scale = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights)
 
     def attention(self, l, layer: Layer, h, pos, cache, start: int) -> torch.Tensor:
@@ -192,13 +175,6 @@ class GptOssTransformer(Transformer):
         if self.on_router is not None:
             self.on_router(l, probs, ids, weights)
         return self.experts(l, h, ids, weights, probs)
-
-
-def _yarn_corr(c: ModelConfig) -> tuple[float, float]:
-    """YaRN's correction range without rounding to whole dims (transformers with rope_parameters.truncate=False)."""
-    def dim(n_rot):
-        return c.head_dim * np.log(c.yarn_orig_ctx / (n_rot * 2 * np.pi)) / (2 * np.log(c.rope_theta))
-    return max(0.0, float(dim(c.yarn_beta_fast))), min(float(c.head_dim - 1), float(dim(c.yarn_beta_slow)))
 
 
 TRANSFORMER = GptOssTransformer

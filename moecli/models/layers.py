@@ -1,4 +1,4 @@
-"""Building blocks shared by the architectures: weights on the device, norms, RoPE, attention, routing."""
+"""Building blocks shared by the architectures: weights on the device, norms, attention, routing (RoPE: rope.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,40 +49,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     mean = (x * x).double().sum(-1, keepdim=True) / x.shape[-1]
     scale = 1.0 / torch.sqrt((mean + eps).float())
     return (x * scale) * weight
-
-
-class Rope:
-    """Rotary embeddings; `neox` rotates the two halves of the rotary dims, NORM rotates adjacent pairs."""
-
-    def __init__(self, dim: int, theta: float, neox: bool, max_pos: int, device):
-        # Angles exactly as ggml computes them: theta_scale = base^(-2/dim) in float32, and each pair's angle is the
-        # previous one times theta_scale, in float32. The exact angles differ by up to ~1e-4 rad at long positions,
-        # enough to flip Q8 activation roundings downstream and move logits visibly against llama.cpp.
-        scale = np.float32(np.float32(theta) ** np.float32(-2.0 / dim))
-        ang = np.empty((max_pos, dim // 2), dtype=np.float32)
-        ang[:, 0] = np.arange(max_pos, dtype=np.float32)
-        for i in range(1, dim // 2):
-            ang[:, i] = ang[:, i - 1] * scale
-        self.cos = torch.from_numpy(np.cos(ang.astype(np.float64)).astype(np.float32)).to(device)
-        self.sin = torch.from_numpy(np.sin(ang.astype(np.float64)).astype(np.float32)).to(device)
-        self.dim, self.neox = dim, neox
-
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x: [n, heads, head_dim]; pos: [n] positions."""
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
-        half = self.dim // 2
-        out = torch.empty_like(x)
-        if self.neox:
-            a, b = x[..., :half], x[..., half:self.dim]
-            out[..., :half] = a * cos - b * sin
-            out[..., half:self.dim] = a * sin + b * cos
-        else:
-            a, b = x[..., 0:self.dim:2], x[..., 1:self.dim:2]
-            out[..., 0:self.dim:2] = a * cos - b * sin
-            out[..., 1:self.dim:2] = a * sin + b * cos
-        if self.dim < x.shape[-1]:
-            out[..., self.dim:] = x[..., self.dim:]
-        return out
 
 
 class KVCache:

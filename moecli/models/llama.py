@@ -1,5 +1,7 @@
 """llama: dense Llama/SmolLM/Mistral and Mixtral-style MoE (softmax -> top-k -> renormalise)."""
 from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, DENSE_NAMES, gguf_common, hf_common
+from moecli.models.transformer import SPEC, build_layer, kv_shape  # noqa: F401  the shared decoder
+from moecli.models.transformer import Transformer as TRANSFORMER  # noqa: F401
 
 HF_NAMES = ATTN_NAMES + DENSE_NAMES + EXPERT_NAMES + [
     # Mixtral's own names for its router and experts

@@ -1,5 +1,7 @@
 """olmoe: OLMoE (q/k RMSNorm over the whole projection, no top-k renormalisation)."""
 from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, gguf_common, hf_common
+from moecli.models.transformer import SPEC, build_layer, kv_shape  # noqa: F401  the shared decoder
+from moecli.models.transformer import Transformer as TRANSFORMER  # noqa: F401
 
 HF_NAMES = ATTN_NAMES + EXPERT_NAMES
 

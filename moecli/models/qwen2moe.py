@@ -1,6 +1,8 @@
 """qwen2moe: Qwen1.5/Qwen2-MoE (q/k/v biases, a shared expert behind a sigmoid gate, no top-k renormalisation)."""
 from moecli.errors import UnsupportedError
 from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, gguf_common, hf_common
+from moecli.models.transformer import SPEC, build_layer, kv_shape  # noqa: F401  the shared decoder
+from moecli.models.transformer import Transformer as TRANSFORMER  # noqa: F401
 
 _L = r"model\.layers\.(\d+)\."
 HF_NAMES = ATTN_NAMES + EXPERT_NAMES + [

@@ -1,6 +1,8 @@
 """qwen3moe: Qwen3-MoE (per-head q/k RMSNorm, no shared expert)."""
 from moecli.errors import UnsupportedError
 from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, gguf_common, hf_common
+from moecli.models.transformer import SPEC, build_layer, kv_shape  # noqa: F401  the shared decoder
+from moecli.models.transformer import Transformer as TRANSFORMER  # noqa: F401
 
 HF_NAMES = ATTN_NAMES + EXPERT_NAMES
 

@@ -7,8 +7,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moecli.models import spec as S
 from moecli.models.config import Checkpoint
-from moecli.models.layers import Embedding, KVCache, Rope, TorchLinear, attend, rms_norm, route, to_torch
+from moecli.models.layers import Embedding, KVCache, TorchLinear, attend, rms_norm, route, to_torch
+from moecli.models.rope import torch_rope
+
+
+# The tensors of the shared decoder (llama / Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), what the config switches on.
+SPEC = S.Spec(layer=S.attention(bias=lambda c, l: c.attn_bias) + (S.norm("ffn_norm.weight"),) + S.ffn() + S.moe()
+              + S.shared_expert(), globals=S.GLOBALS)
 
 
 class Layer:
@@ -56,7 +63,7 @@ class Transformer:
         self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
         self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
         self.max_ctx = max_ctx or c.n_ctx_train
-        self.rope = Rope(c.rope_dim, c.rope_theta, c.rope_neox, self.max_ctx, self.device)
+        self.rope, _ = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
@@ -121,3 +128,33 @@ class Transformer:
                 s = s * torch.sigmoid(h @ layer.shared_gate)[:, None]
             out = out + s
         return out
+
+
+# ------------------------------------------------------------------------------------------------ ggml graph
+
+def ggml_qkv(g, L: dict, h):
+    """q [hd, H, n], k [hd, Hkv, n] roped, v [hd * Hkv, n]: projections (+ biases), q/k RMSNorm over the projection
+    (OLMoE) or per head (Qwen3)."""
+    c = g.c
+    q, k, v = (g.linear((L[f"attn_{p}"], L.get(f"attn_{p}.bias")), h) for p in "qkv")
+    if c.qk_norm == "full":
+        q, k = g.build_norm(q, L["attn_q_norm"]), g.build_norm(k, L["attn_k_norm"])
+    q, k = g.heads(q, c.head_dim, c.n_head), g.heads(k, c.head_dim, c.n_head_kv)
+    if c.qk_norm == "head":
+        q, k = g.build_norm(q, L["attn_q_norm"]), g.build_norm(k, L["attn_k_norm"])
+    return g.rope_heads(q), g.rope_heads(k), v
+
+
+def kv_shape(c) -> tuple[int, int, int]:
+    """(KV heads, K dims, V dims) of the ggml cache."""
+    return c.n_head_kv, c.head_dim, c.head_dim
+
+
+def build_layer(g, l: int, L: dict, x, qkv=ggml_qkv):
+    """A pre-norm decoder layer: attention (inputs from `qkv`), residual, FFN norm, dense or MoE FFN, residual."""
+    h = g.build_norm(x, L["attn_norm"])
+    x = g.residual(l, g.build_attn(l, L, *qkv(g, L, h)), x)
+    h = g.build_norm(x, L["ffn_norm"] if "ffn_norm" in L else L["post_attention_norm"])
+    if "ffn_gate_inp" not in L:
+        return g.add(g.build_ffn(L["ffn_gate"], L["ffn_up"], L["ffn_down"], h), x)
+    return g.build_moe_ffn(l, L, h, x)
