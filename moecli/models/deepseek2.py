@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moecli.errors import MoecliError, UnsupportedError
-from moecli.models.common import DENSE_NAMES, EXPERT_NAMES
+from moecli.models.common import DENSE_NAMES, EXPERT_NAMES, gguf_metadata
 from moecli.models.config import Checkpoint, ModelConfig
 from moecli.models.layers import Embedding, TorchLinear, rms_norm, to_torch
 from moecli.models.rope import torch_rope
@@ -208,6 +208,46 @@ def from_hf(cfg: dict) -> ModelConfig:
             **fields)
     except KeyError as e:
         raise MoecliError(f"config.json lacks {e.args[0]}") from None
+
+
+def synth_config(d) -> ModelConfig:
+    """moecli.synth.DeepSeekDims as the config its file loads into (GGUF's KV head count and key length)."""
+    dk = d.qk_nope + d.qk_rope
+    yarn = {}
+    if d.yarn_factor:
+        yarn = dict(rope_scaling="yarn", rope_factor=d.yarn_factor, yarn_orig_ctx=d.yarn_orig_ctx,
+                    yarn_log_mul=float(_f(0.1 * d.yarn_mscale_all_dim) / _f(0.1)))
+    return ModelConfig(
+        arch="deepseek2", n_vocab=d.n_vocab, n_embd=d.n_embd, n_layer=d.n_layer, n_head=d.n_head,
+        n_head_kv=1 if d.mla_split else d.n_head, head_dim=d.kv_lora_rank + d.qk_rope if d.mla_split else dk,
+        n_ctx_train=d.context_length, rms_eps=d.rms_eps, rope_theta=d.rope_theta, rope_neox=False,
+        rope_dim=d.qk_rope, n_ff=d.n_ff_dense, n_expert=d.n_expert, n_expert_used=d.n_expert_used, n_ff_exp=d.n_ff,
+        n_ff_shexp=d.n_ff * d.n_shared, norm_topk=d.weights_norm, q_lora_rank=d.q_lora_rank,
+        kv_lora_rank=d.kv_lora_rank, qk_nope_dim=d.qk_nope, qk_rope_dim=d.qk_rope, v_head_dim=d.v_head_dim,
+        mla_split=d.mla_split, n_dense_layers=d.n_dense, n_shared=d.n_shared, routed_scale=d.weights_scale,
+        gating=d.gating, expert_bias=d.expert_bias, n_group=d.n_group, topk_group=d.topk_group, **yarn)
+
+
+def to_gguf(c: ModelConfig) -> dict:
+    """The GGUF keys from_gguf reads back into `c`."""
+    m = {"feed_forward_length": c.n_ff, "attention.q_lora_rank": c.q_lora_rank,
+         "attention.kv_lora_rank": c.kv_lora_rank}
+    if c.mla_split:  # MLA as llama.cpp runs it: one KV head of [latent | k_pe], values = latent
+        m.update({"attention.value_length": c.kv_lora_rank,
+                  "attention.key_length_mla": c.qk_nope_dim + c.qk_rope_dim,
+                  "attention.value_length_mla": c.v_head_dim})
+    else:
+        m["attention.value_length"] = c.v_head_dim
+    if c.rope_scaling == "yarn":  # the converter's 0.1 * mscale_all_dim
+        m.update({"rope.scaling.type": "yarn", "rope.scaling.factor": c.rope_factor,
+                  "rope.scaling.original_context_length": c.yarn_orig_ctx,
+                  "rope.scaling.yarn_log_multiplier": float(_f(c.yarn_log_mul) * _f(0.1))})
+    m.update({"leading_dense_block_count": c.n_dense_layers, "expert_feed_forward_length": c.n_ff_exp,
+              "expert_shared_count": c.n_shared, "expert_weights_scale": c.routed_scale,
+              "expert_weights_norm": c.norm_topk, "expert_gating_func": {"softmax": 1, "sigmoid": 2}[c.gating]})
+    if c.n_group:
+        m.update({"expert_group_count": c.n_group, "expert_group_used_count": c.topk_group})
+    return gguf_metadata(c, **m)
 
 
 def check_config(c: ModelConfig) -> None:

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType as T
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.tensor import TensorData
 from moecli.models import spec as S
+from moecli.models.common import gguf_metadata, synth_common
 from moecli.models.config import Checkpoint, ExpertStack, ModelConfig
 from moecli.models.layers import Embedding, TorchLinear, to_torch
 from moecli.models.rope import torch_rope
@@ -67,6 +68,24 @@ def from_gguf(g) -> ModelConfig:
         routed_scale=float(g.arch_get("expert_weights_scale", 0.0) or 0.0), gating="softmax_weight",
         sliding_window=int(g.require("attention.sliding_window")), swa_layers=swa, attn_sinks=True,
         expert_act="swiglu_oai", **fields)
+
+
+def synth_config(d) -> ModelConfig:
+    """moecli.synth.GptOssDims as the config its file loads into (sliding window on even layers)."""
+    yarn = {}
+    if d.yarn_factor:
+        yarn = dict(rope_scaling="yarn", rope_factor=d.yarn_factor, yarn_orig_ctx=d.yarn_orig_ctx)
+    return synth_common(d, "gpt-oss", gating="softmax_weight", sliding_window=d.sliding_window,
+                        swa_layers=tuple(range(0, d.n_layer, 2)), attn_sinks=True, expert_act="swiglu_oai", **yarn)
+
+
+def to_gguf(c: ModelConfig) -> dict:
+    m = {"feed_forward_length": c.n_ff_exp, "attention.sliding_window": c.sliding_window,
+         "expert_feed_forward_length": c.n_ff_exp}
+    if c.rope_scaling == "yarn":
+        m.update({"rope.scaling.type": "yarn", "rope.scaling.factor": c.rope_factor,
+                  "rope.scaling.original_context_length": c.yarn_orig_ctx})
+    return gguf_metadata(c, **m)
 
 
 def _always(c, l) -> bool:
