@@ -90,42 +90,25 @@ class SynthDims:
 
 
 def geometry(name: str, n_layer: int = 2, n_vocab: int | None = None) -> SynthDims:
-    """SynthDims of a real model's geometry with `n_layer` layers (rope/eps as in the real configs; deepseek
-    presets keep their leading dense layers, at most n_layer - 1)."""
-    if name in _DS_PRESETS:
-        d = _DS_PRESETS[name]
-        return dataclasses.replace(d, n_layer=n_layer, n_dense=min(d.n_dense, max(n_layer - 1, 0)),
-                                   n_vocab=n_vocab or d.n_vocab)
-    if name in _OSS_PRESETS:
-        return dataclasses.replace(_OSS_PRESETS[name], n_layer=n_layer, n_vocab=n_vocab or _OSS_PRESETS[name].n_vocab)
-    presets = {
-        "qwen3-30b-a3b": ("qwen3moe", SynthDims(n_vocab=151936, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128,
-                                                n_ff=768, n_expert=128, n_expert_used=8, context_length=40960,
-                                                rope_theta=1e6, rms_eps=1e-6)),
-        "mixtral-8x7b": ("llama", SynthDims(n_vocab=32000, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128,
-                                            n_ff=14336, n_expert=8, n_expert_used=2, context_length=32768,
-                                            rope_theta=1e6, rms_eps=1e-5)),
-        "qwen2-57b-a14b": ("qwen2moe", SynthDims(n_vocab=151936, n_embd=3584, n_head=28, n_head_kv=4, head_dim=128,
-                                                 n_ff=2560, n_expert=64, n_expert_used=8, n_ff_shexp=20480,
-                                                 context_length=32768, rope_theta=1e6, rms_eps=1e-6, attn_bias=True)),
-        "olmoe-1b-7b": ("olmoe", SynthDims(n_vocab=50304, n_embd=2048, n_head=16, n_head_kv=16, head_dim=128,
-                                           n_ff=1024, n_expert=64, n_expert_used=8, context_length=4096,
-                                           rope_theta=1e4, rms_eps=1e-5)),
-    }
-    if name not in presets:
-        raise KeyError(f"unknown geometry {name!r}; known: {', '.join(presets)}")
-    _, d = presets[name]
-    return dataclasses.replace(d, n_layer=n_layer, n_vocab=n_vocab or d.n_vocab)
+    """SynthDims of a real model's geometry (moecli.policy.geometry.REAL_MODELS) with `n_layer` layers (rope/eps
+    as in the real configs; leading dense layers kept, at most n_layer - 1)."""
+    from moecli.policy.geometry import REAL_MODELS
+
+    if name not in REAL_MODELS:
+        raise KeyError(f"unknown geometry {name!r}; known: {', '.join(REAL_MODELS)}")
+    r = REAL_MODELS[name]
+    d = _DIMS.get(r.arch, SynthDims)(**r.dims)
+    fields = dict(n_layer=n_layer, n_vocab=n_vocab or d.n_vocab)
+    if hasattr(d, "n_dense"):
+        fields["n_dense"] = min(d.n_dense, max(n_layer - 1, 0))
+    return dataclasses.replace(d, **fields)
 
 
 def geometry_arch(name: str) -> str:
     """GGUF architecture of a geometry preset."""
-    if name in _DS_PRESETS:
-        return "deepseek2"
-    if name in _OSS_PRESETS:
-        return "gpt-oss"
-    return {"qwen3-30b-a3b": "qwen3moe", "mixtral-8x7b": "llama", "qwen2-57b-a14b": "qwen2moe",
-            "olmoe-1b-7b": "olmoe"}[name]
+    from moecli.policy.geometry import REAL_MODELS
+
+    return REAL_MODELS[name].arch
 
 
 # ---------------------------------------------------------------------------------------------- tensor plan
@@ -434,28 +417,6 @@ class DeepSeekDims(SynthDims):
     yarn_mscale_all_dim: float = 0.707
 
 
-
-
-_DS_PRESETS = {
-    # DeepSeek-V2-Lite: 27 layers (1 dense), 64 experts (6 used) + 2 shared, MLA without q LoRA, YaRN x40
-    "deepseek-v2-lite": DeepSeekDims(n_vocab=102400, n_embd=2048, n_head=16, n_head_kv=16, head_dim=192,
-                                     n_ff=1408, n_expert=64, n_expert_used=6, context_length=163840,
-                                     rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=0, kv_lora_rank=512,
-                                     qk_nope=128, qk_rope=64, v_head_dim=128, n_dense=1, n_ff_dense=10944,
-                                     n_shared=2, weights_scale=1.0, mla_split=True, yarn_factor=40.0,
-                                     yarn_orig_ctx=4096, yarn_mscale_all_dim=0.707),
-    # DeepSeek-V3 / R1: 61 layers (3 dense), 256 experts (8 used, 8 groups / 4 used) + 1 shared, sigmoid + bias
-    "deepseek-v3": DeepSeekDims(n_vocab=129280, n_embd=7168, n_head=128, n_head_kv=128, head_dim=192,
-                                n_ff=2048, n_expert=256, n_expert_used=8, context_length=163840,
-                                rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=1536, kv_lora_rank=512,
-                                qk_nope=128, qk_rope=64, v_head_dim=128, n_dense=3, n_ff_dense=18432,
-                                n_shared=1, gating="sigmoid", expert_bias=True, n_group=8, topk_group=4,
-                                weights_norm=True, weights_scale=2.5, mla_split=True, yarn_factor=40.0,
-                                yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0),
-}
-
-
-
 # ---------------------------------------------------------------------------------------------- gpt-oss
 # gpt-oss-20b / 120b (llama.cpp arch "gpt-oss"): biased attention with sinks, sliding window on even layers,
 # biased experts with the clamped SwiGLU, YaRN. Write with ftype "MXFP4_MOE" for MXFP4 experts (as shipped).
@@ -469,13 +430,4 @@ class GptOssDims(SynthDims):
     yarn_orig_ctx: int = 4096
 
 
-_OSS_PRESETS = {
-    # gpt-oss-20b: 24 layers, 32 experts (4 used) of 2880, 64 q heads / 8 KV heads of 64, window 128, YaRN x32
-    "gpt-oss-20b": GptOssDims(n_vocab=201088, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880,
-                              n_expert=32, n_expert_used=4, context_length=131072, rope_theta=150000.0,
-                              rms_eps=1e-5, sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096),
-    # gpt-oss-120b: the same with 36 layers and 128 experts
-    "gpt-oss-120b": GptOssDims(n_vocab=201088, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880,
-                               n_expert=128, n_expert_used=4, context_length=131072, rope_theta=150000.0,
-                               rms_eps=1e-5, sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096),
-}
+_DIMS = {"deepseek2": DeepSeekDims, "gpt-oss": GptOssDims}  # families whose synthetic dims have fields of their own
