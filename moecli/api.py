@@ -198,6 +198,23 @@ class Model:
         session.tokens.extend(feed)
         return logits
 
+    @property
+    def batched(self) -> bool:
+        """Whether `step_batch` runs its sequences in one forward pass (the one-graph CPU engine)."""
+        return self.transformer.fused_forward is not None
+
+    def step_batch(self, work: list[tuple[Session, list[int]]]) -> list[torch.Tensor]:
+        """`step` for several sessions at once, in one forward pass where the engine batches (`batched`): the
+        next-token logits after each feed. Each session must be a different one; at most 512 tokens in all."""
+        for session, feed in work:
+            self._check_ids(feed)
+            if session.cache.pos + len(feed) > session.n_ctx:
+                raise MoecliError(f"context is full ({session.n_ctx} tokens)")
+        logits = self.transformer.forward_batch([(feed, session.cache) for session, feed in work])
+        for session, feed in work:
+            session.tokens.extend(feed)
+        return list(logits)
+
     def stream_text(self, tokens: Iterator[int], special: bool = False) -> Iterator[str]:
         """Text pieces for generated tokens, never splitting a UTF-8 character; control tokens only with `special`."""
         stream = TextStream(self.tokenizer, special)

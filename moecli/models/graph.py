@@ -14,7 +14,8 @@ graph is made of, so that a family's builder (`build_layer` in models/<arch>.py)
                   residual. Split mode ends a graph segment at the routing instead (the experts then run outside).
 
 The KV cache: K [layer, pos, kv_head, dim] and V transposed [layer, kv_head, v_dim, pos], float32; its stores are
-views re-pointed at the current position before each run (`stores`).
+views re-pointed at the current position before each run (`stores`). A graph may hold several sequences, each with
+its own cache (continuous batching): every matmul runs over the whole batch, only the attention is per sequence.
 """
 from __future__ import annotations
 
@@ -31,28 +32,43 @@ SEGMENT_NODES = 256  # graph size of one layer's segment in split mode (a layer 
 class GraphBuilder:
     """One forward graph of n tokens over n_kv cached keys. `W` maps a checkpoint tensor to its ggml tensor."""
 
-    def __init__(self, ctx: G.Ctx, c: ModelConfig, W, rope, *, n: int, n_kv: int, kv, kv_shape, flash: bool,
-                 all_logits: bool, split: bool, attn_v_dim: int):
+    def __init__(self, ctx: G.Ctx, c: ModelConfig, W, rope, *, seqs, kv_shape, flash: bool, all_logits: bool,
+                 split: bool, attn_v_dim: int):
+        """`seqs`: (cache, n_i, n_kv_i) per sequence of the batch: every matmul runs over all their tokens, the
+        attention per sequence over its own cache's first n_kv_i keys (several: continuous batching's decode)."""
         self.ctx, self.p, self.c, self.W, self.rope = ctx, ctx.ptr, c, W, rope
-        self.n, self.n_kv, self.flash, self.all_logits, self.split = n, n_kv, flash, all_logits, split
-        self.m = n  # rows that go on (1 after the last layer's cut)
+        sizes = [n_i for _, n_i, _ in seqs]
+        offsets = np.cumsum([0] + sizes)[:-1].tolist()  # each sequence's first row in the batch
+        self.n, self.sizes, self.single = sum(sizes), sizes, len(seqs) == 1
+        self.flash, self.all_logits, self.split = flash, all_logits, split
+        self.m = self.n  # rows that go on (one per sequence after the last layer's cut)
         self.kv_shape, self.attn_v_dim = kv_shape, attn_v_dim
         self.stores, self.routing, self.segments = [], [], []
         self._seg_stores, self._seg_layer = 0, 0  # split mode: the stores and layers already in a segment
         mask_type, mask_dtype = (T.F16, np.float16) if flash else (T.F32, np.float32)  # ggml's FA takes F16 masks
-        self.tokens = np.zeros(n, dtype=np.int32)
-        self.pos = np.zeros(n, dtype=np.int32)
-        self.mask = np.zeros((n, n_kv), dtype=mask_dtype)
-        self.mask_swa = np.zeros((n, n_kv), dtype=mask_dtype) if c.sliding_window else None
-        self.tok_t = ctx.tensor(G.GGML_TYPE_I32, n, data=self.tokens.ctypes.data)
-        self.pos_t = ctx.tensor(G.GGML_TYPE_I32, n, data=self.pos.ctypes.data)
-        self.mask_t = ctx.tensor(mask_type, n_kv, n, data=self.mask.ctypes.data)
-        self.swa_t = ctx.tensor(mask_type, n_kv, n, data=self.mask_swa.ctypes.data) if c.sliding_window else None
+        self.tokens = np.zeros(self.n, dtype=np.int32)
+        self.pos = np.zeros(self.n, dtype=np.int32)
+        self.tok_t = ctx.tensor(G.GGML_TYPE_I32, self.n, data=self.tokens.ctypes.data)
+        self.pos_t = ctx.tensor(G.GGML_TYPE_I32, self.n, data=self.pos.ctypes.data)
+        # per sequence: its mask(s) [n_i, n_kv_i], its cache's K and V, its rows' offset in the batch
         Hkv, hd, dv = kv_shape
-        self.cap = cap = kv.capacity
-        self.cache_ptrs = (kv.k.data_ptr(), kv.vt.data_ptr())
-        self.kc = ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=self.cache_ptrs[0])
-        self.vc = ctx.tensor(T.F32, cap * Hkv * dv * c.n_layer, data=self.cache_ptrs[1])
+        self.masks, self.masks_swa, self.att_seqs = [], [], []
+        for (cache, n_i, n_kv_i), off in zip(seqs, offsets):
+            cap = cache.capacity
+            mask = np.zeros((n_i, n_kv_i), dtype=mask_dtype)
+            swa = np.zeros((n_i, n_kv_i), dtype=mask_dtype) if c.sliding_window else None
+            self.masks.append(mask)
+            self.masks_swa.append(swa)
+            self.att_seqs.append(dict(
+                n=n_i, n_kv=n_kv_i, off=off, cap=cap,
+                mask=ctx.tensor(mask_type, n_kv_i, n_i, data=mask.ctypes.data),
+                swa=ctx.tensor(mask_type, n_kv_i, n_i, data=swa.ctypes.data) if swa is not None else None,
+                kc=ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=cache.k.data_ptr()),
+                vc=ctx.tensor(T.F32, cap * Hkv * dv * c.n_layer, data=cache.vt.data_ptr()),
+                k_layer=cap * Hkv * hd * 4, v_layer=cap * Hkv * dv * 4))
+        # the rows that go on past the last layer: all, or each sequence's last (llama.cpp's out_ids)
+        self.out_ids = np.array([off + n_i - 1 for off, n_i in zip(offsets, sizes)], dtype=np.int32)
+        self.out_ids_t = ctx.tensor(G.GGML_TYPE_I32, len(seqs), data=self.out_ids.ctypes.data)
 
     # ------------------------------------------------------------------------------------------------ blocks
 
@@ -88,52 +104,72 @@ class GraphBuilder:
         return logits
 
     def build_attn(self, l: int, L: dict, q, k, v):
-        """q [dk, H, n], k [dk, Hkv, n], v [dv, Hkv, n] (None: MLA's latent form, the values are the first
-        kv_lora_rank dims of the cached keys and L["v_b"] maps the result back per head) -> attn_output(...)."""
-        p, c, W, n, n_kv, cap = self.p, self.c, self.W, self.n, self.n_kv, self.cap
+        """q [dk, H, n], k [dk, Hkv, n], v [dv * Hkv, n] (None: MLA's latent form, the values are the first
+        kv_lora_rank dims of the cached keys and L["attn_v_b"] maps the result back per head) -> attn_output(...).
+        Each sequence's K/V stored in its cache (destinations re-pointed at its position per call), then its
+        attention over its first n_kv positions as llama.cpp's build_attn_mha; the outputs side by side in batch
+        order."""
+        p, c, W = self.p, self.c, self.W
         Hkv, hd, dv = self.kv_shape
-        k_layer, v_layer = cap * Hkv * hd * 4, cap * Hkv * dv * 4
-        # store K rows (and V columns) at positions start.. (destinations re-pointed per call)
-        k_dst = G.ggml_view_2d(p, self.kc, hd * Hkv, n, hd * Hkv * 4, 0)
-        k_store = G.ggml_cpy(p, G.ggml_reshape_2d(p, k, hd * Hkv, n), k_dst)
-        self.stores.append((k_dst, k_store, self.cache_ptrs[0] + l * k_layer, hd * Hkv * 4))
-        K = G.ggml_view_3d(p, self.kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
-        if v is None:
-            r = c.kv_lora_rank
-            Vt = G.ggml_view_3d(p, self.kc, r, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
-            V = G.ggml_cont(p, G.ggml_transpose(p, G.ggml_permute(p, Vt, 0, 2, 1, 3)))  # [n_kv, r, 1]
-        else:
-            v_dst = G.ggml_view_2d(p, self.vc, n, dv * Hkv, cap * 4, 0)
-            v_store = G.ggml_cpy(p, G.ggml_transpose(p, G.ggml_reshape_2d(p, v, dv * Hkv, n)), v_dst)
-            self.stores.append((v_dst, v_store, self.cache_ptrs[1] + l * v_layer, 4))
-            V = G.ggml_permute(p, G.ggml_view_3d(p, self.vc, n_kv, Hkv, dv, cap * dv * 4, cap * 4, l * v_layer),
-                               0, 2, 1, 3)
-        # attention over the first n_kv positions, as llama.cpp's build_attn_mha
-        H, out_dim = c.n_head, self.attn_v_dim
-        qp, Kp = G.ggml_permute(p, q, 0, 2, 1, 3), G.ggml_permute(p, K, 0, 2, 1, 3)
-        mask = self.swa_t if l in c.swa_layers else self.mask_t
-        o_proj = (L["attn_output"], L.get("attn_output.bias"))
-        if self.flash:  # V rows [dv, n_kv, Hkv] out of the transposed cache (a copy of n_kv x dv x Hkv floats)
-            o = G.ggml_flash_attn_ext(p, qp, Kp, G.ggml_cont(p, G.ggml_transpose(p, V)), mask,
-                                      self.rope.kq_scale, 0.0, 0.0)
-            if "attn_sinks" in L:
-                G.ggml_flash_attn_ext_add_sinks(o, W(L["attn_sinks"]))
-            return self.linear(o_proj, G.ggml_reshape_2d(p, o, out_dim * H, n))  # o is [dv, H, n]
-        kq = G.ggml_soft_max_ext(p, G.ggml_mul_mat(p, Kp, qp), mask, self.rope.kq_scale, 0.0)
-        if "attn_sinks" in L:  # gpt-oss: a per-head logit joins every softmax denominator
-            G.ggml_soft_max_add_sinks(kq, W(L["attn_sinks"]))
-        kqv = G.ggml_mul_mat(p, V, kq)
-        if v is None:  # back from the latent space, per head: v_b [r, dv, H]
-            kqv = G.ggml_mul_mat(p, W(L["attn_v_b"]), kqv)
-        return self.linear(o_proj, G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), out_dim * H, n))
+        H, out_dim, single, N = c.n_head, self.attn_v_dim, self.single, self.n
+        q_row = q.contents.nb[2]
+        k2 = G.ggml_reshape_2d(p, k, hd * Hkv, N)
+        v2 = G.ggml_reshape_2d(p, v, dv * Hkv, N) if v is not None else None
+        outs = []
+        for si, s in enumerate(self.att_seqs):
+            n, n_kv, off, cap, kc, vc = s["n"], s["n_kv"], s["off"], s["cap"], s["kc"], s["vc"]
+            k_layer, v_layer = s["k_layer"], s["v_layer"]
+            qs = q if single else G.ggml_view_3d(p, q, q.contents.ne[0], H, n, q.contents.nb[1], q_row, off * q_row)
+            ks = k2 if single else G.ggml_view_2d(p, k2, hd * Hkv, n, hd * Hkv * 4, off * hd * Hkv * 4)
+            # store K rows (and V columns) at positions start.. (destinations re-pointed per call)
+            k_dst = G.ggml_view_2d(p, kc, hd * Hkv, n, hd * Hkv * 4, 0)
+            k_store = G.ggml_cpy(p, ks, k_dst)
+            self.stores.append((k_dst, k_store, kc.contents.data + l * k_layer, hd * Hkv * 4, si))
+            K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
+            if v is None:
+                r = c.kv_lora_rank
+                Vt = G.ggml_view_3d(p, kc, r, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
+                V = G.ggml_cont(p, G.ggml_transpose(p, G.ggml_permute(p, Vt, 0, 2, 1, 3)))  # [n_kv, r, 1]
+            else:
+                vs = v2 if single else G.ggml_view_2d(p, v2, dv * Hkv, n, dv * Hkv * 4, off * dv * Hkv * 4)
+                v_dst = G.ggml_view_2d(p, vc, n, dv * Hkv, cap * 4, 0)
+                v_store = G.ggml_cpy(p, G.ggml_transpose(p, vs), v_dst)
+                self.stores.append((v_dst, v_store, vc.contents.data + l * v_layer, 4, si))
+                V = G.ggml_permute(p, G.ggml_view_3d(p, vc, n_kv, Hkv, dv, cap * dv * 4, cap * 4, l * v_layer),
+                                   0, 2, 1, 3)
+            qp, Kp = G.ggml_permute(p, qs, 0, 2, 1, 3), G.ggml_permute(p, K, 0, 2, 1, 3)
+            mask = s["swa"] if l in c.swa_layers else s["mask"]
+            if self.flash:  # V rows [dv, n_kv, Hkv] out of the transposed cache (a copy of n_kv x dv x Hkv floats)
+                o = G.ggml_flash_attn_ext(p, qp, Kp, G.ggml_cont(p, G.ggml_transpose(p, V)), mask,
+                                          self.rope.kq_scale, 0.0, 0.0)
+                if "attn_sinks" in L:
+                    G.ggml_flash_attn_ext_add_sinks(o, W(L["attn_sinks"]))
+                o = G.ggml_reshape_2d(p, o, out_dim * H, n)  # o is [dv, H, n]
+            else:
+                kq = G.ggml_soft_max_ext(p, G.ggml_mul_mat(p, Kp, qp), mask, self.rope.kq_scale, 0.0)
+                if "attn_sinks" in L:  # gpt-oss: a per-head logit joins every softmax denominator
+                    G.ggml_soft_max_add_sinks(kq, W(L["attn_sinks"]))
+                kqv = G.ggml_mul_mat(p, V, kq)
+                if v is None:  # back from the latent space, per head: v_b [r, dv, H]
+                    kqv = G.ggml_mul_mat(p, W(L["attn_v_b"]), kqv)
+                o = G.ggml_cont_2d(p, G.ggml_permute(p, kqv, 0, 2, 1, 3), out_dim * H, n)
+            outs.append(o)
+        out = outs[0]
+        for o in outs[1:]:
+            out = G.ggml_concat(p, out, o, 1)
+        return self.linear((L["attn_output"], L.get("attn_output.bias")), out)
 
     def residual(self, l: int, att, inp):
-        """att + inp; in the last layer only the last token goes on unless every token's logits are wanted."""
+        """att + inp; in the last layer only each sequence's last token goes on unless every token's logits are
+        wanted."""
         p, d, n = self.p, self.c.n_embd, self.n
-        if l == self.c.n_layer - 1 and not self.all_logits and n > 1:
-            att = G.ggml_view_2d(p, att, d, 1, d * 4, (n - 1) * d * 4)
-            inp = G.ggml_view_2d(p, inp, d, 1, d * 4, (n - 1) * d * 4)
-            self.m = 1
+        if l == self.c.n_layer - 1 and not self.all_logits and n > len(self.sizes):
+            if self.single:
+                att = G.ggml_view_2d(p, att, d, 1, d * 4, (n - 1) * d * 4)
+                inp = G.ggml_view_2d(p, inp, d, 1, d * 4, (n - 1) * d * 4)
+            else:
+                att, inp = G.ggml_get_rows(p, att, self.out_ids_t), G.ggml_get_rows(p, inp, self.out_ids_t)
+            self.m = len(self.sizes)
         return G.ggml_add(p, att, inp)
 
     def build_moe_ffn(self, l: int, L: dict, h, residual):
@@ -156,7 +192,7 @@ class GraphBuilder:
         last = self.c.n_layer if l is None else l
         g = G.Graph(self.ctx, [], SEGMENT_NODES * (last - self._seg_layer + 1))
         self._seg_layer = last + 1
-        for _, store, _, _ in self.stores[self._seg_stores:]:
+        for _, store, *_ in self.stores[self._seg_stores:]:
             G.ggml_build_forward_expand(g.ptr, store)
         self._seg_stores = len(self.stores)
         for t in outs:

@@ -92,6 +92,18 @@ class Transformer:
             x = x[-1:]
         return self.output(rms_norm(x, self.norm, c.rms_eps))
 
+    @torch.inference_mode()
+    def forward_batch(self, work: list[tuple[list[int], KVCache]]) -> torch.Tensor:
+        """Several sequences, each `tokens` at its own cache's pos.., appended to their caches: the last token's
+        logits of each [len(work), vocab]. One forward pass on the one-graph engine (continuous batching); one per
+        sequence on the others."""
+        if self.fused_forward is not None:
+            logits = self.fused_forward.decode_batch([(list(t), cache) for t, cache in work], self.on_router)
+            for t, cache in work:
+                cache.pos += len(t)
+            return logits
+        return torch.cat([self.forward(t, cache, all_logits=False) for t, cache in work])
+
     def attention_block(self, l, layer, x, pos, cache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """attn_norm -> attention -> residual -> ffn_norm: (residual stream, FFN input)."""
         eps = self.config.rms_eps

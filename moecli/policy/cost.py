@@ -95,6 +95,15 @@ class CostModel:
     def dense(self, n_tokens: int) -> float:
         return self.dense_fixed + self.dense_per_tok * n_tokens
 
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    @staticmethod
+    def from_dict(d: dict) -> "CostModel":
+        d = dict(d)
+        d["cpu_pieces"] = tuple(tuple(p) for p in d.get("cpu_pieces", ()))
+        return CostModel(**d)
+
     @staticmethod
     def simple(cpu_a: float, cpu_b: float, dev_g0: float, dev_g1: float, copy_ms: float,
                cpu_first: float = 0.0) -> "CostModel":

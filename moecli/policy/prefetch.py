@@ -42,6 +42,10 @@ class ImpactPrefetcher:
         self.eviction_aware = eviction_aware
         self.beta = beta
         self._freq: dict[int, dict[int, float]] = {}
+        self.set_costs(costs)
+
+    def set_costs(self, costs: CostModel) -> None:
+        self.costs = costs
         self._saving = max(0.0, costs.cpu(1) - costs.dev(1))
 
     def observe(self, layer: int, tokens: dict[int, int]) -> None:

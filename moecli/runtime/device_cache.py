@@ -98,13 +98,15 @@ class CopyEngine:
 class DeviceExpertCache:
     """`slots` experts per MoE layer resident on `device` as raw GGUF bytes (gate|up|down in one uint8 row)."""
 
-    def __init__(self, ckpt: Checkpoint, device, slots: int, dtype=torch.float32):
+    def __init__(self, ckpt: Checkpoint, device, slots: int, dtype=torch.float32, layers: list[int] | None = None):
+        """`layers`: the MoE layers that get slots (default: all); the others' experts never come to the device."""
         from moecli.kernels import torch_dequant
 
         self.ckpt, self.device, self.slots, self.dtype = ckpt, torch.device(device), slots, dtype
         self._dq = torch_dequant
         c = ckpt.config
-        self.layers = [l for l in range(c.n_layer) if f"blk.{l}.ffn_gate_exps" in ckpt.experts]
+        moe = [l for l in range(c.n_layer) if f"blk.{l}.ffn_gate_exps" in ckpt.experts]
+        self.layers = moe if layers is None else [l for l in moe if l in set(layers)]
         # Layout of one slot per layer: each part's type, numpy shape, byte offset and size. Types may differ between
         # layers (a Q4_K_M file has Q6_K down projections in some layers), so slots are sized for the largest.
         self.parts: dict[int, list] = {}
@@ -128,7 +130,8 @@ class DeviceExpertCache:
         off = max((sum(part[-1] for part in lay) for lay in self.parts.values()), default=0)
         self.slot_bytes = off
         n = len(self.layers)
-        self.storage = torch.empty((max(n, 1), max(slots, 1) + 1, off), dtype=torch.uint8, device=self.device)
+        rows = slots + 1 if slots and n else 0  # + the scratch slot; nothing at all without slots
+        self.storage = torch.empty((n, rows, off), dtype=torch.uint8, device=self.device)
         self._index = {l: i for i, l in enumerate(self.layers)}
         self.resident: dict[int, dict[int, int]] = {l: {} for l in self.layers}  # layer -> expert -> slot
         self.pending: dict[tuple[int, int], object] = {}  # (layer, expert) -> copy handle

@@ -38,6 +38,7 @@ from moecli.models.spec import layer_tensors
 T = GGMLQuantizationType
 KV_PAD = 256  # llama.cpp pads its cache size and the attended key count to 256
 CACHED_MAX_N = 4  # batches up to this size keep their graphs (decode, short drafts)
+KEPT_GRAPHS = 32  # decode graphs kept (one per batch shape and caches: several slots, their 256-key buckets)
 UBATCH = 512  # the most tokens one graph takes (llama.cpp's default n_ubatch)
 
 
@@ -72,29 +73,37 @@ def supported(ckpt: Checkpoint, experts) -> bool:
 
 
 class _Step:
-    """The graph of one forward shape: n tokens over n_kv keys, logits of every token or of the last one, built by
-    the family's `build_layer` on a GraphBuilder (models/graph.py)."""
+    """The graph of one forward shape: a batch of sequences, each n_i tokens of its own cache over its first n_kv_i
+    keys (`seqs`: (cache, n_i, n_kv_i)), logits of every token or of each sequence's last one, built by the family's
+    `build_layer` on a GraphBuilder (models/graph.py).
 
-    def __init__(self, fwd: "GgmlForward", n: int, n_kv: int, all_logits: bool, cache: GgmlKVCache,
-                 split: bool = False):
+    Every matmul (dense weights, router, experts) runs over the whole batch's tokens; only the attention is per
+    sequence (its K/V store and its masked softmax over its own cache), as llama.cpp's batch of several seq ids.
+    One sequence is the plain forward; several are continuous batching's decode step."""
+
+    def __init__(self, fwd: "GgmlForward", seqs: list[tuple[GgmlKVCache, int, int]], all_logits: bool,
+                 kept: bool, split: bool = False):
         c = fwd.config
-        self.n, self.fwd = n, fwd
+        self.fwd = fwd
+        self.cache_ptrs = tuple((cache.k.data_ptr(), cache.vt.data_ptr()) for cache, _, _ in seqs)
+        n = self.n = sum(n_i for _, n_i, _ in seqs)
+        single = len(seqs) == 1
         # decode reads llama.cpp's repacked copies of the dense weights where they exist (its faster gemv);
         # prompts the file's own layout (this CPU's AVX-512 kernels beat the repacked ones on big batches)
-        rp = n <= CACHED_MAX_N
+        rp = n <= CACHED_MAX_N or not single
         W = lambda t: None if t is None else G.weight_tensor(t, rp)  # noqa: E731
-        n_nodes = 96 * c.n_layer + 64
+        n_nodes = (96 + 24 * len(seqs)) * c.n_layer + 64 + 4 * len(seqs)  # each sequence adds its attention
         # room for one graph of the whole pass, or (split) one graph per layer plus the head
         ctx = self.ctx = G.Ctx(n_nodes, 2 * n_nodes if not split else SEGMENT_NODES * 2 * (c.n_layer + 1))
         # prompts: flash attention (its masked keys are skipped, no n x n_kv scores); decode: llama.cpp's
         # non-flash path, faster for one row here. The latent (absorbed MLA) form keeps the non-flash path.
         Hkv, hd, dv = fwd.kv_shape
-        flash = fwd.flash_attn and n > CACHED_MAX_N and dv > 0
+        flash = fwd.flash_attn and single and n > CACHED_MAX_N and dv > 0
         # `split` (prompts whose experts run faster as per-expert matmuls, see CpuExperts): one graph per layer
         # that ends at the routing; the experts then run through CpuExperts and their sum feeds the next graph
-        g = self.g = GraphBuilder(ctx, c, W, fwd.rope, n=n, n_kv=n_kv, kv=cache, kv_shape=fwd.kv_shape,
-                                  flash=flash, all_logits=all_logits, split=split, attn_v_dim=c.v_head_dim or dv)
-        self.cache_ptrs, self.split = g.cache_ptrs, split
+        g = self.g = GraphBuilder(ctx, c, W, fwd.rope, seqs=seqs, kv_shape=fwd.kv_shape, flash=flash,
+                                  all_logits=all_logits, split=split, attn_v_dim=c.v_head_dim or dv)
+        self.split = split
         x = g.embed(fwd.token_embd)
         for l, L in enumerate(fwd.layers):
             x = fwd.build_layer(g, l, L, x)
@@ -105,14 +114,14 @@ class _Step:
         # keeps its buffer from one prompt batch to the next (micro-batches, back-to-back prompts) as llama.cpp
         # keeps its compute buffer: a fresh one of ~100 MB is faulted in page by page (~10 % of a 512-token pass).
         # Decoding gives it back, so the model decodes in no more memory than its file.
-        self.owns_galloc = n <= CACHED_MAX_N
+        self.owns_galloc = kept
         self.galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type()) if self.owns_galloc else \
             fwd.prompt_galloc()
         if split:
             self.segments.append(g.segment([logits], None))
             return
         self.graph = G.Graph(ctx, [], 2 * n_nodes)
-        for k_dst, store, _, _ in self.stores:  # the stores first: the attention reads what they write
+        for _, store, *_ in self.stores:  # the stores first: the attention reads what they write
             G.ggml_build_forward_expand(self.graph.ptr, store)
         G.ggml_build_forward_expand(self.graph.ptr, logits)
         for _, probs, _, _ in self.routing:  # reported to on_router; nothing else may consume them (gpt-oss)
@@ -120,19 +129,23 @@ class _Step:
         if not G.ggml_gallocr_alloc_graph(self.galloc, self.graph.ptr):
             raise MemoryError("ggml could not allocate the forward graph")
 
-    def run(self, tokens: list[int], start: int, on_router=None) -> torch.Tensor:
-        n, g = self.n, self.g
+    def run(self, tokens: list[int], starts: list[int], on_router=None) -> torch.Tensor:
+        """Logits of the batch `tokens` (each sequence's n_i in order), sequence i's at positions starts[i].."""
+        g = self.g
         g.tokens[:] = tokens
-        qpos = np.arange(start, start + n, dtype=np.int32)
-        g.pos[:] = qpos
-        # causal: token start+i sees keys 0..start+i; the padding keys beyond are masked too
-        kpos = np.arange(g.mask.shape[1])[None, :]
-        np.copyto(g.mask, np.where(kpos <= qpos[:, None], 0.0, -np.inf))
-        if g.mask_swa is not None:  # and within the window (llama.cpp's LLAMA_SWA_TYPE_STANDARD)
-            window = self.fwd.config.sliding_window
-            np.copyto(g.mask_swa, np.where((kpos <= qpos[:, None]) & (qpos[:, None] - kpos < window), 0.0, -np.inf))
-        for dst, store, base, stride in self.stores:  # a cpy writes through its result, a view of dst
-            dst.contents.data = store.contents.data = base + start * stride
+        row = 0
+        for n, start, mask, mask_swa in zip(g.sizes, starts, g.masks, g.masks_swa):
+            qpos = np.arange(start, start + n, dtype=np.int32)
+            g.pos[row:row + n] = qpos
+            row += n
+            # causal: token start+i sees its own sequence's keys 0..start+i; the padding keys beyond are masked too
+            kpos = np.arange(mask.shape[1])[None, :]
+            np.copyto(mask, np.where(kpos <= qpos[:, None], 0.0, -np.inf))
+            if mask_swa is not None:  # and within the window (llama.cpp's LLAMA_SWA_TYPE_STANDARD)
+                window = self.fwd.config.sliding_window
+                np.copyto(mask_swa, np.where((kpos <= qpos[:, None]) & (qpos[:, None] - kpos < window), 0.0, -np.inf))
+        for dst, store, base, stride, seq in self.stores:  # a cpy writes through its result, a view of dst
+            dst.contents.data = store.contents.data = base + starts[seq] * stride
         if self.split:
             self._run_split(on_router)
         else:
@@ -257,32 +270,57 @@ class GgmlForward:
         """Logits of `tokens` at positions cache.pos.. (all of them or the last one); the caller advances pos.
         Long prompts go in micro-batches of UBATCH tokens, as llama.cpp's n_ubatch (the attention scores of one
         batch are n x n_kv floats per head)."""
-        if min(tokens) < 0 or max(tokens) >= self.config.n_vocab:  # ggml's get_rows would read out of bounds
-            from moecli.errors import MoecliError
-
-            raise MoecliError(f"token id out of range [0, {self.config.n_vocab})")
+        self._check_ids(tokens)
         start, out = cache.pos, []
         for i in range(0, len(tokens), UBATCH):
             chunk = tokens[i:i + UBATCH]
             last = i + UBATCH >= len(tokens)
-            logits = self._batch(chunk, cache, start + i, all_logits or len(chunk) == 1, on_router)
+            logits = self._batch([(chunk, cache, start + i)], all_logits or len(chunk) == 1, on_router)
             if all_logits or last:
                 out.append(logits)
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def _batch(self, tokens: list[int], cache: GgmlKVCache, start: int, all_logits: bool, on_router):
-        n = len(tokens)
-        n_kv = min(cache.capacity, max(KV_PAD, -(-(start + n) // KV_PAD) * KV_PAD))  # llama.cpp's get_n_kv
-        key = (n, n_kv, all_logits)
-        if n <= CACHED_MAX_N and self._prompt_galloc is not None:  # decoding: the prompt's buffers go back
+    def decode_batch(self, work: list[tuple[list[int], GgmlKVCache]], on_router=None) -> torch.Tensor:
+        """Several sequences in ONE forward pass (continuous batching): `tokens` of each at its cache.pos.., every
+        cache a different sequence's. Returns each sequence's last-token logits [len(work), n_vocab]; the caller
+        advances each pos. The batch takes at most UBATCH tokens."""
+        if sum(len(t) for t, _ in work) > UBATCH:
+            raise ValueError(f"a batch takes at most {UBATCH} tokens")
+        if len({id(cache) for _, cache in work}) != len(work):
+            raise ValueError("each sequence of a batch needs its own cache")
+        for tokens, cache in work:
+            self._check_ids(tokens)
+            if cache.pos + len(tokens) > cache.n_ctx:
+                raise ValueError(f"context full: {cache.pos + len(tokens)} tokens > {cache.n_ctx}")
+        return self._batch([(t, cache, cache.pos) for t, cache in work], len(work) == 1 and len(work[0][0]) == 1,
+                           on_router)
+
+    def _check_ids(self, tokens: list[int]) -> None:
+        if min(tokens) < 0 or max(tokens) >= self.config.n_vocab:  # ggml's get_rows would read out of bounds
+            from moecli.errors import MoecliError
+
+            raise MoecliError(f"token id out of range [0, {self.config.n_vocab})")
+
+    def _batch(self, batch: list[tuple[list[int], GgmlKVCache, int]], all_logits: bool, on_router):
+        """One graph over (tokens, cache, start) per sequence. Decode-sized graphs (one sequence of a few tokens, or
+        several sequences) are kept, keyed by their shapes and caches, the least recently used dropped."""
+        seqs = [(cache, len(t), min(cache.capacity, max(KV_PAD, -(-(start + len(t)) // KV_PAD) * KV_PAD)))
+                for t, cache, start in batch]  # n_kv: llama.cpp's get_n_kv
+        n = sum(len(t) for t, _, _ in batch)
+        keep = n <= CACHED_MAX_N or len(batch) > 1
+        if keep and self._prompt_galloc is not None:  # decoding: the prompt's buffers go back
             G.ggml_gallocr_free(self._prompt_galloc)
             self._prompt_galloc = None
             if self.experts is not None:
                 self.experts.engine.release_buffers()
             G.trim_heap()
-        step = self._steps.get(key)
-        if step is None or step.cache_ptrs != (cache.k.data_ptr(), cache.vt.data_ptr()):
-            step = _Step(self, n, n_kv, all_logits, cache, split=self._split(n))
-            if n <= CACHED_MAX_N:
-                self._steps[key] = step
-        return step.run(tokens, start, on_router)
+        key = (tuple((cache.k.data_ptr(), cache.vt.data_ptr(), cache.capacity, n_i, n_kv) for cache, n_i, n_kv in seqs),
+               all_logits)
+        step = self._steps.pop(key, None)
+        if step is None:
+            step = _Step(self, seqs, all_logits, keep, split=len(batch) == 1 and self._split(n))
+        if keep:
+            self._steps[key] = step  # (re)inserted last: the most recently used
+            while len(self._steps) > KEPT_GRAPHS:
+                self._steps.pop(next(iter(self._steps)))
+        return step.run([t for b in batch for t in b[0]], [start for _, _, start in batch], on_router)

@@ -2,9 +2,11 @@
 and every admitted sequence advances by one step (a prompt chunk or one token) per round, so all streams progress
 together and a cancelled one stops at its next token.
 
-A round hands the stepper the list of (slot, tokens) to run and gets next-token logits per sequence: today one
-forward per sequence (`SequentialStepper`); a multi-sequence engine drops in as another stepper that runs them in
-one forward pass (continuous batching). Events go back to each request's asyncio queue on the server's loop.
+A round hands the stepper the list of (slot, tokens) to run and gets next-token logits per sequence. On the CPU
+one-graph engine `BatchedStepper` runs every decoding sequence's token in ONE forward pass (continuous batching: the
+weights and experts are read once per round for all of them, each sequence attending to its own slot's cache); a
+prompt chunk runs as its own forward (its graph and attention are prompt-sized). Other engines decode one sequence
+per forward (`SequentialStepper`). Events go back to each request's asyncio queue on the server's loop.
 """
 from __future__ import annotations
 
@@ -112,6 +114,31 @@ class SequentialStepper:
         return out
 
 
+class BatchedStepper(SequentialStepper):
+    """Decoding sequences (one token each) in one forward pass; prompt chunks one by one (see the module's doc)."""
+
+    def step(self, work: list[tuple[object, list[int]]]) -> list:
+        decode = [i for i, (_, feed) in enumerate(work) if len(feed) == 1]
+        if len(decode) < 2:
+            return super().step(work)
+        out: list = [None] * len(work)
+        try:
+            logits = self.model.step_batch([work[i] for i in decode])
+        except Exception:  # noqa: BLE001 - find the sequence that fails: each on its own
+            logits = super().step([work[i] for i in decode])
+        for i, result in zip(decode, logits):
+            out[i] = result
+        rest = [i for i in range(len(work)) if out[i] is None]
+        for i, result in zip(rest, super().step([work[i] for i in rest])):
+            out[i] = result
+        return out
+
+
+def default_stepper(model) -> SequentialStepper:
+    """Batched decode where the model's engine batches (`Model.batched`), one sequence per forward elsewhere."""
+    return BatchedStepper(model) if getattr(model, "batched", False) else SequentialStepper(model)
+
+
 class _Sequence:
     """An admitted job: its slot, the prompt still to feed, the tokens generated, the text held for stop strings."""
 
@@ -201,7 +228,7 @@ class Engine:
     def __init__(self, model, n_slots: int, n_ctx: int, stepper=None):
         self.model = model
         self.n_ctx = n_ctx
-        self.stepper = stepper or SequentialStepper(model)
+        self.stepper = stepper or default_stepper(model)
         self.pool = SlotPool(lambda: self.stepper.new_slot(n_ctx), n_slots)
         self._pending: deque[Job] = deque()
         self._active: list[_Sequence] = []

@@ -1,6 +1,6 @@
 """Trace-driven discrete-event simulation of hybrid MoE inference: a CPU, a device and a copy engine, each a
-timeline (the time it becomes free), driven per layer by the same policy objects the executor uses. Only the clock
-is simulated: decisions come from `moecli.policy`.
+timeline (the time it becomes free), driven per layer by the decision core the executor uses
+(`moecli.policy.core.DecisionCore`). Only the clock is simulated.
 
 Per forward pass and layer: the device runs the dense part (attention, router, shared experts); then the layer's
 routed experts are placed (scheduler, or "where they are"), the plan's timeline is evaluated with the cost model,
@@ -9,14 +9,14 @@ The output head closes each pass. Decode TBT = mean pass time over decode steps;
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from moecli.policy.cache import CACHES, BeladyCache, StaticCache
+from moecli.policy.core import DecisionCore, count_rows
 from moecli.policy.cost import CostModel
 from moecli.policy.placement import Placement
-from moecli.policy.prefetch import ImpactPrefetcher, NoisyPredictor, Target
-from moecli.policy.schedule import SCHEDULERS, OptimalScheduler, evaluate
+from moecli.policy.prefetch import NoisyPredictor
+from moecli.policy.schedule import evaluate
 from moecli.sim.traces import Pass
 
 
@@ -77,161 +77,93 @@ def make_cache(kind: str, layers: list[int], n_experts: int, slots: int, initial
 
 
 class Simulator:
+    """Drives `DecisionCore` with a simulated clock. `initial`: the cache contents at load (default: the calibration
+    hot set, as if the model had just been loaded with it). `recorded_clock`: take each layer's clock readings and
+    each pass's cost model from the trace (one the executor recorded) instead of simulating them: a replay, whose
+    decisions are the executor's. `whole_layer_offload`: model llama.cpp copying a CPU layer's experts for a batch
+    of >= 32 tokens in layer-split placements (default: yes, except in replays: the executor does not)."""
+
     def __init__(self, placement: Placement, costs: CostModel, layers: list[int], n_experts: int, slots: int,
                  calib: dict[int, dict[int, int]], predictor_accuracy: float = 0.9, horizon: int = 3,
-                 seed: int = 0, record: bool = False):
+                 seed: int = 0, record: bool = False, initial: dict[int, list[int]] | None = None,
+                 recorded_clock: bool = False, log: list | None = None, whole_layer_offload: bool | None = None):
         self.p, self.costs, self.layers, self.E, self.slots = placement, costs, layers, n_experts, slots
-        # Every cache starts from the calibration hot set: as if the model had just been loaded with it.
-        self.initial = StaticCache.hot_set(calib, slots)
-        self.sched = SCHEDULERS[placement.scheduler]() if placement.scheduler else None
-        self.prefetcher = ImpactPrefetcher(costs) if placement.prefetch else None
+        self.initial = StaticCache.hot_set(calib, slots) if initial is None else initial
         self.predictor = NoisyPredictor(n_experts, predictor_accuracy, seed)
-        self.horizon, self.record = horizon, record
-        self._plan_span = OptimalScheduler()
+        self.horizon, self.record, self.recorded_clock, self.log = horizon, record, recorded_clock, log
+        # llama.cpp's op offload of large batches in layer-split mode; moecli's executor runs them on the CPU
+        self.offload = not recorded_clock if whole_layer_offload is None else whole_layer_offload
 
-    def _predict(self, ps: Pass, pi: int, li: int, d: int) -> dict[int, int]:
+    def _predict(self, ps: Pass, pi: int, li: int, d: int) -> tuple[dict[int, int], float]:
         l = self.layers[li + d]
         r = ps.layers[l]
         if self.p.perfect_prediction:
-            return r.tokens()
+            return r.tokens(), 1.0
         if d in r.pred:  # predictions recorded in the trace (made d layers earlier)
-            out: dict[int, int] = {}
-            for row in r.pred[d]:
-                for e in row:
-                    out[e] = out.get(e, 0) + 1
-            return out
-        return self.predictor.predict(r.ids, d, (pi, l))
+            return count_rows(r.pred[d]), 1.0
+        return self.predictor.predict(r.ids, d, (pi, l)), self.predictor.accuracy ** d
 
     def run(self, passes: list[Pass]) -> SimResult:
-        p, c, L = self.p, self.costs, self.layers
+        p, L = self.p, self.layers
         res = SimResult()
-        cache = make_cache(p.cache, L, self.E, self.slots, self.initial, passes) if p.cache else None
-        inflight: dict[tuple[int, int], float] = {}
+        future = ({l: [list(ps.layers[l].tokens()) for ps in passes] for l in L} if p.cache == "belady" else None)
+        core = DecisionCore(p, self.costs, L, self.E, self.slots, self.initial, future, self.horizon,
+                            whole_layer_offload=self.offload, log=self.log)
         t = cpu_free = dev_free = copy_free = 0.0
-        n_cpu_layers = len(L) if (p.n_cpu_moe is not None and p.n_cpu_moe < 0) else p.n_cpu_moe
-        if p.mode == "layer-split" and n_cpu_layers is None:
-            n_cpu_layers = len(L) - round(self.slots / self.E * len(L))
-        nb = c.expert_bytes
+        nb = self.costs.expert_bytes
         for pi, ps in enumerate(passes):
+            if self.recorded_clock and ps.costs:
+                core.set_costs(CostModel.from_dict(ps.costs))
+            c = core.costs
             start = t
             T = ps.n_tokens
             for li, l in enumerate(L):
                 r = ps.layers[l]
                 tok = r.tokens()
+                clock = r.clock if self.recorded_clock else None
                 t0 = max(t, dev_free) + c.dense(T)  # attention + router + shared experts on the device
+                if clock:
+                    t0, copy_free, cpu_free = clock["now"], clock["copy"], clock["cpu"]
                 dev_free = t0
-                cpu0, copy0 = max(cpu_free, t0), max(copy_free, t0)
-                copies: list[int] = []
-                ready: dict[int, float] = {}
-                if p.mode == "layer-split":
-                    res.lookups += len(tok)
-                    if li >= n_cpu_layers:  # this layer's experts live on the device
-                        res.hits += len(tok)
-                        cpu, dev = [], sorted(tok)
-                    elif T >= p.offload_min_batch:  # llama.cpp copies the layer's whole expert tensors
-                        cpu, dev = [], sorted(tok)
-                        copy_free = copy0 + self.E * c.copy_ms
-                        for e in dev:
-                            ready[e] = copy_free
-                        res.copies += self.E
-                        res.copied_bytes += self.E * nb
-                    else:
-                        cpu, dev = sorted(tok), []
-                else:
-                    d0 = time.perf_counter()
-                    cache.update(l, tok, r.mean_scores())
-                    cached = cache.cached(l)
-                    for e in tok:
-                        if e in cached:
-                            res.hits += 1
-                            ra = inflight.get((l, e))
-                            if ra is not None and ra > t0:
-                                ready[e] = ra
-                    res.lookups += len(tok)
-                    if self.sched is not None:
-                        if self.record:
-                            res.records.append((dict(tok), set(cached) & set(tok), t0, copy0, cpu0, dict(ready)))
-                        plan = self.sched.plan(l, tok, cached, c, t0, copy0, cpu0, ready)
-                        cpu, dev, copies = plan.cpu, plan.device, plan.copies
-                    else:
-                        dev = sorted((e for e in tok if e in cached), key=lambda e: ready.get(e, 0.0))
-                        cpu = [e for e in tok if e not in cached]
-                    for j, e in enumerate(copies):
-                        ok, _ = cache.admit(l, e, tok)
-                        if ok:
-                            inflight[(l, e)] = copy0 + (j + 1) * c.copy_ms
-                    res.decision_s += time.perf_counter() - d0
+                d = core.plan_layer(l, tok, r.mean_scores(), T, t0, copy_free, cpu_free)
+                copy0, cpu0 = max(copy_free, t0), max(cpu_free, t0)
+                res.lookups += len(tok)
+                res.hits += len(d.cached)
+                if self.record and core.sched is not None:
+                    res.records.append((dict(d.tokens), set(d.cached), t0, copy0, cpu0, dict(d.ready)))
+                if not core.split:
+                    res.decision_s += d.decision_s
                     res.decisions += 1
-                mk, ce, de, cpe = evaluate(tok, cpu, dev, copies, c, cpu0, t0, copy0, ready)
-                if copies:
-                    copy_free = cpe
-                    res.copies += len(copies)
-                    res.copied_bytes += len(copies) * nb
-                if cpu:
+                mk, ce, de, _ = evaluate(d.tokens, d.cpu, d.device, d.copies, c, cpu0, t0, copy0, d.ready)
+                copy_free = d.copy_end
+                n_copies = len(d.copies) + d.offload_copies
+                res.copies += n_copies
+                res.copied_bytes += n_copies * nb
+                if d.cpu:
                     cpu_free = ce
-                if dev:
+                if d.device:
                     dev_free = de
-                for e in cpu:
+                for e in d.cpu:
                     res.cpu_tokens += tok[e]
-                for e in dev:
+                for e in d.device:
                     res.dev_tokens += tok[e]
                 t = mk
-                if cache is None:
-                    continue
-                if self.prefetcher is not None:
-                    self.prefetcher.observe(l, tok)
-                    copy_free = self._prefetch(ps, pi, li, t, cache, inflight, res, copy_free)
-                d0 = time.perf_counter()
-                missed = [e for e in cpu if e not in cache.cached(l)] if p.background_admit else ()
-                if missed and copy_free <= t:
-                    # The copy engine is idle: bring in the missed expert that had most tokens (highest score).
-                    sc = r.mean_scores()
-                    e = max(missed, key=lambda e: (tok[e], sc.get(e, 0.0), -e))
-                    ok, _ = cache.admit(l, e, tok)
-                    if ok:
-                        copy_free = t + c.copy_ms
-                        inflight[(l, e)] = copy_free
-                        res.copies += 1
-                        res.copied_bytes += nb
-                res.decision_s += time.perf_counter() - d0
+                if clock:
+                    t, copy_free = clock["after_now"], clock["after_copy"]
+                preds = ({dd: self._predict(ps, pi, li, dd) for dd in range(1, self.horizon + 1) if li + dd < len(L)}
+                         if core.prefetcher is not None else None)
+                a = core.after_layer(l, d.tokens, d.cpu, r.mean_scores(), T, t, copy_free, preds)
+                copy_free = a.copy_free
+                n_after = len(a.prefetch) + len(a.admits)
+                res.copies += n_after
+                res.prefetch_copies += len(a.prefetch)
+                res.copied_bytes += n_after * nb
+                res.prefetch_s += a.prefetch_s
+                res.decision_s += a.decision_s
             t = max(t, dev_free) + c.head_ms  # output head (and sampling) on the device
             dev_free = t
             res.pass_ms.append(t - start)
         return res
-
-    def _prefetch(self, ps, pi, li, now, cache, inflight, res, copy_free) -> float:
-        """Issue prefetch copies for the next layers; returns when the copy engine is free again."""
-        c, L = self.costs, self.layers
-        targets = []
-        start = now
-        for d in range(1, self.horizon + 1):
-            if li + d >= len(L):
-                break
-            l = L[li + d]
-            pred = self._predict(ps, pi, li, d)
-            cached = cache.cached(l)
-            ready = {e: r for e in cached if (r := inflight.get((l, e), 0.0)) > now}
-            start += c.dense(ps.n_tokens)
-            room = self.slots - sum(1 for e in pred if e in cached)
-            conf = 1.0 if (self.p.perfect_prediction or d in ps.layers[l].pred) else self.predictor.accuracy ** d
-            targets.append(Target(l, pred, set(cached), ready, start, room,
-                                  cache.victims(l, pred, max(0, room)), conf))
-            start += self._plan_span.plan(l, pred, cached, c, 0.0, 0.0, 0.0,
-                                          {e: r - start for e, r in ready.items()}).makespan
-        cf = max(copy_free, now)
-        d0 = time.perf_counter()
-        picks = self.prefetcher.choose(targets, cf)
-        res.prefetch_s += time.perf_counter() - d0
-        for l, e in picks:
-            pred = next(tg.tokens for tg in targets if tg.layer == l)
-            ok, _ = cache.admit(l, e, pred)
-            if ok:
-                cf += c.copy_ms
-                inflight[(l, e)] = cf
-                res.copies += 1
-                res.prefetch_copies += 1
-                res.copied_bytes += c.expert_bytes
-        return cf
 
 
 def cache_study(passes: list[Pass], layers: list[int], n_experts: int, slots: int, initial: dict,

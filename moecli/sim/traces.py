@@ -7,7 +7,9 @@ d layers earlier when known. The moecli format (JSONL, docs/simulator.md):
   line 1: {"format":"moecli-trace","version":1,"model":NAME,"n_experts":E,"top_k":K,"layers":[...]}
   then one record per (sequence, pass, layer):
   {"seq":S,"pass":P,"kind":"prefill"|"decode","layer":L,"ids":[[..K]..T],"weights":[[..K]..T],
-   "scores":[[..E]..T] (optional),"pred":{"1":[[..K]..T],"2":...,"3":...} (optional)}
+   "scores":[[..E]..T] (optional),"pred":{"1":[[..K]..T],"2":...,"3":...} (optional),
+   "clock":{"now","copy","cpu","after_now","after_copy"} (optional, ms: the executor's clock at its decisions),
+   "costs":{CostModel fields} (optional, on a pass's first layer: the cost model that pass decided with)}
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moecli.errors import MoecliError
+from moecli.policy.core import mean_scores
 
 
 @dataclass
@@ -24,6 +27,7 @@ class LayerRouting:
     weights: list[list[float]] | None = None   # [T][k]
     scores: list[list[float]] | None = None    # [T][E], full router probabilities
     pred: dict[int, list[list[int]]] = field(default_factory=dict)  # distance -> [T][k]
+    clock: dict[str, float] | None = None      # the executor's clock readings at its decisions (replays)
     _tokens: dict[int, int] | None = None
     _score: dict[int, float] | None = None
 
@@ -43,9 +47,7 @@ class LayerRouting:
             d: dict[int, float] = {}
             T = max(1, len(self.ids))
             if self.scores:
-                for row in self.scores:
-                    for e, v in enumerate(row):
-                        d[e] = d.get(e, 0.0) + v / T
+                d = mean_scores(self.scores)
             elif self.weights:
                 for ids, ws in zip(self.ids, self.weights):
                     for e, v in zip(ids, ws):
@@ -62,6 +64,7 @@ class LayerRouting:
 class Pass:
     kind: str                          # "prefill" | "decode"
     layers: dict[int, LayerRouting]
+    costs: dict[str, float] | None = None  # the cost model the executor decided this pass with (replays)
 
     @property
     def n_tokens(self) -> int:
@@ -103,6 +106,10 @@ def write_trace(trace: Trace, path: str | Path) -> None:
                         rec["scores"] = r.scores
                     if r.pred:
                         rec["pred"] = {str(d): v for d, v in r.pred.items()}
+                    if r.clock:
+                        rec["clock"] = r.clock
+                    if ps.costs and layer == min(ps.layers):
+                        rec["costs"] = ps.costs
                     f.write(json.dumps(rec) + "\n")
     tmp.replace(p)
 
@@ -117,11 +124,14 @@ def _read_moecli(path: Path, head: dict) -> Trace:
                 continue
             r = json.loads(line)
             lr = LayerRouting(r["ids"], r.get("weights"), r.get("scores"),
-                              {int(d): v for d, v in (r.get("pred") or {}).items()})
+                              {int(d): v for d, v in (r.get("pred") or {}).items()}, r.get("clock"))
             full |= lr.scores is not None
             preds |= bool(lr.pred)
             passes = seqs.setdefault(str(r["seq"]), {})
-            passes.setdefault(int(r["pass"]), Pass(r.get("kind", "decode"), {})).layers[int(r["layer"])] = lr
+            ps = passes.setdefault(int(r["pass"]), Pass(r.get("kind", "decode"), {}))
+            ps.layers[int(r["layer"])] = lr
+            if r.get("costs"):
+                ps.costs = r["costs"]
     sequences = [Sequence(k, [v[i] for i in sorted(v)]) for k, v in seqs.items()]
     return Trace(head.get("model", ""), int(head["n_experts"]), int(head["top_k"]), list(head["layers"]),
                  sequences, str(path), full, preds)
