@@ -27,7 +27,7 @@ from moecli.models.rope import torch_rope
 from moecli.kernels import ggml as G
 from moecli.models import spec as S
 from moecli.models import transformer
-from moecli.models.transformer import Transformer, swiglu
+from moecli.models.transformer import Transformer
 
 _f = np.float32
 
@@ -331,38 +331,15 @@ class Layer:
         else:
             self.kv_b = linear(T(b + "attn_kv_b.weight"))
         self.o = linear(T(b + "attn_output.weight"))
-        self.dense = l < c.n_dense_layers
-        if self.dense:
+        self.ffn = self.shared = self.shared_gate = None  # Transformer.ffn / moe read these
+        if l < c.n_dense_layers:
             self.ffn = tuple(linear(T(b + f"ffn_{p}.weight")) for p in ("gate", "up", "down"))
             return
         self.router = linear(T(b + "ffn_gate_inp.weight"))
         bias = ckpt.optional(b + "exp_probs_b.bias")
         self.exp_bias = to_torch(bias, device) if bias is not None else None
-        self.shared = None
         if c.n_shared:
             self.shared = tuple(linear(T(b + f"ffn_{p}_shexp.weight")) for p in ("gate", "up", "down"))
-
-
-def route(c: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None):
-    """llama.cpp's build_moe_ffn routing -> (scores [n, E], ids [n, k], weights [n, k])."""
-    probs = torch.softmax(logits, -1) if c.gating == "softmax" else torch.sigmoid(logits)
-    sel = probs + bias if bias is not None else probs  # the bias picks experts; weights come from probs
-    if c.n_group > 1:
-        n = sel.shape[0]
-        groups = sel.view(n, c.n_group, c.n_expert // c.n_group)
-        # each group scored by its two best experts (V3, llama.cpp), or its best one (transformers' V2)
-        gscore = groups.amax(-1) if c.group_score == "max" else groups.topk(2, -1).values.sum(-1)
-        keep = gscore.topk(c.topk_group, -1).indices
-        masked = torch.full_like(groups, float("-inf"))
-        idx = keep[:, :, None].expand(-1, -1, groups.shape[-1])
-        sel = masked.scatter(1, idx, groups.gather(1, idx)).view(n, c.n_expert)
-    ids = sel.topk(c.n_expert_used, -1).indices
-    weights = probs.gather(1, ids)
-    if c.norm_topk:
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
-    if c.routed_scale not in (0.0, 1.0):
-        weights = weights * np.float32(c.routed_scale).item()
-    return probs, ids, weights
 
 
 class DeepSeek2Transformer(Transformer):
@@ -392,9 +369,6 @@ class DeepSeek2Transformer(Transformer):
         if c.mla_split:
             return MLACache(c.n_layer, n, 1, c.kv_lora_rank + c.qk_rope_dim, None, self.device)
         return MLACache(c.n_layer, n, c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim, self.device)
-
-    def ffn(self, l, layer, h) -> torch.Tensor:  # leading layers are dense; forward() is Transformer's
-        return swiglu(h, *layer.ffn) if layer.dense else self.moe(l, layer, h)
 
     def attention(self, l, layer: Layer, h, pos, cache: MLACache, start: int) -> torch.Tensor:
         c, n = self.config, h.shape[0]
@@ -427,15 +401,6 @@ class DeepSeek2Transformer(Transformer):
         cache.v[l, start:end] = kvb[..., nope:]
         out = _attend_mha(torch.cat([q_nope, q_pe], -1), cache.k[l, :end], cache.v[l, :end], start, self.kq_scale)
         return layer.o(out)
-
-    def moe(self, l, layer: Layer, h) -> torch.Tensor:
-        probs, ids, weights = route(self.config, layer.router(h), layer.exp_bias)
-        if self.on_router is not None:
-            self.on_router(l, probs, ids, weights)
-        out = self.experts(l, h, ids, weights, probs)
-        if layer.shared is not None:
-            out = out + swiglu(h, *layer.shared)
-        return out
 
 
 def _attend_mha(q, k, v, start: int, scale: float) -> torch.Tensor:

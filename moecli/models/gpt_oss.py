@@ -118,13 +118,8 @@ class Layer:
         self.o = linear(T(b + "attn_output.weight"), opt(b + "attn_output.bias"))
         self.sinks = to_torch(T(b + "attn_sinks.weight"), device)
         self.router = linear(T(b + "ffn_gate_inp.weight"), opt(b + "ffn_gate_inp.bias"))
+        self.ffn = self.exp_bias = self.shared = self.shared_gate = None  # Transformer.ffn / moe read these
         self.window = ckpt.config.sliding_window if l in ckpt.config.swa_layers else 0
-
-
-def route(logits: torch.Tensor, k: int):
-    """llama.cpp's SOFTMAX_WEIGHT gating -> (probs over all experts [n, E] for caches and traces, ids, weights)."""
-    top, ids = torch.topk(logits, k, dim=-1)
-    return torch.softmax(logits, -1), ids, torch.softmax(top, -1)
 
 
 def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int) -> torch.Tensor:
@@ -182,18 +177,6 @@ class GptOssTransformer(Transformer):
         out = attend_sinks(q, cache.k[l, k0:end], cache.v[l, k0:end], start, k0, layer.sinks, self.kq_scale,
                            layer.window)
         return layer.o(out)
-
-    def ffn(self, l, layer: Layer, h) -> torch.Tensor:
-        return self.moe(l, layer, h)
-
-    def moe(self, l, layer: Layer, h) -> torch.Tensor:
-        c = self.config
-        probs, ids, weights = route(layer.router(h), c.n_expert_used)
-        if c.routed_scale not in (0.0, 1.0):
-            weights = weights * np.float32(c.routed_scale).item()
-        if self.on_router is not None:
-            self.on_router(l, probs, ids, weights)
-        return self.experts(l, h, ids, weights, probs)
 
 
 TRANSFORMER = GptOssTransformer

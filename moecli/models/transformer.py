@@ -19,28 +19,27 @@ SPEC = S.Spec(layer=S.attention(bias=lambda c, l: c.attn_bias) + (S.norm("ffn_no
 
 
 class Layer:
-    def __init__(self, ckpt: Checkpoint, l: int, device, linear):
-        c, b = ckpt.config, f"blk.{l}."
-        opt = ckpt.optional
-        self.attn_norm = to_torch(ckpt.tensor(b + "attn_norm.weight"), device)
-        self.ffn_norm = to_torch(ckpt.tensor(b + "ffn_norm.weight"), device)
-        self.q = linear(ckpt.tensor(b + "attn_q.weight"), opt(b + "attn_q.bias"))
-        self.k = linear(ckpt.tensor(b + "attn_k.weight"), opt(b + "attn_k.bias"))
-        self.v = linear(ckpt.tensor(b + "attn_v.weight"), opt(b + "attn_v.bias"))
-        self.o = linear(ckpt.tensor(b + "attn_output.weight"))
-        self.q_norm = self.k_norm = None
-        if c.qk_norm:
-            self.q_norm = to_torch(ckpt.tensor(b + "attn_q_norm.weight"), device)
-            self.k_norm = to_torch(ckpt.tensor(b + "attn_k_norm.weight"), device)
-        if c.is_moe:
-            self.router = linear(ckpt.tensor(b + "ffn_gate_inp.weight"))
-            self.shared = None
-            if c.n_ff_shexp:
-                self.shared = tuple(linear(ckpt.tensor(b + f"ffn_{p}_shexp.weight")) for p in ("gate", "up", "down"))
-                g = opt(b + "ffn_gate_inp_shexp.weight")
-                self.shared_gate = to_torch(g, device).reshape(-1) if g is not None else None
-        else:
-            self.ffn = tuple(linear(ckpt.tensor(b + f"ffn_{p}.weight")) for p in ("gate", "up", "down"))
+    """One decoder layer's tensors on the device, read through the family's layer spec."""
+
+    def __init__(self, ckpt: Checkpoint, spec: S.Spec, l: int, device, linear):
+        T = S.layer_tensors(ckpt, spec, l)
+        self.attn_norm = to_torch(T["attn_norm"], device)
+        self.ffn_norm = to_torch(T["ffn_norm"] if "ffn_norm" in T else T["post_attention_norm"], device)
+        self.q, self.k, self.v = (linear(T[f"attn_{p}"], T.get(f"attn_{p}.bias")) for p in "qkv")
+        self.o = linear(T["attn_output"], T.get("attn_output.bias"))
+        self.q_norm = to_torch(T["attn_q_norm"], device) if "attn_q_norm" in T else None
+        self.k_norm = to_torch(T["attn_k_norm"], device) if "attn_k_norm" in T else None
+        self.ffn = self.router = self.exp_bias = self.shared = self.shared_gate = None
+        if "ffn_gate_inp" not in T:  # dense models, and the leading dense layers of MoE ones
+            self.ffn = tuple(linear(T[f"ffn_{p}"]) for p in ("gate", "up", "down"))
+            return
+        self.router = linear(T["ffn_gate_inp"])
+        if "exp_probs_b.bias" in T:  # selection-only expert bias
+            self.exp_bias = to_torch(T["exp_probs_b.bias"], device)
+        if "ffn_gate_shexp" in T:
+            self.shared = tuple(linear(T[f"ffn_{p}_shexp"]) for p in ("gate", "up", "down"))
+            if "ffn_gate_inp_shexp" in T:  # GGUF [n_embd]; HF [n_embd, 1]
+                self.shared_gate = to_torch(T["ffn_gate_inp_shexp"], device).reshape(-1)
 
 
 def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
@@ -59,7 +58,10 @@ class Transformer:
         linear = linear or (lambda w, b=None: TorchLinear(w, self.device, b))
         self.experts = experts  # experts(layer, hidden, ids, weights, scores) -> output: the executor seam
         self.embed = Embedding(ckpt.tensor("token_embd.weight"), self.device)
-        self.layers = [Layer(ckpt, l, self.device, linear) for l in range(c.n_layer)]
+        from moecli.models.loader import GGUF_ARCHS  # the family's layer spec (the loader imports this module)
+
+        spec = GGUF_ARCHS[c.arch].SPEC
+        self.layers = [Layer(ckpt, spec, l, self.device, linear) for l in range(c.n_layer)]
         self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
         self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
         self.max_ctx = max_ctx or c.n_ctx_train
@@ -111,7 +113,7 @@ class Transformer:
         return x, rms_norm(x, layer.ffn_norm, eps)
 
     def ffn(self, l, layer: Layer, h) -> torch.Tensor:
-        return self.moe(l, layer, h) if self.config.is_moe else swiglu(h, *layer.ffn)
+        return swiglu(h, *layer.ffn) if layer.ffn is not None else self.moe(l, layer, h)
 
     def attention(self, l, layer: Layer, h, pos, cache: KVCache, start: int) -> torch.Tensor:
         c, n = self.config, h.shape[0]
@@ -129,8 +131,7 @@ class Transformer:
         return layer.o(out)
 
     def moe(self, l, layer: Layer, h) -> torch.Tensor:
-        c = self.config
-        probs, ids, weights = route(layer.router(h), c.n_expert_used, c.norm_topk)
+        probs, ids, weights = route(self.config, layer.router(h), layer.exp_bias)
         if self.on_router is not None:
             self.on_router(l, probs, ids, weights)
         out = self.experts(l, h, ids, weights, probs)
