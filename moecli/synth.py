@@ -87,6 +87,9 @@ class SynthDims:
     tie_embeddings: bool = False  # honoured for llama and qwen3moe (output.weight omitted)
     attn_bias: bool = False       # qwen2moe q/k/v bias
     chat: str = "chatml"          # the tokenizer's specials and chat template: "chatml" or "harmony" (gpt-oss)
+    n_dense: int = 0              # leading dense layers (FFN n_ff_dense), where the family has them
+    n_ff_dense: int = 0
+    extra: tuple = ()             # (ModelConfig field, value) pairs a family applies last (partial rotary...)
 
 
 def geometry(name: str, n_layer: int = 2, n_vocab: int | None = None) -> SynthDims:

@@ -46,6 +46,7 @@ class ModelConfig:
     v_head_dim: int = 0
     mla_split: bool = False  # attn_k_b/attn_v_b (newer GGUFs) instead of attn_kv_b
     n_dense_layers: int = 0  # leading dense FFN layers
+    n_nextn_layers: int = 0  # trailing multi-token-prediction layers the file holds beyond n_layer (skipped)
     n_shared: int = 0  # shared experts (their FFN width is n_ff_shexp)
     routed_scale: float = 0.0  # expert_weights_scale (0 or 1: no scaling, as llama.cpp)
     gating: str = "softmax"  # "softmax" | "sigmoid" | "softmax_weight" (top-k of the logits, softmax over those)

@@ -180,6 +180,6 @@ def plan(spec: Spec, c: ModelConfig) -> list[tuple[str, tuple[int, ...], str]]:
     glob = [(t.name, tuple(reversed(t.ne(c))), "embd_tied" if t.init == "embd" and c.tie_embeddings else t.init)
             for t in spec.globals if t.when(c, -1)]
     out = glob[:1]
-    for l in range(c.n_layer):
+    for l in range(c.n_layer + c.n_nextn_layers):
         out += [(f"blk.{l}.{t.name}", tuple(reversed(t.ne(c))), t.init) for t in layer_specs(spec, c, l)]
     return out + glob[1:]

@@ -139,6 +139,11 @@ REAL_MODELS: dict[str, RealModel] = {
         _m("gpt-oss-120b", "gpt-oss", default_quant="MXFP4", n_vocab=201088, n_embd=2880, n_layer=36, n_head=64,
            n_head_kv=8, head_dim=64, n_ff=2880, n_expert=128, n_expert_used=4, context_length=131072,
            rope_theta=150000.0, rms_eps=1e-5, sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096),
+        # GLM-4.5-Air: 46 layers (the first dense) + 1 NextN; 4096 hidden, 128 experts (1408) top-8 + 1 shared,
+        # 96/8 heads of 128 with q/k/v biases, rope on half of each head; dense FFN 10944.
+        _m("glm-4.5-air", "glm4moe", n_vocab=151552, n_embd=4096, n_layer=46, n_head=96, n_head_kv=8,
+           head_dim=128, n_ff=1408, n_expert=128, n_expert_used=8, n_ff_shexp=1408, n_dense=1, n_ff_dense=10944,
+           context_length=131072, rope_theta=1e6, rms_eps=1e-5, attn_bias=True, extra=(("rope_dim", 64),)),
         # DeepSeek-V3 / R1: 61 layers (3 dense); 7168 hidden, 256 experts (2048) top-8 in 8 groups (4 used),
         # 1 shared, sigmoid + selection bias; MLA with q LoRA ≈ 187 M attention parameters per layer.
         _m("deepseek-v3", "deepseek2", attn_params=187_000_000, n_vocab=129280, n_embd=7168, n_layer=61,
