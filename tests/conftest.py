@@ -78,6 +78,13 @@ TINY["gpt-oss"] = ("gpt-oss", GptOssDims(
     n_vocab=512, n_embd=256, n_layer=3, n_head=8, n_head_kv=2, head_dim=64, n_ff=256, n_expert=8, n_expert_used=3,
     context_length=2048, rope_theta=150000.0, rms_eps=1e-5, sliding_window=8, yarn_factor=4.0, yarn_orig_ctx=256))
 
+# glm4moe (tests/test_glm4moe.py): 3 layers (1 dense + 2 MoE) + the NextN layer llama.cpp skips, q/k/v biases,
+# NEOX rope on 32 of 64 head dims, sigmoid + exp_probs_b, renormalised top-2 of 8, one shared expert
+TINY["glm4moe"] = ("glm4moe", SynthDims(
+    n_vocab=512, n_embd=256, n_layer=3, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_expert=8, n_expert_used=2,
+    n_ff_shexp=256, n_dense=1, n_ff_dense=512, context_length=2048, rope_theta=1e6, rms_eps=1e-5,
+    extra=(("rope_dim", 32),)))
+
 _lock = threading.Lock()
 _dir: Path | None = None
 _built: dict[tuple, Path] = {}

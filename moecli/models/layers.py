@@ -1,4 +1,4 @@
-"""Building blocks shared by the architectures: weights on the device, norms, RoPE, attention, routing."""
+"""Building blocks shared by the architectures: weights on the device, norms, attention, routing (RoPE: rope.py)."""
 from __future__ import annotations
 
 import warnings
@@ -110,40 +110,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x * scale) * weight
 
 
-class Rope:
-    """Rotary embeddings; `neox` rotates the two halves of the rotary dims, NORM rotates adjacent pairs."""
-
-    def __init__(self, dim: int, theta: float, neox: bool, max_pos: int, device):
-        # Angles exactly as ggml computes them: theta_scale = base^(-2/dim) in float32, and each pair's angle is the
-        # previous one times theta_scale, in float32. The exact angles differ by up to ~1e-4 rad at long positions,
-        # enough to flip Q8 activation roundings downstream and move logits visibly against llama.cpp.
-        scale = np.float32(np.float32(theta) ** np.float32(-2.0 / dim))
-        ang = np.empty((max_pos, dim // 2), dtype=np.float32)
-        ang[:, 0] = np.arange(max_pos, dtype=np.float32)
-        for i in range(1, dim // 2):
-            ang[:, i] = ang[:, i - 1] * scale
-        self.cos = torch.from_numpy(np.cos(ang.astype(np.float64)).astype(np.float32)).to(device)
-        self.sin = torch.from_numpy(np.sin(ang.astype(np.float64)).astype(np.float32)).to(device)
-        self.dim, self.neox = dim, neox
-
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x: [n, heads, head_dim]; pos: [n] positions."""
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
-        half = self.dim // 2
-        out = torch.empty_like(x)
-        if self.neox:
-            a, b = x[..., :half], x[..., half:self.dim]
-            out[..., :half] = a * cos - b * sin
-            out[..., half:self.dim] = a * sin + b * cos
-        else:
-            a, b = x[..., 0:self.dim:2], x[..., 1:self.dim:2]
-            out[..., 0:self.dim:2] = a * cos - b * sin
-            out[..., 1:self.dim:2] = a * sin + b * cos
-        if self.dim < x.shape[-1]:
-            out[..., self.dim:] = x[..., self.dim:]
-        return out
-
-
 def kv_dtype(device) -> torch.dtype:
     """The KV cache's element type: f16 on an accelerator (llama.cpp's default), float32 on the CPU device, where
     the oracle tests compare logits with llama.cpp's F32 KV cache."""
@@ -192,10 +158,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     return out[0].transpose(0, 1).reshape(n, n_head * d)
 
 
-def route(logits: torch.Tensor, k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax router -> (probs [n, E], top-k ids [n, k], weights [n, k])."""
-    probs = torch.softmax(logits, dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
-    if renormalise:
-        weights = weights / weights.sum(-1, keepdim=True)
+def route(c, logits: torch.Tensor, bias: torch.Tensor | None = None):
+    """llama.cpp's build_moe_ffn routing for config `c` -> (scores [n, E], ids [n, k], weights [n, k]): softmax or
+    sigmoid scores (+ a selection-only bias, the best `topk_group` of `n_group` groups), or gpt-oss's softmax over
+    the top-k logits; weights renormalised (norm_topk), then times routed_scale."""
+    k = c.n_expert_used
+    if c.gating == "softmax_weight":
+        top, ids = torch.topk(logits, k, dim=-1)
+        probs, weights = torch.softmax(logits, -1), torch.softmax(top, -1)
+    else:
+        probs = torch.softmax(logits, -1) if c.gating == "softmax" else torch.sigmoid(logits)
+        sel = probs + bias if bias is not None else probs  # the bias picks experts; weights come from probs
+        if c.n_group > 1:
+            n = sel.shape[0]
+            groups = sel.view(n, c.n_group, c.n_expert // c.n_group)
+            # each group scored by its two best experts (V3, llama.cpp), or its best one (transformers' V2)
+            gscore = groups.amax(-1) if c.group_score == "max" else groups.topk(2, -1).values.sum(-1)
+            keep = gscore.topk(c.topk_group, -1).indices
+            masked = torch.full_like(groups, float("-inf"))
+            idx = keep[:, :, None].expand(-1, -1, groups.shape[-1])
+            sel = masked.scatter(1, idx, groups.gather(1, idx)).view(n, c.n_expert)
+        ids = sel.topk(k, -1).indices
+        weights = probs.gather(1, ids)
+    if c.norm_topk:
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+    if c.routed_scale not in (0.0, 1.0):
+        weights = weights * np.float32(c.routed_scale).item()
     return probs, ids, weights
