@@ -141,6 +141,13 @@ class DeviceExpertCache:
         self.resident: dict[int, dict[int, int]] = {l: {} for l in self.layers}  # layer -> expert -> slot
         self.pending: dict[tuple[int, int], object] = {}  # (layer, expert) -> copy handle
         self.copy_engine = CopyEngine(self.device, off)
+        # The grouped kernels' slot tables (expert -> slot, -1: not on the device in this call), one row per layer,
+        # written on the host and copied without a sync (pinned on CUDA). A row is rewritten only in the layer's
+        # next step, after that step's router result came back to the host (a stream sync), so its last copy is done.
+        E = c.n_expert
+        self._tables = torch.full((max(n, 1), E), -1, dtype=torch.int32, pin_memory=self.copy_engine.cuda)
+        self._dev_tables = self._tables.to(self.device) if self.copy_engine.cuda else self._tables
+        self._scratch_table = torch.full((E,), -1, dtype=torch.int32, device=self.device)
         # gpt-oss: every expert's biases stay on the device (a few KB per expert), and its clamped SwiGLU
         self.act = c.expert_act
         bias_dtype = torch.float32 if self.triton else dtype
@@ -230,13 +237,22 @@ class DeviceExpertCache:
                 y = self.compute(layer, e, x[tok], scratch=scratch)
                 out.index_add_(0, tok, y * weights[tok, k, None].float())
             return out
-        table = np.full(self.ckpt.config.n_expert, -1, dtype=np.int32)
-        table[list(slot_of)] = list(slot_of.values())
+        i = self._index[layer]
+        if scratch:  # device-side writes, ordered on the stream: no host data, no race with the previous scratch use
+            (e,) = slot_of
+            table = self._scratch_table.fill_(-1)
+            table[e] = self.slots
+        else:
+            host = self._tables[i].numpy()
+            host.fill(-1)
+            host[list(slot_of)] = list(slot_of.values())
+            table = self._dev_tables[i]
+            if table.data_ptr() != self._tables[i].data_ptr():
+                table.copy_(self._tables[i], non_blocking=True)
         n, k = ids.shape
         pair_tok = torch.arange(n, device=x.device, dtype=torch.int32).repeat_interleave(k)
-        return device_ops.grouped_experts(x, pair_tok, ids.reshape(-1), weights.reshape(-1),
-                                          torch.from_numpy(table).to(x.device), self.storage[self._index[layer]],
-                                          self.layouts[layer], self.biases.get(layer), self.act)
+        return device_ops.grouped_experts(x, pair_tok, ids.reshape(-1), weights.reshape(-1), table,
+                                          self.storage[i], self.layouts[layer], self.biases.get(layer), self.act)
 
     def evict(self, layer: int, e: int) -> None:
         self.resident[layer].pop(e, None)
