@@ -20,7 +20,8 @@ if not D.use_triton("cpu"):
 TEXT = "The quick brown fox jumps over the lazy dog."
 
 
-def test_dense_weights_stay_quantized_and_match_ggml():
+def test_dense_weights_stay_quantized_and_match_ggml(monkeypatch):
+    monkeypatch.setenv("MOECLI_CPU_DENSE_KERNELS", "1")  # the CPU device's default is the fp32 torch path
     m = moecli.load(tiny_gguf("qwen3moe", "Q4_K_M"), engine="torch")
     dev, file = dense_bytes(m.transformer)
     assert file > 0 and dev <= 1.1 * file
@@ -56,6 +57,7 @@ def test_torch_fallback_without_triton(monkeypatch):
     path = tiny_gguf("qwen3moe", "Q8_0")
     ids = moecli.load(path, engine="torch").tokenize(TEXT)
     want = moecli.load(path, placement="lru", expert_slots=8).logits(ids)
+    monkeypatch.setenv("MOECLI_CPU_DENSE_KERNELS", "1")
     monkeypatch.setattr(D, "use_triton", lambda device_type: False)
     m = moecli.load(path, placement="lru", expert_slots=8)
     assert not m.transformer.experts.dev.triton

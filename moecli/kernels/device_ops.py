@@ -51,6 +51,15 @@ def use_triton(device_type: str) -> bool:
     return ok
 
 
+def dense_kernels(device_type: str) -> bool:
+    """Whether dense weights (TorchLinear) go through the kernels: on CUDA, and on the CPU device (the interpreter,
+    slow per launch: a dozen launches per layer) only when MOECLI_CPU_DENSE_KERNELS=1; the device experts always
+    take the kernels where `use_triton`."""
+    if device_type == "cpu" and os.environ.get("MOECLI_CPU_DENSE_KERNELS", "") in ("", "0"):
+        return False
+    return use_triton(device_type)
+
+
 @functools.lru_cache(maxsize=None)
 def warn_fallback_type(ggml_type: GGMLQuantizationType) -> None:
     log.warning("no device kernel reads %s weights: they are dequantized once to bf16 on the device", T(ggml_type).name)

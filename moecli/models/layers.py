@@ -28,15 +28,16 @@ def _raw_bytes(t: TensorData, device) -> torch.Tensor:
 class TorchLinear:
     """y = x W^T (+ b) on the device. GGUF weights stay in their quantized bytes and go through the Triton kernels
     (safetensors' bf16/fp16 stay bf16/fp16 the same way); types no kernel reads are dequantized once to bf16. Where
-    Triton cannot run (no Triton, or the CPU device without its interpreter) W is dequantized once by torch: float32
-    on the CPU device (the oracle tests' exact path), bf16 elsewhere."""
+    Triton cannot run, and on the CPU device unless MOECLI_CPU_DENSE_KERNELS=1 (Triton's interpreter costs ~10 ms
+    a launch), W is dequantized once by torch: float32 on the CPU device (the oracle tests' exact path), bf16
+    elsewhere."""
 
     def __init__(self, weight: TensorData, device, bias: TensorData | None = None):
         device = torch.device(device)
         self.file_bytes = weight.nbytes
         self.bias = to_torch(bias, device) if bias is not None else None
         self.qweight = self.weight = None
-        if len(weight.ne) == 2 and device_ops.use_triton(device.type):
+        if len(weight.ne) == 2 and device_ops.dense_kernels(device.type):
             if weight.type in device_ops.TRITON_TYPES:
                 self.qweight = device_ops.QuantWeight(_raw_bytes(weight, device), weight.type, weight.shape)
             else:
