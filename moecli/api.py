@@ -60,7 +60,7 @@ class Session:
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", n_ctx: int | None = None, engine: str = "auto",
                  threads: int | None = None, placement: str | None = None, expert_slots: int = 0, costs=None,
-                 flash_attn: bool = True):
+                 flash_attn: bool = True, host_profile: str | Path | None = None):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path)
         self.config = self.checkpoint.config
@@ -102,6 +102,16 @@ class Model:
                 raise MoecliError("placements apply to Mixture-of-Experts models; this model is dense")
             ggml.set_threads(threads)
             linear = None
+            if self.device.type == "cuda":  # a plan that does not fit fails here, before anything is loaded
+                _check_device_memory(self.checkpoint, self.path, self.device, placement or "hybrimoe",
+                                     expert_slots, n_ctx)
+            if costs is None:  # this host's measured costs for this model (or the defaults), refitted as it runs
+                from moecli.profile.costs import host_costs
+
+                costs, source = host_costs(self.checkpoint, self.path, profile=host_profile)
+            else:
+                source = "costs given by the caller"
+            self.cost_source = source
             experts = HybridExperts(self.checkpoint, self.device, placement or "hybrimoe", expert_slots, costs)
         else:
             linear = None
@@ -116,6 +126,7 @@ class Model:
                                                                           self.transformer.max_ctx, flash_attn)
         if hasattr(experts, "attach"):
             experts.attach(self.transformer)
+        self._finite_seen = False  # the first forward pass's logits were checked for NaN/inf
 
     @property
     def stats(self):
@@ -169,7 +180,10 @@ class Model:
         """One fresh forward over the whole sequence: float32 [n_tokens, n_vocab]."""
         self._check_ids(token_ids)
         cache = self.transformer.new_cache(len(token_ids))
-        return self.transformer.forward(list(token_ids), cache).float().cpu().numpy()
+        out = self.transformer.forward(list(token_ids), cache).float().cpu().numpy()
+        if not np.isfinite(out).all():
+            self._non_finite()
+        return out
 
     def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
@@ -194,6 +208,7 @@ class Model:
             raise MoecliError(f"context is full ({session.n_ctx} tokens): start a new conversation "
                               "or load the model with a larger context")
         logits = self.transformer.forward(feed, session.cache, all_logits=False)[-1]
+        self._check_first(logits)
         session.tokens.extend(feed)
         return logits
 
@@ -210,9 +225,22 @@ class Model:
             if session.cache.pos + len(feed) > session.n_ctx:
                 raise MoecliError(f"context is full ({session.n_ctx} tokens)")
         logits = self.transformer.forward_batch([(feed, session.cache) for session, feed in work])
+        self._check_first(logits)
         for session, feed in work:
             session.tokens.extend(feed)
         return list(logits)
+
+    def _check_first(self, logits: torch.Tensor) -> None:
+        """NaN/inf logits from a corrupt file are a model error, found on the first forward pass (once: a check
+        every step would cost a device sync per token)."""
+        if not self._finite_seen:
+            if not bool(torch.isfinite(logits).all()):
+                self._non_finite()
+            self._finite_seen = True
+
+    def _non_finite(self):
+        raise MoecliError(f"model error: {self.path.name} computes NaN/inf logits (its weights or metadata are "
+                          "corrupt)")
 
     def stream_text(self, tokens: Iterator[int], special: bool = False) -> Iterator[str]:
         """Text pieces for generated tokens, never splitting a UTF-8 character; control tokens only with `special`."""
@@ -262,6 +290,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _check_device_memory(ckpt, path: Path, device: torch.device, placement: str, slots: int, n_ctx: int) -> None:
+    from moecli.profile import plan as P
+
+    free, total = torch.cuda.mem_get_info(device)
+    P.check_fits(P.ModelFacts.from_checkpoint(ckpt, path.name), placement, slots, n_ctx, free, total, str(device))
+
+
 def load(path: str | Path, device: str = "cpu", **options) -> Model:
     """Load a GGUF file or a Hugging Face safetensors directory.
 
@@ -269,7 +304,8 @@ def load(path: str | Path, device: str = "cpu", **options) -> Model:
     quantized weights, the default on the CPU; "torch": the fp32 reference), threads (ggml threads),
     placement (a named placement, e.g. "hybrimoe", "lru", "ktransformers", "llama-cpp", "n-cpu-moe=N": routed
     experts split between the ggml CPU engine and an expert cache on `device`), expert_slots (cache slots per
-    layer), costs (a policy.cost.CostModel; defaults derive from the expert size), flash_attn (ggml engine: prompts
+    layer), costs (a policy.cost.CostModel; default: this host's profile for the model, `host_profile` a path or
+    name to choose one, else defaults from the expert size; the executor refits it as it runs), flash_attn (ggml engine: prompts
     attend through ggml's flash attention, as llama.cpp's default; False: its non-flash path everywhere).
     """
     return Model(path, device=device, **options)

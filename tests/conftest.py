@@ -26,6 +26,14 @@ atexit.register(shutil.rmtree, _user_dirs, True)
 for _var in ("MOECLI_PROFILES", "MOECLI_TRACES", "MOECLI_CACHE"):
     os.environ.setdefault(_var, str(Path(_user_dirs) / _var.split("_")[1].lower()))
 
+# Without a GPU the device code runs on the CPU device, and its Triton kernels through Triton's interpreter (read
+# when a kernel is defined: before moecli.kernels.gguf_triton is imported). MOECLI_NO_TRITON=1 tests the fallback.
+if not os.environ.get("MOECLI_NO_TRITON") and importlib.util.find_spec("torch") is not None:
+    import torch  # noqa: E402
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from moecli.synth import SynthDims, write_f32_twin, write_gguf  # noqa: E402
 
 # arch name -> (GGUF architecture, dims). K-quants need ne0 % 256 == 0: n_embd = expert FFN = 256.

@@ -110,7 +110,8 @@ def load_options(path: Path, device: str, n_ctx: int | None, placement: str | No
         if placement is None and expert_slots is None:
             return {"device": "cpu"}
         slots = expert_slots if expert_slots is not None else _slots(path, None, n_ctx, say, model_name)
-        return {"device": "cpu", "placement": placement or "hybrimoe", "expert_slots": slots}
+        return {"device": "cpu", "placement": placement or "hybrimoe", "expert_slots": slots,
+                "host_profile": _host_profile(path, model_name)}
     from moecli.models.loader import load_checkpoint
 
     ckpt = load_checkpoint(path)  # the metadata decides; the weights stay memory-mapped, untouched
@@ -119,7 +120,15 @@ def load_options(path: Path, device: str, n_ctx: int | None, placement: str | No
             say("note: placements and expert slots apply to Mixture-of-Experts models; this one is dense")
         return _dense_on_gpu(ckpt, device, n_ctx, say)
     slots = expert_slots if expert_slots is not None else _slots(path, ckpt, n_ctx, say, model_name, device)
-    return {"device": device, "placement": placement or "hybrimoe", "expert_slots": slots}
+    return {"device": device, "placement": placement or "hybrimoe", "expert_slots": slots,
+            "host_profile": _host_profile(path, model_name)}
+
+
+def _host_profile(path: Path, model_name: str | None) -> Path | None:
+    """This host's profile for this model (its cost model reaches the executor), None without one."""
+    from moecli.profile import store
+
+    return store.find_profile(model_name or path)
 
 
 def _dense_on_gpu(ckpt, device: str, n_ctx: int | None, say) -> dict:
@@ -156,8 +165,10 @@ def _slots(path: Path, ckpt, n_ctx: int | None, say, model_name: str | None, dev
     from moecli.profile import store
 
     found = store.find_profile(model_name or path)
-    if found is not None:
-        value = load_profile(found).section("plan").get("slots_per_layer")
+    hp = load_profile(found) if found is not None else None
+    # A profile's plan is for the model it was measured with: another model's slots would not fit or waste memory.
+    if hp is not None and store.model_key(hp.section("host").get("model")) == store.model_key(model_name or path):
+        value = hp.section("plan").get("slots_per_layer")
         if isinstance(value, (int, float)) and value >= 0:
             return int(value)
     if device is None:  # torch's CPU device: a device cache would sit in the same RAM

@@ -14,23 +14,6 @@ import typer
 from moecli.errors import MoecliError
 
 
-def _geometry_from_checkpoint(ckpt, name: str, quant: str, facts):
-    """A ModelGeometry for the cost model from the checkpoint's own config (None when its quant mix has no entry
-    in the geometry table: then no decode estimate)."""
-    from moecli.policy.geometry import BITS_PER_WEIGHT, ModelGeometry
-
-    if quant.upper() not in BITS_PER_WEIGHT:
-        return None
-    c = ckpt.config
-    head = c.n_vocab * c.n_embd
-    L = len(facts.moe_layers)
-    shared = (1 if c.n_ff_shexp else 0) * 3 * c.n_embd * c.n_ff_shexp
-    attn = max((facts.dense_params - head) // max(L, 1) - shared, 0)
-    return ModelGeometry(name, L, c.n_embd, c.n_ff_exp, c.n_expert, c.n_expert_used,
-                         n_shared=1 if c.n_ff_shexp else 0, shared_ffn=c.n_ff_shexp, attn_params=attn,
-                         head_params=head, default_quant=quant.upper())
-
-
 def _costs(hp, geom, quant):
     from moecli.policy.cost import build_cost_model
 
@@ -170,6 +153,7 @@ def profile(
     from moecli.policy.cost import HostProfile, load_profile
     from moecli.policy.geometry import get_geometry
     from moecli.profile import microbench, plan as P, probe, store
+    from moecli.profile.costs import geometry_from_checkpoint
 
     if ctx is not None and ctx <= 0:
         raise MoecliError(f"--ctx must be a positive number of tokens, got {ctx}")
@@ -188,7 +172,7 @@ def profile(
         label = store.model_key(model)
         layer = microbench.model_layer(ckpt, label)
         facts = P.ModelFacts.from_checkpoint(ckpt, label, quant=layer.quant)
-        geom = _geometry_from_checkpoint(ckpt, label, layer.quant, facts)
+        geom = geometry_from_checkpoint(ckpt, label, layer.quant, facts)
         quant = layer.quant
     else:
         geom = get_geometry(microbench.SYNTHETIC_SHAPE[0])

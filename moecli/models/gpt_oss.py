@@ -121,7 +121,8 @@ def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int)
     T, Hkv = k.shape[:2]
     g = H // Hkv
     qg = q.view(n, Hkv, g, d).permute(1, 2, 0, 3).reshape(Hkv, g * n, d)
-    s = torch.bmm(qg, k.permute(1, 2, 0)).view(Hkv, g, n, T) * scale
+    # an f16 cache: both products in its type (fp32 accumulation inside), the softmax in float32
+    s = torch.bmm(qg.to(k.dtype), k.permute(1, 2, 0)).float().view(Hkv, g, n, T) * scale
     if n > 1 or window:
         qpos = torch.arange(start, start + n, device=q.device)[:, None]
         kpos = torch.arange(k0, k0 + T, device=q.device)[None, :]
@@ -133,7 +134,7 @@ def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int)
     m = torch.maximum(s.amax(-1, keepdim=True), sink)
     e = torch.exp(s - m)
     p = e / (e.sum(-1, keepdim=True) + torch.exp(sink - m))
-    out = torch.bmm(p.view(Hkv, g * n, T), v.transpose(0, 1))  # [Hkv, g*n, d]
+    out = torch.bmm(p.to(v.dtype).view(Hkv, g * n, T), v.transpose(0, 1)).float()  # [Hkv, g*n, d]
     return out.view(Hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, H * d)
 
 

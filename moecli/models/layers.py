@@ -1,11 +1,15 @@
 """Building blocks shared by the architectures: weights on the device, norms, attention, routing (RoPE: rope.py)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
 
 from moecli.formats.tensor import TensorData
+from moecli.kernels import device_ops
 
 
 def to_torch(t: TensorData, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
@@ -13,16 +17,71 @@ def to_torch(t: TensorData, device: torch.device | str, dtype=torch.float32) -> 
     return torch.from_numpy(np.ascontiguousarray(t.numpy())).to(device=device, dtype=dtype)
 
 
+def _raw_bytes(t: TensorData, device) -> torch.Tensor:
+    """The tensor's file bytes on `device` (on the CPU: the mmap itself, nothing copied; torch warns about
+    read-only numpy arrays, and nothing here writes to them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(t.raw).to(device)
+
+
 class TorchLinear:
-    """y = x W^T (+ b) with W dequantized once onto the device."""
+    """y = x W^T (+ b) on the device. GGUF weights stay in their quantized bytes and go through the Triton kernels
+    (safetensors' bf16/fp16 stay bf16/fp16 the same way); types no kernel reads are dequantized once to bf16. Where
+    Triton cannot run (no Triton, or the CPU device without its interpreter) W is dequantized once by torch: float32
+    on the CPU device (the oracle tests' exact path), bf16 elsewhere."""
 
     def __init__(self, weight: TensorData, device, bias: TensorData | None = None):
-        self.weight = to_torch(weight, device)
+        device = torch.device(device)
+        self.file_bytes = weight.nbytes
         self.bias = to_torch(bias, device) if bias is not None else None
+        self.qweight = self.weight = None
+        if len(weight.ne) == 2 and device_ops.use_triton(device.type):
+            if weight.type in device_ops.TRITON_TYPES:
+                self.qweight = device_ops.QuantWeight(_raw_bytes(weight, device), weight.type, weight.shape)
+            else:
+                device_ops.warn_fallback_type(weight.type)
+                self.qweight = device_ops.QuantWeight(
+                    to_torch(weight, device, torch.bfloat16).view(torch.uint8).reshape(-1), T.BF16, weight.shape)
+        else:
+            self.weight = to_torch(weight, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+
+    @property
+    def device_bytes(self) -> int:
+        w = self.qweight.nbytes if self.qweight is not None else self.weight.numel() * self.weight.element_size()
+        return w + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight.T
+        if self.qweight is not None:
+            n, k = self.qweight.shape
+            y = device_ops.linear(x.reshape(-1, k), self.qweight, self.bias)
+            return y.view(*x.shape[:-1], n)
+        y = (x.to(self.weight.dtype) @ self.weight.T).float()
         return y + self.bias if self.bias is not None else y
+
+
+def dense_bytes(model) -> tuple[int, int]:
+    """(device bytes, file bytes) of the TorchLinear weights of a model (its layers, tuples of them): what `chat -v`
+    and `bench` print, to show that dense weights sit on the device at about their size in the file."""
+    seen, dev, file = set(), 0, 0
+
+    def walk(obj, depth):
+        nonlocal dev, file
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, TorchLinear):
+            dev, file = dev + obj.device_bytes, file + obj.file_bytes
+        elif isinstance(obj, (list, tuple)):
+            for o in obj:
+                walk(o, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, type)):
+            for o in vars(obj).values():
+                if isinstance(o, (TorchLinear, list, tuple)) or type(o).__module__.startswith("moecli.models"):
+                    walk(o, depth + 1)
+
+    walk(model, 0)
+    return dev, file
 
 
 class Embedding:
@@ -51,10 +110,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x * scale) * weight
 
 
+def kv_dtype(device) -> torch.dtype:
+    """The KV cache's element type: f16 on an accelerator (llama.cpp's default), float32 on the CPU device, where
+    the oracle tests compare logits with llama.cpp's F32 KV cache."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+
+
 class KVCache:
     """Preallocated keys and values for every layer: [layer, position, kv_head, head_dim]."""
 
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, device, dtype=torch.float32):
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, device, dtype=None):
+        dtype = dtype or kv_dtype(device)
         self.k = torch.zeros(n_layer, n_ctx, n_head_kv, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.n_ctx = n_ctx
@@ -71,6 +137,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     q: [n, H, d]; k, v: [start+n, Hkv, d] -> [n, H*d]. Each KV head serves its group of query heads without the
     cache being repeated (which would copy the whole context every step).
     """
+    if k.dtype != q.dtype:  # an f16 cache: attend in its type (fp32 accumulation inside), return float32
+        return attend(q.to(k.dtype), k, v, start).float()
     n, n_head, d = q.shape
     n_kv = k.shape[1]
     if n == 1:  # decode: two batched matmuls over [Hkv, group, d] beat SDPA's GQA path ~10x at small sizes

@@ -69,11 +69,13 @@ class Transformer:
         self.rope, self.kq_scale = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
 
-    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+    def new_cache(self, n_ctx: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for n_ctx tokens; `dtype` None: f16 on an accelerator, float32 on the CPU device."""
         if self.fused_forward is not None:
             return self.fused_forward.new_cache(n_ctx)
         c = self.config
-        return KVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim, self.device)
+        return KVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim, self.device,
+                       dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], cache: KVCache, all_logits: bool = True) -> torch.Tensor:

@@ -65,6 +65,8 @@ class ImpactPrefetcher:
     def _span(self, t: Target, cached, ready) -> float:
         # The layer's plan from its start: everything free then, except experts still arriving.
         rel = {e: r - t.start_at for e, r in ready.items()}
+        if isinstance(self.sched, OptimalScheduler):
+            return self.sched.plan(t.layer, t.tokens, cached, self.costs, 0.0, 0.0, 0.0, rel, span_only=True)
         return self.sched.plan(t.layer, t.tokens, cached, self.costs, 0.0, 0.0, 0.0, rel).makespan
 
     def choose(self, targets: list[Target], copy_free_at: float) -> list[tuple[int, int]]:
@@ -89,9 +91,13 @@ class ImpactPrefetcher:
                 if room <= 0 or copy_free_at >= t.start_at:
                     continue
                 loss = self.eviction_cost(t.layer, victims[0] if victims else None)
+                # Candidates with the same predicted token count are interchangeable in the target's plan (same
+                # makespan up to relabelling): one plan per distinct count, the first such candidate in order.
+                seen: set[int] = set()
                 for e in cands:
-                    if e in cached:
+                    if e in cached or t.tokens[e] in seen:
                         continue
+                    seen.add(t.tokens[e])
                     ready[e] = end
                     cached.add(e)
                     impact = base - self._span(t, cached, ready)

@@ -1,9 +1,9 @@
 """The cost model refitted online from the executor's own timings.
 
 Each term is a least-squares fit of measured spans against their features, pulled toward the prior model (the host
-profile's, or the executor's defaults) as if `weight` observations of each prior term alone had been seen: the fit
-is defined from the first measurement (decode's collinear tokens = experts included) and converges to the measured
-costs.
+profile's, or the executor's defaults) as if `weight` (a tenth) of an observation of each prior term alone had been
+seen: the fit is defined from the first measurement (decode's collinear tokens = experts included), the prior only
+settles what the measurements cannot tell apart, and it converges to the measured costs.
 
     cpu layer  = first + a·tokens + b·experts        (one ggml graph per layer: only the layer's total is seen)
     device     = g0·experts + g1·tokens
@@ -40,7 +40,7 @@ class _Ridge:
 
 
 class CostRefit:
-    def __init__(self, prior: CostModel, weight: float = 4.0):
+    def __init__(self, prior: CostModel, weight: float = 0.1):
         self.prior = prior
         self._cpu = _Ridge([prior.cpu_first, prior.cpu(1) - prior.cpu(0), prior.cpu(0)], weight)
         self._dev = _Ridge([prior.dev_g0, prior.dev_g1], weight)

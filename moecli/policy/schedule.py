@@ -86,23 +86,29 @@ class OptimalScheduler:
 
     def plan(self, layer: int, tokens: dict[int, int], cached, costs: CostModel, device_free_at: float = 0.0,
              copy_free_at: float = 0.0, cpu_free_at: float = 0.0, ready_at: dict[int, float] | None = None,
-             allow_copy: bool = True) -> Plan:
+             allow_copy: bool = True, span_only: bool = False) -> Plan | float:
+        """The plan (or, with `span_only`, just its makespan: what prefetch's impact needs)."""
         C, U = _split(tokens, cached)
         if ready_at and any(e in ready_at for e in C):
             # Experts still arriving: the device prefix may favour most tokens or earliest arrival; try both.
             r = ready_at.get
             by_ready = sorted(C, key=lambda e: (r(e, _NEG), -tokens[e], e))
             C = sorted(C, key=lambda e: (-tokens[e], r(e, _NEG), e))
-            p1 = self._plan(tokens, C, U, costs, device_free_at, copy_free_at, cpu_free_at, ready_at, allow_copy)
+            p1 = self._plan(tokens, C, U, costs, device_free_at, copy_free_at, cpu_free_at, ready_at, allow_copy,
+                            span_only)
             if by_ready == C:
                 return p1
             p2 = self._plan(tokens, by_ready, U, costs, device_free_at, copy_free_at, cpu_free_at, ready_at,
-                            allow_copy)
+                            allow_copy, span_only)
+            if span_only:
+                return min(p1, p2)
             return p2 if p2.makespan < p1.makespan - 1e-12 else p1
-        return self._plan(tokens, C, U, costs, device_free_at, copy_free_at, cpu_free_at, ready_at, allow_copy)
+        return self._plan(tokens, C, U, costs, device_free_at, copy_free_at, cpu_free_at, ready_at, allow_copy,
+                          span_only)
 
     @staticmethod
-    def _plan(tokens, C, U, costs, device_free_at, copy_free_at, cpu_free_at, ready_at, allow_copy) -> Plan:
+    def _plan(tokens, C, U, costs, device_free_at, copy_free_at, cpu_free_at, ready_at, allow_copy,
+              span_only=False) -> Plan | float:
         cpu, g0, g1, c = costs.cpu, costs.dev_g0, costs.dev_g1, costs.copy_ms
         nC, nU = len(C), len(U)
         # CPU cost of the suffixes (what the CPU takes when the device takes a prefix).
@@ -148,6 +154,8 @@ class OptimalScheduler:
                 if best is None or span < best[0] - 1e-12:
                     best = (span, kc, ku)
         span, kc, ku = best
+        if span_only:
+            return span
         dev = C[:kc]
         if ready_at:
             dev = sorted(dev, key=lambda e: ready_at.get(e, _NEG))

@@ -122,12 +122,54 @@ def margin(vram_total: int) -> int:
     return max(MARGIN_MIN, int(MARGIN_FRACTION * vram_total))
 
 
+def slot_bytes(facts: ModelFacts, slots: int, slot_layers: int | None = None) -> int:
+    """Device expert storage (`DeviceExpertCache`): (slots + 1 scratch) quantized experts per layer that has slots
+    (every MoE layer, or the device layers of a layer split), nothing without slots."""
+    n = len(facts.moe_layers) if slot_layers is None else slot_layers
+    return n * (slots + 1) * facts.expert_bytes if slots and n else 0
+
+
+def device_bytes(facts: ModelFacts, ctx: int, slots: int, vram_total: int, slot_layers: int | None = None) -> dict:
+    """Everything the executor puts on the device, by part: dense weights, KV for `ctx` tokens, expert slots, and
+    the workspace (one expert dequantized at a time + the margin for the CUDA context, allocator, activations)."""
+    d = {"dense": facts.dense_params * EXECUTOR_BYTES, "kv": facts.kv_elems_per_token * ctx * EXECUTOR_BYTES,
+         "slots": slot_bytes(facts, slots, slot_layers),
+         "workspace": margin(vram_total) + facts.expert_dequant_bytes}
+    d["total"] = sum(d.values())
+    return d
+
+
+def placement_device_bytes(facts: ModelFacts, placement: str, slots: int, ctx: int, vram_total: int) -> dict:
+    """`device_bytes` for a named placement: a layer split holds whole layers (all experts of its device layers),
+    every other placement `slots` per MoE layer."""
+    from moecli.policy.core import cpu_layer_count
+    from moecli.policy.placement import get_placement
+
+    p = get_placement(placement)
+    L = len(facts.moe_layers)
+    if p.mode == "layer-split":
+        return device_bytes(facts, ctx, facts.n_expert, vram_total, L - cpu_layer_count(p, L, slots, facts.n_expert))
+    return device_bytes(facts, ctx, min(slots, facts.n_expert), vram_total)
+
+
+def check_fits(facts: ModelFacts, placement: str, slots: int, ctx: int, vram_free: int, vram_total: int,
+               device: str = "the GPU") -> dict:
+    """The placement's device bytes, or one clear error (before anything is loaded) when they exceed the free
+    memory."""
+    d = placement_device_bytes(facts, placement, slots, ctx, vram_total)
+    if d["total"] > vram_free:
+        parts = ", ".join(f"{k} {d[k] / GB:.2f}" for k in ("dense", "kv", "slots", "workspace"))
+        raise MoecliError(f"placement {placement} with {slots} expert slots and {ctx} tokens of context needs "
+                          f"{d['total'] / GB:.2f} GB on {device} ({parts} GB) but {vram_free / GB:.2f} GB is free: "
+                          "use fewer --expert-slots, a larger --n-cpu-moe or a smaller --ctx")
+    return d
+
+
 def expert_slots(facts: ModelFacts, vram_free: int, vram_total: int, ctx: int) -> tuple[int, int, int, int, int]:
     """(slots per layer, expert budget, dense bytes, KV bytes, margin) for the executor on a device with `vram_free`
     bytes free. Storage is n_layers · (slots + 1) · expert_bytes, so slots = budget // (n_layers · bytes) - 1."""
-    dense = facts.dense_params * EXECUTOR_BYTES
-    kv = facts.kv_elems_per_token * ctx * EXECUTOR_BYTES
-    m = margin(vram_total) + facts.expert_dequant_bytes
+    fixed = device_bytes(facts, ctx, 0, vram_total)
+    dense, kv, m = fixed["dense"], fixed["kv"], fixed["workspace"]
     budget = vram_free - dense - kv - m
     per_slot_all_layers = len(facts.moe_layers) * facts.expert_bytes
     slots = budget // per_slot_all_layers - 1 if budget > 0 and per_slot_all_layers else 0

@@ -47,7 +47,7 @@ class Stats:
     layer_ms: dict[int, float] = field(default_factory=dict)  # measured wall ms per layer (experts call)
     predicted_ms: dict[int, float] = field(default_factory=dict)  # the cost model's span for the same calls
     decision_ms: dict[int, float] = field(default_factory=dict)  # decision core: plan + admissions
-    prefetch_ms: dict[int, float] = field(default_factory=dict)  # prediction (gates) + prefetch choice
+    prefetch_ms: dict[int, float] = field(default_factory=dict)  # prediction (gates) + prefetch choice, no copies
     calls: int = 0
 
     @property
@@ -175,7 +175,7 @@ class HybridExperts:
 
         t_dev = time.perf_counter()
         out = self._device_experts(layer, hidden, ids, weights, d.device, set(d.scratch))
-        st.launches += len(d.device)
+        st.launches += self.dev.launches(len(d.device), len(d.scratch))
         if self.refit is not None and d.device and not self.dev.copy_engine.cuda:
             scratch_ms = self.core.costs.copy_ms * len(d.scratch)  # one-off copies inside
             self.refit.dev(len(d.device), sum(tokens[e] for e in d.device),
@@ -183,6 +183,7 @@ class HybridExperts:
 
         t_pf = time.perf_counter()
         predictions = self._predict(layer, hidden) if (core.prefetcher is not None or self.recorder) else {}
+        predict_s = time.perf_counter() - t_pf
         after_now = self._now()
         after_copy = self._copy_free_at(after_now)
         a = core.after_layer(layer, d.tokens, d.cpu, sc, n, after_now, after_copy,
@@ -195,8 +196,7 @@ class HybridExperts:
             self._load(layer, e, victim)
         self._copy_time(len(a.prefetch) + len(a.admits), t_copy)
         st.prefetched += len(a.prefetch)
-        st.prefetch_ms[layer] = st.prefetch_ms.get(layer, 0.0) + (time.perf_counter() - t_pf) * 1e3 \
-            - a.decision_s * 1e3
+        st.prefetch_ms[layer] = st.prefetch_ms.get(layer, 0.0) + (predict_s + a.prefetch_s) * 1e3
         st.decision_ms[layer] = st.decision_ms.get(layer, 0.0) + (d.decision_s + a.decision_s) * 1e3
         if self.log is not None:
             self.log.append(core_record(layer, d, a))
@@ -220,14 +220,9 @@ class HybridExperts:
         """The device's share of a layer: sum over `experts` (resident, or in `scratch` for one use) of
         weight * expert(hidden) for the tokens routed to each, as float32 [n, d]. The ONE place device experts
         compute (the grouped-kernel seam)."""
-        out = torch.zeros_like(hidden, dtype=torch.float32)
-        for e in experts:
-            if e in scratch:
-                self.dev.load_scratch(layer, e)
-                self._count_copy()
-            tok_idx, slot_idx = torch.nonzero(ids == e, as_tuple=True)
-            y = self.dev.compute(layer, e, hidden[tok_idx], scratch=e in scratch)
-            out.index_add_(0, tok_idx, y * weights[tok_idx, slot_idx, None].float())
+        out = self.dev.run(layer, hidden, ids, weights, experts, scratch)  # grouped kernels: one launch pair
+        for _ in scratch & set(experts):
+            self._count_copy()
         return out
 
     # -- mechanics ----------------------------------------------------------------------------------------------

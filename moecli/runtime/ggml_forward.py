@@ -85,7 +85,6 @@ class _Step:
                  kept: bool, split: bool = False):
         c = fwd.config
         self.fwd = fwd
-        self.cache_ptrs = tuple((cache.k.data_ptr(), cache.vt.data_ptr()) for cache, _, _ in seqs)
         n = self.n = sum(n_i for _, n_i, _ in seqs)
         single = len(seqs) == 1
         # decode reads llama.cpp's repacked copies of the dense weights where they exist (its faster gemv);
