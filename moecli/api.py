@@ -14,7 +14,6 @@ from moecli.chat_template import render
 from moecli.devices import resolve_device
 from moecli.errors import MoecliError
 from moecli.models.loader import GGUF_ARCHS, load_checkpoint
-from moecli.models.transformer import Transformer
 from moecli.runtime.experts import TorchExperts
 from moecli.runtime.sampling import Sampler, SamplingParams
 from moecli.tokenizer import GGUFTokenizer, HFTokenizer, TextStream
@@ -117,9 +116,9 @@ class Model:
         else:
             linear = None
             experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
-        cls = getattr(GGUF_ARCHS.get(self.config.arch), "TRANSFORMER", Transformer)  # a family's own decoder
+        cls = GGUF_ARCHS[self.config.arch].TRANSFORMER  # the family's torch decoder (most share Transformer)
         self.transformer = cls(self.checkpoint, self.device, experts, linear=linear, max_ctx=n_ctx)
-        if engine == "ggml" and getattr(cls, "GGML_FORWARD", cls is Transformer):
+        if engine == "ggml":  # every family has a graph builder (models/<arch>.py build_layer)
             from moecli.runtime import ggml_forward
 
             if ggml_forward.supported(self.checkpoint, experts):  # the whole forward as one graph, as llama.cpp

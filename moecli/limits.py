@@ -28,11 +28,10 @@ def fmt_gib(n: float) -> str:
 def kv_bytes_per_token(c) -> int:
     """K + V bytes one token takes in the cache over all layers (the layouts of KVCache, GgmlKVCache, MLACache),
     plus its row of the RoPE tables."""
-    if c.arch == "deepseek2":
-        per_layer = (c.kv_lora_rank + c.qk_rope_dim if c.mla_split
-                     else c.n_head * (c.qk_nope_dim + c.qk_rope_dim + c.v_head_dim))
-    else:
-        per_layer = 2 * c.n_head_kv * c.head_dim
+    from moecli.models.loader import GGUF_ARCHS
+
+    kv_heads, k_dims, v_dims = GGUF_ARCHS[c.arch].kv_shape(c)  # the family's cache layout
+    per_layer = kv_heads * (k_dims + v_dims)
     return c.n_layer * per_layer * KV_BYTES + 2 * c.rope_dim * 4
 
 

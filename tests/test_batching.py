@@ -29,7 +29,7 @@ def _sessions(m, prompts):
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "llama-dense", "gpt-oss", "deepseek2-lite"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama-dense", "gpt-oss", "deepseek2-lite", "glm4moe"])
 def test_batched_decode_equals_each_sequence_alone(arch):
     m = moecli.load(tiny_gguf(arch, "F32"), engine="ggml")
     assert m.batched

@@ -232,6 +232,8 @@ def hf_case(rng, base_dir: Path, case_dir: Path) -> str:
         elif r < 0.85:
             path = case_dir / "config.json"
             cfg = json.loads(path.read_text())
+            if not isinstance(cfg, dict):  # an earlier mutation of this case made it a list
+                continue
             key = rng.choice(sorted(cfg))
             if rng.random() < 0.1:
                 del cfg[key]

@@ -101,6 +101,12 @@ def test_config_skips_the_nextn_layer():
     assert (c.gating, c.expert_bias, c.norm_topk, c.n_shared, c.n_ff_shexp, c.attn_bias, c.qk_norm) == \
         ("sigmoid", True, True, 1, 256, True, None)
     assert "blk.3.nextn.eh_proj.weight" in ckpt.tensors and "blk.3.ffn_gate_exps" not in ckpt.experts
+    from moecli.cli.pull import summarize  # `moecli show`: the layer kinds; the NextN layer is not active
+
+    s = summarize(ckpt)
+    nextn = sum(t.n_elements for name, t in ckpt.tensors.items() if name.startswith("blk.3."))
+    assert s["layers"] == "1 dense + 2 MoE, + 1 NextN (held, skipped)"
+    assert s["params_active"] == s["params_total"] - nextn - s["expert_params"] + s["expert_params"] * 2 // 8
 
 
 def test_qk_norm_variant_matches_llama_cpp(tmp_path):

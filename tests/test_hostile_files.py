@@ -223,7 +223,7 @@ def test_tensor_with_fewer_dims_than_its_role(base, tmp_path):
 
 
 @pytest.mark.parametrize("vtype, value, kind", [(H.UINT32, 7, "int"), (H.ARRAY, (H.STRING, ["a", "b"]),
-                                                                        "array of str")])
+                                                                        "an array of str")])
 def test_chat_template_of_the_wrong_type(base, tmp_path, vtype, value, kind):
     p = edited(base, tmp_path / "m.gguf", lambda g: g.set("tokenizer.chat_template", vtype, value))
     refused(p, f"metadata tokenizer.chat_template is {kind}")

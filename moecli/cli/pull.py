@@ -157,7 +157,10 @@ def summarize(ckpt) -> dict:
             if stack.bias is not None:
                 total += stack.bias.n_elements
                 by_type[stack.bias.type.name] += stack.bias.nbytes
-    active = total - expert_params
+    # layers the file holds beyond the forward pass (GLM's NextN): counted in the total, never run
+    skipped = sum(t.n_elements for name, t in ckpt.tensors.items()
+                  if name.startswith("blk.") and int(name.split(".")[1]) >= c.n_layer)
+    active = total - expert_params - skipped
     if c.n_expert:
         active += expert_params * c.n_expert_used // c.n_expert
     weight_bytes = sum(by_type.values()) or 1
@@ -165,7 +168,18 @@ def summarize(ckpt) -> dict:
     return {"arch": c.arch, "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_head_kv": c.n_head_kv,
             "n_vocab": c.n_vocab, "n_ctx_train": c.n_ctx_train, "n_expert": c.n_expert, "n_expert_used": c.n_expert_used,
             "n_ff_exp": c.n_ff_exp, "n_ff_shexp": c.n_ff_shexp, "params_total": total, "params_active": active,
-            "expert_params": expert_params, "quant_mix": mix, "file_bytes": ckpt.file_bytes}
+            "expert_params": expert_params, "quant_mix": mix, "file_bytes": ckpt.file_bytes, "layers": layer_kinds(c)}
+
+
+def layer_kinds(c) -> str:
+    """"1 dense + 45 MoE, + 1 NextN (skipped)": the kinds of layers a forward pass runs."""
+    moe = c.n_layer - c.n_dense_layers if c.is_moe else 0
+    text = " + ".join(f"{n} {kind}" for n, kind in ((c.n_layer - moe, "dense"), (moe, "MoE")) if n)
+    if c.swa_layers:
+        text += f" ({len(c.swa_layers)} with sliding-window attention)"
+    if c.n_nextn_layers:
+        text += f", + {c.n_nextn_layers} NextN (held, skipped)"
+    return text
 
 
 def host_ram() -> tuple[int, str]:
@@ -187,6 +201,7 @@ def show(name: str = typer.Argument(..., help="Pulled model name, GGUF file or m
     out.print(f"[bold]{name}[/bold]" if same else f"[bold]{name}[/bold]  {path}")  # a path is shown once
     out.print(f"architecture  {s['arch']}: {s['n_layer']} layers, width {s['n_embd']}, "
               f"{s['n_head']} heads ({s['n_head_kv']} KV), vocab {s['n_vocab']}, context {s['n_ctx_train']}")
+    out.print(f"layers        {s['layers']}")
     out.print(f"parameters    {_count(s['params_total'])} total, {_count(s['params_active'])} active per token")
     if s["n_expert"]:
         shared = f", shared expert FFN {s['n_ff_shexp']}" if s["n_ff_shexp"] else ""

@@ -311,41 +311,38 @@ class MLACache:
 
 class Layer:
     def __init__(self, ckpt: Checkpoint, l: int, device, linear, ggml: bool):
-        c, b, T = ckpt.config, f"blk.{l}.", ckpt.tensor
-        self.attn_norm = to_torch(T(b + "attn_norm.weight"), device)
-        self.ffn_norm = to_torch(T(b + "ffn_norm.weight"), device)
+        c, T = ckpt.config, S.layer_tensors(ckpt, SPEC, l)
+        self.attn_norm = to_torch(T["attn_norm"], device)
+        self.ffn_norm = to_torch(T["ffn_norm"], device)
         if c.q_lora_rank:
-            self.q_a, self.q_b = linear(T(b + "attn_q_a.weight")), linear(T(b + "attn_q_b.weight"))
-            self.q_a_norm = to_torch(T(b + "attn_q_a_norm.weight"), device)
+            self.q_a, self.q_b = linear(T["attn_q_a"]), linear(T["attn_q_b"])
+            self.q_a_norm = to_torch(T["attn_q_a_norm"], device)
         else:
-            self.q = linear(T(b + "attn_q.weight"))
-        self.kv_a = linear(T(b + "attn_kv_a_mqa.weight"))
-        self.kv_a_norm = to_torch(T(b + "attn_kv_a_norm.weight"), device)
+            self.q = linear(T["attn_q"])
+        self.kv_a = linear(T["attn_kv_a_mqa"])
+        self.kv_a_norm = to_torch(T["attn_kv_a_norm"], device)
         if c.mla_split:
-            kb, vb = T(b + "attn_k_b.weight"), T(b + "attn_v_b.weight")
+            kb, vb = T["attn_k_b"], T["attn_v_b"]
             if ggml:  # per-head matmuls by ggml on the (possibly quantized) weights, as llama.cpp
                 self.k_b = [linear(kb.expert(h)) for h in range(c.n_head)]
                 self.v_b = [linear(vb.expert(h)) for h in range(c.n_head)]
             else:  # [H, r, nope] and [H, dv, r]
                 self.k_b, self.v_b = to_torch(kb, device), to_torch(vb, device)
         else:
-            self.kv_b = linear(T(b + "attn_kv_b.weight"))
-        self.o = linear(T(b + "attn_output.weight"))
+            self.kv_b = linear(T["attn_kv_b"])
+        self.o = linear(T["attn_output"])
         self.ffn = self.shared = self.shared_gate = None  # Transformer.ffn / moe read these
-        if l < c.n_dense_layers:
-            self.ffn = tuple(linear(T(b + f"ffn_{p}.weight")) for p in ("gate", "up", "down"))
+        if "ffn_gate_inp" not in T:  # the leading dense layers
+            self.ffn = tuple(linear(T[f"ffn_{p}"]) for p in ("gate", "up", "down"))
             return
-        self.router = linear(T(b + "ffn_gate_inp.weight"))
-        bias = ckpt.optional(b + "exp_probs_b.bias")
-        self.exp_bias = to_torch(bias, device) if bias is not None else None
-        if c.n_shared:
-            self.shared = tuple(linear(T(b + f"ffn_{p}_shexp.weight")) for p in ("gate", "up", "down"))
+        self.router = linear(T["ffn_gate_inp"])
+        self.exp_bias = to_torch(T["exp_probs_b.bias"], device) if "exp_probs_b.bias" in T else None
+        if "ffn_gate_shexp" in T:
+            self.shared = tuple(linear(T[f"ffn_{p}_shexp"]) for p in ("gate", "up", "down"))
 
 
 class DeepSeek2Transformer(Transformer):
     """Transformer's forward pass with MLA attention, dense leading layers and DeepSeek routing."""
-
-    GGML_FORWARD = True  # the ggml engine runs it as one graph where supported (moecli.runtime.ggml_forward)
 
     def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
         c = self.config = ckpt.config

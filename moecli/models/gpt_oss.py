@@ -20,8 +20,8 @@ from moecli.formats.tensor import TensorData
 from moecli.models import spec as S
 from moecli.models.common import gguf_metadata, synth_common
 from moecli.models.config import Checkpoint, ExpertStack, ModelConfig
-from moecli.models.layers import Embedding, TorchLinear, to_torch
-from moecli.models.rope import torch_rope
+from moecli.models.layers import to_torch
+from moecli.models import transformer
 from moecli.models.transformer import Transformer, build_layer, kv_shape  # noqa: F401  the shared graph
 
 
@@ -107,18 +107,10 @@ SPEC = S.Spec(layer=S.attention(bias=_always, out_bias=_always) + (
 ), globals=S.GLOBALS)
 
 
-class Layer:
-    def __init__(self, ckpt: Checkpoint, l: int, device, linear):
-        b, T, opt = f"blk.{l}.", ckpt.tensor, ckpt.optional
-        self.attn_norm = to_torch(T(b + "attn_norm.weight"), device)
-        self.ffn_norm = to_torch(T(b + "post_attention_norm.weight"), device)
-        self.q = linear(T(b + "attn_q.weight"), opt(b + "attn_q.bias"))
-        self.k = linear(T(b + "attn_k.weight"), opt(b + "attn_k.bias"))
-        self.v = linear(T(b + "attn_v.weight"), opt(b + "attn_v.bias"))
-        self.o = linear(T(b + "attn_output.weight"), opt(b + "attn_output.bias"))
-        self.sinks = to_torch(T(b + "attn_sinks.weight"), device)
-        self.router = linear(T(b + "ffn_gate_inp.weight"), opt(b + "ffn_gate_inp.bias"))
-        self.ffn = self.exp_bias = self.shared = self.shared_gate = None  # Transformer.ffn / moe read these
+class Layer(transformer.Layer):
+    def __init__(self, ckpt: Checkpoint, spec: S.Spec, l: int, device, linear):
+        super().__init__(ckpt, spec, l, device, linear)
+        self.sinks = to_torch(ckpt.tensor(f"blk.{l}.attn_sinks.weight"), device)
         self.window = ckpt.config.sliding_window if l in ckpt.config.swa_layers else 0
 
 
@@ -149,22 +141,7 @@ def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int)
 class GptOssTransformer(Transformer):
     """Transformer's forward pass with gpt-oss attention (sinks, sliding window) and routing."""
 
-    GGML_FORWARD = True  # the ggml engine runs it as one graph (moecli.runtime.ggml_forward), as llama.cpp
-
-    def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
-        c = self.config = ckpt.config
-        self.device = torch.device(device)
-        linear = linear or (lambda w, b=None: TorchLinear(w, self.device, b))
-        self.experts = experts  # experts(layer, hidden, ids, weights, scores) -> output: the executor seam
-        self.embed = Embedding(ckpt.tensor("token_embd.weight"), self.device)
-        self.layers = [Layer(ckpt, l, self.device, linear) for l in range(c.n_layer)]
-        self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
-        self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
-        self.max_ctx = max_ctx or c.n_ctx_train
-        # YaRN as llama.cpp derives it (the rope part only: gpt-oss scales q.k by 1/sqrt(head_dim)); transformers'
-        # truncate=False: the unrounded correction range
-        self.rope, self.kq_scale = torch_rope(c, self.max_ctx, self.device)
-        self.on_router = None  # optional hook(layer, probs, ids, weights)
+    LAYER = Layer  # YaRN as llama.cpp derives it (models/rope.py); q.k scaled by 1/sqrt(head_dim)
 
     def attention(self, l, layer: Layer, h, pos, cache, start: int) -> torch.Tensor:
         c, n = self.config, h.shape[0]

@@ -33,7 +33,7 @@ class Layer:
         if "ffn_gate_inp" not in T:  # dense models, and the leading dense layers of MoE ones
             self.ffn = tuple(linear(T[f"ffn_{p}"]) for p in ("gate", "up", "down"))
             return
-        self.router = linear(T["ffn_gate_inp"])
+        self.router = linear(T["ffn_gate_inp"], T.get("ffn_gate_inp.bias"))
         if "exp_probs_b.bias" in T:  # selection-only expert bias
             self.exp_bias = to_torch(T["exp_probs_b.bias"], device)
         if "ffn_gate_shexp" in T:
@@ -51,6 +51,7 @@ def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
 
 class Transformer:
     fused_forward = None  # the ggml engine's whole forward as one graph (moecli.runtime.ggml_forward)
+    LAYER = Layer  # a family's own layer class (gpt-oss: sinks, window)
 
     def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
         c = self.config = ckpt.config
@@ -61,11 +62,11 @@ class Transformer:
         from moecli.models.loader import GGUF_ARCHS  # the family's layer spec (the loader imports this module)
 
         spec = GGUF_ARCHS[c.arch].SPEC
-        self.layers = [Layer(ckpt, spec, l, self.device, linear) for l in range(c.n_layer)]
+        self.layers = [self.LAYER(ckpt, spec, l, self.device, linear) for l in range(c.n_layer)]
         self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
         self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
         self.max_ctx = max_ctx or c.n_ctx_train
-        self.rope, _ = torch_rope(c, self.max_ctx, self.device)
+        self.rope, self.kq_scale = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
 
     def new_cache(self, n_ctx: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

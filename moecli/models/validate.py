@@ -94,8 +94,8 @@ def gguf_metadata(g) -> None:
 def _check_kind(g, key: str, kinds: tuple[str, ...], name: str) -> None:
     kind = g.kind(key)
     if kind is not None and kind not in kinds:
-        value = g.get(key) if not kind.startswith("array") else f"<{kind} of {g.array_len(key)}>"
-        raise MoecliError(f"{name}: metadata {key} is {kind} {_short(value)}, expected {' or '.join(kinds)}")
+        what = f"an {kind} ({g.array_len(key)} values)" if kind.startswith("array") else f"{kind} {_short(g.get(key))}"
+        raise MoecliError(f"{name}: metadata {key} is {what}, expected {' or '.join(kinds)}")
 
 
 def gguf_vocab(g, n_rows: int) -> None:

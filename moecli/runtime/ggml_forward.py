@@ -1,6 +1,6 @@
-"""The CPU engine's forward pass as ONE ggml graph, built as llama.cpp builds it, for every
-family: llama/Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, deepseek2 (both MLA forms) and gpt-oss (sinks, sliding window,
-biased experts with the clamped SwiGLU).
+"""The CPU engine's forward pass as ONE ggml graph, built as llama.cpp builds it, for every family: each layer by
+its family's `build_layer` (models/<arch>.py) on the shared blocks of models/graph.py, from the tensors its layer
+spec names (models/spec.py). This module runs the graphs: shapes, caches, kept decode graphs, split mode.
 
 Per layer: attn_norm -> q/k/v (+ biases, q/k RMSNorm) -> RoPE -> K and V stored in the cache -> kq = K·q,
 softmax with the causal mask and 1/sqrt(d) -> kqv = V·kq -> o (+ bias) -> residual -> ffn_norm -> router ->
@@ -59,16 +59,16 @@ class GgmlKVCache:
 
 
 def supported(ckpt: Checkpoint, experts) -> bool:
-    """Whether the one-graph forward can run this checkpoint: expert stacks ggml can address as 3-D tensors (and,
-    but for gpt-oss's, plain SwiGLU experts without biases)."""
+    """Whether the one-graph forward can run this checkpoint: expert stacks ggml can address as 3-D tensors, plain
+    SwiGLU experts without biases or gpt-oss's clamped SwiGLU with them (GraphBuilder.build_moe_ffn)."""
     c = ckpt.config
     if c.rope_scaling == "yarn" and not c.yarn_truncate:  # ggml's rope rounds YaRN's correction range
         return False
-    if c.arch == "deepseek2" and c.group_score != "top2":  # transformers' V2 group scoring: not llama.cpp's
+    if c.group_score != "top2":  # transformers' DeepSeek-V2 group scoring: not llama.cpp's
         return False
     if not c.is_moe:
         return True
-    return experts is not None and all(L.stacked is not None and (L.plain or c.arch == "gpt-oss")
+    return experts is not None and all(L.stacked is not None and (L.plain or c.expert_act == "swiglu_oai")
                                        for L in experts.engine.layers.values())
 
 
