@@ -71,7 +71,7 @@ class Stats:
                 for l, ms in sorted(self.layer_ms.items())} if n else {}
 
     def as_dict(self) -> dict:
-        return {"hit_rate": self.hit_rate, "active": self.active, "cpu_experts": self.cpu_experts,
+        return {"hit_rate": self.hit_rate, "active": self.active, "hits": self.hits, "cpu_experts": self.cpu_experts,
                 "device_experts": self.device_experts, "copied_experts": self.copied_experts,
                 "prefetched": self.prefetched, "bytes_copied": self.bytes_copied, "cpu_share": self.cpu_share,
                 "syncs": self.syncs, "launches": self.launches, "calls": self.calls,
