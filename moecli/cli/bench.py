@@ -2,6 +2,7 @@
 `--simulate` a prediction of hybrid speed from a routing trace and a host profile."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +32,8 @@ def bench(
     expert_slots: int = typer.Option(0, "--expert-slots", min=0, help="Device expert slots per layer "
                                                                       "(--placement)."),
     simulate: bool = typer.Option(False, "--simulate", help="Simulate placements over a routing trace."),
+    replay: Optional[Path] = typer.Option(None, "--replay", help="A trace `chat --record-trace` wrote: the "
+                                                                  "simulator's TBT vs the executor's measured one."),
     trace: Optional[Path] = typer.Option(None, "--trace", help="Routing trace file or directory (default: the "
                                                                "newest in the user's traces directory)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Host profile: a name (hybrimoe-testbed, "
@@ -58,6 +61,12 @@ def bench(
 ) -> None:
     """Benchmark a model like llama-bench (pp/tg tokens/s, optionally vs llama.cpp), or with --simulate predict
     hybrid CPU/GPU speed on a host profile."""
+    if replay is not None:
+        from moecli.bench import replay as RP
+
+        out = RP.compare(replay)
+        typer.echo(json.dumps(out, indent=1) if output == "json" else RP.render(out), nl=False)
+        return
     if serve:
         from moecli.bench.serve import main as bench_serve
         from moecli.bench.synthetic import synthetic_model

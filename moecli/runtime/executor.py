@@ -152,10 +152,6 @@ class HybridExperts:
         copy_free = self._copy_free_at(now)
         d = core.plan_layer(layer, tokens, sc, n, now, copy_free, now)
         self._copy_free = max(self._copy_free, d.copy_end)
-        t_copy = time.perf_counter()
-        for e, victim in d.loads:
-            self._load(layer, e, victim)
-        self._copy_time(len(d.loads), t_copy)
         st.active += len(tokens)
         st.hits += len(d.cached)
 
@@ -172,6 +168,10 @@ class HybridExperts:
                 fut.add_done_callback(lambda f: self._cpu_times.append((m, N, (time.perf_counter() - t_cpu) * 1e3)))
         st.cpu_experts += len(d.cpu)
         st.device_experts += len(d.device)
+        t_copy = time.perf_counter()  # after the CPU's submit: without CUDA these copies hold this thread
+        for e, victim in d.loads:
+            self._load(layer, e, victim)
+        self._copy_time(len(d.loads), t_copy)
 
         t_dev = time.perf_counter()
         out = self._device_experts(layer, hidden, ids, weights, d.device, set(d.scratch))
