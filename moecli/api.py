@@ -127,6 +127,7 @@ class Model:
                                                                           self.transformer.max_ctx, flash_attn)
         if hasattr(experts, "attach"):
             experts.attach(self.transformer)
+        self._finite_seen = False  # the first forward pass's logits were checked for NaN/inf
 
     @property
     def stats(self):
@@ -181,7 +182,10 @@ class Model:
         """One fresh forward over the whole sequence: float32 [n_tokens, n_vocab]."""
         self._check_ids(token_ids)
         cache = self.transformer.new_cache(len(token_ids))
-        return self.transformer.forward(list(token_ids), cache).float().cpu().numpy()
+        out = self.transformer.forward(list(token_ids), cache).float().cpu().numpy()
+        if not np.isfinite(out).all():
+            self._non_finite()
+        return out
 
     def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
@@ -206,6 +210,7 @@ class Model:
             raise MoecliError(f"context is full ({session.n_ctx} tokens): start a new conversation "
                               "or load the model with a larger context")
         logits = self.transformer.forward(feed, session.cache, all_logits=False)[-1]
+        self._check_first(logits)
         session.tokens.extend(feed)
         return logits
 
@@ -222,9 +227,22 @@ class Model:
             if session.cache.pos + len(feed) > session.n_ctx:
                 raise MoecliError(f"context is full ({session.n_ctx} tokens)")
         logits = self.transformer.forward_batch([(feed, session.cache) for session, feed in work])
+        self._check_first(logits)
         for session, feed in work:
             session.tokens.extend(feed)
         return list(logits)
+
+    def _check_first(self, logits: torch.Tensor) -> None:
+        """NaN/inf logits from a corrupt file are a model error, found on the first forward pass (once: a check
+        every step would cost a device sync per token)."""
+        if not self._finite_seen:
+            if not bool(torch.isfinite(logits).all()):
+                self._non_finite()
+            self._finite_seen = True
+
+    def _non_finite(self):
+        raise MoecliError(f"model error: {self.path.name} computes NaN/inf logits (its weights or metadata are "
+                          "corrupt)")
 
     def stream_text(self, tokens: Iterator[int], special: bool = False) -> Iterator[str]:
         """Text pieces for generated tokens, never splitting a UTF-8 character; control tokens only with `special`."""

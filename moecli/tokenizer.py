@@ -53,7 +53,11 @@ class GGUFTokenizer:
         return list(buf[:n])
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
-        """The token's bytes; control tokens render as their text only with `special` (streaming hides them)."""
+        """The token's bytes; control tokens render as their text only with `special` (streaming hides them).
+
+        Embedding rows past the vocabulary (padding) decode as nothing: llama.cpp aborts on an id it lacks."""
+        if not 0 <= token < self.n_vocab:
+            return b""
         key = (token, special)
         piece = self._pieces.get(key)
         if piece is None:  # a buffer per miss: the server reads pieces from several threads
@@ -63,7 +67,7 @@ class GGUFTokenizer:
         return piece
 
     def is_eog(self, token: int) -> bool:
-        return bool(self._L.llama_vocab_is_eog(self._vocab, token))
+        return 0 <= token < self.n_vocab and bool(self._L.llama_vocab_is_eog(self._vocab, token))
 
     def token_text(self, token: int) -> str:
         return self.token_bytes(token, special=True).decode("utf-8", "replace")
@@ -75,38 +79,54 @@ class HFTokenizer:
     def __init__(self, model_dir: Path, config: dict):
         from tokenizers import Tokenizer
 
+        from moecli.formats.files import read_json, read_text
+
         path = model_dir / "tokenizer.json"
         if not path.exists():
             raise MoecliError(f"{model_dir}: no tokenizer.json")
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_str(read_text(path, "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for bad files
+            raise MoecliError(f"{path}: not a valid tokenizer ({str(e).splitlines()[0][:120]})") from None
         tc_path = model_dir / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+        tc = read_json(tc_path, "tokenizer_config.json") if tc_path.exists() else {}
+        self.n_vocab = self._tok.get_vocab_size()
 
-        def token_id(value):
+        def token_id(key, value):
             if isinstance(value, dict):
                 value = value.get("content")
-            return self._tok.token_to_id(value) if isinstance(value, str) else value
+            tid = self._tok.token_to_id(value) if isinstance(value, str) else value
+            if tid is not None and (type(tid) is not int or not 0 <= tid < self.n_vocab):
+                raise MoecliError(f"{model_dir.name}: {key} = {str(tid)[:60]} is not a token of the vocabulary "
+                                  f"({self.n_vocab} tokens)")
+            return tid
 
-        self.bos_id = token_id(tc.get("bos_token")) if tc.get("bos_token") else config.get("bos_token_id")
-        eos = token_id(tc.get("eos_token")) if tc.get("eos_token") else config.get("eos_token_id")
-        self.eos_id = eos[0] if isinstance(eos, list) else eos
-        self._eog = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.bos_id = token_id("bos_token", tc.get("bos_token")) if tc.get("bos_token") else \
+            token_id("bos_token_id", config.get("bos_token_id"))
+        eos = tc.get("eos_token") or config.get("eos_token_id")
+        eos = [token_id("eos_token", e) for e in (eos if isinstance(eos, list) else [eos])]
         if isinstance(config.get("eos_token_id"), list):
-            self._eog |= set(config["eos_token_id"])
+            eos += [token_id("eos_token_id", e) for e in config["eos_token_id"]]
+        self.eos_id = eos[0] if eos else None
+        self._eog = set(eos) - {None}
         self.add_bos = bool(tc.get("add_bos_token", False)) and self.bos_id is not None
         self.chat_template = tc.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take the default one
-            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+            self.chat_template = next((t.get("template") for t in self.chat_template
+                                       if isinstance(t, dict) and t.get("name") == "default"), None)
         jinja = model_dir / "chat_template.jinja"
         if self.chat_template is None and jinja.exists():
-            self.chat_template = jinja.read_text()
-        self.n_vocab = self._tok.get_vocab_size()
+            self.chat_template = read_text(jinja, "chat template")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise MoecliError(f"{tc_path}: chat_template is {type(self.chat_template).__name__}, expected a string")
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_special and self.add_bos else []) + ids
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
+        if not 0 <= token < self.n_vocab:
+            return b""  # an embedding row past the vocabulary (padding)
         # Byte-level BPE: map the token's characters back to bytes (GPT-2's byte <-> unicode table).
         piece = self._tok.id_to_token(token) or ""
         table = _byte_decoder()

@@ -14,6 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from moecli.errors import MoecliError, UnsupportedError
+from moecli.formats.files import open_regular, read_json
 from moecli.formats.tensor import TensorData, check_size
 
 T = GGMLQuantizationType
@@ -21,8 +22,8 @@ _DTYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "U8": T.I8}  # U8: raw by
 
 
 def _read_shard(path: Path) -> dict[str, TensorData]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise MoecliError(f"{path.name}: not a safetensors file (too short)")
@@ -31,24 +32,51 @@ def _read_shard(path: Path) -> dict[str, TensorData]:
             raise MoecliError(f"{path.name}: not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise MoecliError(f"{path.name}: not a safetensors file (header is not JSON)") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     base = 8 + n
+    entries = _check_header(path, header, size - base)
+    data = np.memmap(path, dtype=np.uint8, mode="r") if entries else np.zeros(0, np.uint8)
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise UnsupportedError(f"{path.name}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
-        if base + end > size:
-            raise MoecliError(f"{path.name}: truncated (tensor {name} ends past the end of the file)")
-        ne = tuple(reversed([int(x) for x in info["shape"]])) or (1,)
+    for name, dtype, shape, begin, end in entries:
+        ne = tuple(reversed(shape)) or (1,)
         check_size(name, dtype, ne, end - begin)
         out[name] = TensorData(name, dtype, ne, data[base + begin:base + end])
     return out
+
+
+def _check_header(path: Path, header, data_bytes: int) -> list[tuple]:
+    """The header's tensors as (name, type, shape, begin, end), each field checked: an object per tensor with a
+    known dtype, a list of non-negative integer dims and two integer offsets inside the data section, no two
+    tensors overlapping."""
+    if not isinstance(header, dict):
+        raise MoecliError(f"{path.name}: bad safetensors header (a JSON {type(header).__name__}, not an object)")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise MoecliError(f"{path.name}: bad safetensors header (__metadata__ is not an object)")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        what = f"{path.name}: tensor {name[:80]}"
+        if not isinstance(info, dict):
+            raise MoecliError(f"{what}: header entry is {type(info).__name__}, not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise UnsupportedError(f"{what} has unsupported dtype {str(dtype)[:20]}")
+        if not isinstance(shape, list) or len(shape) > 4 or \
+                any(type(x) is not int or not 0 <= x < 1 << 40 for x in shape):
+            raise MoecliError(f"{what}: shape {str(shape)[:60]} is not a list of at most 4 non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or any(type(x) is not int for x in offsets) \
+                or not 0 <= offsets[0] <= offsets[1]:
+            raise MoecliError(f"{what}: data_offsets {str(offsets)[:60]} is not [begin, end] with 0 <= begin <= end")
+        if offsets[1] > data_bytes:
+            raise MoecliError(f"{path.name}: truncated (tensor {name[:80]} ends past the end of the file)")
+        entries.append((name, _DTYPES[dtype], shape, *offsets))
+    spans = sorted((b, e, name) for name, _, _, b, e in entries if e > b)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise MoecliError(f"{path.name}: tensors {first[:60]} and {second[:60]} overlap in the file")
+    return entries
 
 
 class SafetensorsModel:
@@ -61,13 +89,13 @@ class SafetensorsModel:
         config = self.path / "config.json"
         if not config.exists():
             raise MoecliError(f"{self.path}: no config.json (a Hugging Face model directory needs one)")
-        try:
-            self.config: dict = json.loads(config.read_text())
-        except json.JSONDecodeError as e:
-            raise MoecliError(f"{config}: invalid JSON ({e})") from None
+        self.config: dict = read_json(config, "config.json")
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise MoecliError(f"{index}: weight_map is not an object of shard file names")
+            shards = sorted(set(weight_map.values()))
         else:
             shards = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not shards:
@@ -84,5 +112,5 @@ class SafetensorsModel:
 
     @property
     def arch(self) -> str:
-        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
+        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]  # types: models.validate
         return str(archs[0])

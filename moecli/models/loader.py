@@ -7,7 +7,7 @@ from pathlib import Path
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.gguf import GGUFFile
 from moecli.formats.safetensors import SafetensorsModel
-from moecli.models import deepseek2, gpt_oss, llama, olmoe, qwen2moe, qwen3moe
+from moecli.models import deepseek2, gpt_oss, llama, olmoe, qwen2moe, qwen3moe, validate as checks
 from moecli.models.config import Checkpoint, ExpertStack
 
 # GGUF `general.architecture` -> family module.
@@ -36,7 +36,9 @@ def _from_gguf(g: GGUFFile) -> Checkpoint:
     if family is None:
         raise UnsupportedError(f"{g.path.name}: unsupported architecture '{g.arch}' "
                                f"(supported: {', '.join(sorted(GGUF_ARCHS))})")
+    checks.gguf_metadata(g)  # types and vocabulary before the family reads a key
     cfg = family.from_gguf(g)
+    checks.config(cfg, checks.layers_present(g.tensors), g.path.name)  # before any per-layer loop
     experts = {}
     for l in range(cfg.n_layer):
         for kind in _EXPS:
@@ -47,12 +49,14 @@ def _from_gguf(g: GGUFFile) -> Checkpoint:
 
 
 def _from_hf(m: SafetensorsModel) -> Checkpoint:
+    checks.hf_config(m.config, f"{m.path.name}/config.json")
     model_type = m.config.get("model_type", "?")
     family = HF_ARCHS.get(model_type)
     if family is None:
         raise UnsupportedError(f"{m.path.name}: unsupported architecture '{model_type}' "
                                f"(supported: {', '.join(sorted(HF_ARCHS))})")
     cfg = family.from_hf(m.config)
+    checks.config(cfg, checks.layers_present(m.tensors), f"{m.path.name}/config.json", hf=True)
     tensors, per_expert = {}, {}
     for name, t in m.tensors.items():
         new = rename_hf(name, family.HF_NAMES)
