@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -87,93 +86,57 @@ class SynthDims:
     rms_eps: float = 1e-6
     tie_embeddings: bool = False  # honoured for llama and qwen3moe (output.weight omitted)
     attn_bias: bool = False       # qwen2moe q/k/v bias
+    chat: str = "chatml"          # the tokenizer's specials and chat template: "chatml" or "harmony" (gpt-oss)
+    n_dense: int = 0              # leading dense layers (FFN n_ff_dense), where the family has them
+    n_ff_dense: int = 0
+    extra: tuple = ()             # (ModelConfig field, value) pairs a family applies last (partial rotary...)
 
 
 def geometry(name: str, n_layer: int = 2, n_vocab: int | None = None) -> SynthDims:
-    """SynthDims of a real model's geometry with `n_layer` layers (rope/eps as in the real configs; deepseek
-    presets keep their leading dense layers, at most n_layer - 1)."""
-    if name in _DS_PRESETS:
-        d = _DS_PRESETS[name]
-        return dataclasses.replace(d, n_layer=n_layer, n_dense=min(d.n_dense, max(n_layer - 1, 0)),
-                                   n_vocab=n_vocab or d.n_vocab)
-    if name in _OSS_PRESETS:
-        return dataclasses.replace(_OSS_PRESETS[name], n_layer=n_layer, n_vocab=n_vocab or _OSS_PRESETS[name].n_vocab)
-    presets = {
-        "qwen3-30b-a3b": ("qwen3moe", SynthDims(n_vocab=151936, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128,
-                                                n_ff=768, n_expert=128, n_expert_used=8, context_length=40960,
-                                                rope_theta=1e6, rms_eps=1e-6)),
-        "mixtral-8x7b": ("llama", SynthDims(n_vocab=32000, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128,
-                                            n_ff=14336, n_expert=8, n_expert_used=2, context_length=32768,
-                                            rope_theta=1e6, rms_eps=1e-5)),
-        "qwen2-57b-a14b": ("qwen2moe", SynthDims(n_vocab=151936, n_embd=3584, n_head=28, n_head_kv=4, head_dim=128,
-                                                 n_ff=2560, n_expert=64, n_expert_used=8, n_ff_shexp=20480,
-                                                 context_length=32768, rope_theta=1e6, rms_eps=1e-6, attn_bias=True)),
-        "olmoe-1b-7b": ("olmoe", SynthDims(n_vocab=50304, n_embd=2048, n_head=16, n_head_kv=16, head_dim=128,
-                                           n_ff=1024, n_expert=64, n_expert_used=8, context_length=4096,
-                                           rope_theta=1e4, rms_eps=1e-5)),
-    }
-    if name not in presets:
-        raise KeyError(f"unknown geometry {name!r}; known: {', '.join(presets)}")
-    _, d = presets[name]
-    return dataclasses.replace(d, n_layer=n_layer, n_vocab=n_vocab or d.n_vocab)
+    """SynthDims of a real model's geometry (moecli.policy.geometry.REAL_MODELS) with `n_layer` layers (rope/eps
+    as in the real configs; leading dense layers kept, at most n_layer - 1)."""
+    from moecli.policy.geometry import REAL_MODELS
+
+    if name not in REAL_MODELS:
+        raise KeyError(f"unknown geometry {name!r}; known: {', '.join(REAL_MODELS)}")
+    r = REAL_MODELS[name]
+    d = _DIMS.get(r.arch, SynthDims)(**r.dims)
+    fields = dict(n_layer=n_layer, n_vocab=n_vocab or d.n_vocab)
+    if hasattr(d, "n_dense"):
+        fields["n_dense"] = min(d.n_dense, max(n_layer - 1, 0))
+    return dataclasses.replace(d, **fields)
 
 
 def geometry_arch(name: str) -> str:
     """GGUF architecture of a geometry preset."""
-    if name in _DS_PRESETS:
-        return "deepseek2"
-    if name in _OSS_PRESETS:
-        return "gpt-oss"
-    return {"qwen3-30b-a3b": "qwen3moe", "mixtral-8x7b": "llama", "qwen2-57b-a14b": "qwen2moe",
-            "olmoe-1b-7b": "olmoe"}[name]
+    from moecli.policy.geometry import REAL_MODELS
+
+    return REAL_MODELS[name].arch
 
 
 # ---------------------------------------------------------------------------------------------- tensor plan
 
-def _plan(arch: str, d: SynthDims) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, numpy shape, init kind) in file order. kinds: embd, embd_tied, norm, w (fan_in = last dim), out, bias,
-    router, shgate, and per family (wk_b, exp_bias, w_oai, sinks: unscaled N(0, 1))."""
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    if arch == "deepseek2":
-        return _plan_deepseek2(d)
-    if arch == "gpt-oss":
-        return _plan_gpt_oss(d)
-    moe = d.n_expert > 0
-    if not moe and arch != "llama":
-        raise ValueError(f"{arch} needs n_expert > 0")
-    if arch == "olmoe" and d.n_head_kv != d.n_head:
-        raise ValueError("olmoe: llama.cpp supports only MHA (its q/k norms span the full width)")
-    E, C, ff = d.n_expert, d.n_embd, d.n_ff
-    q, kv = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
-    tied = d.tie_embeddings and arch in ("llama", "qwen3moe")
-    p = [("token_embd.weight", (d.n_vocab, C), "embd_tied" if tied else "embd")]
-    for i in range(d.n_layer):
-        b = f"blk.{i}."
-        p += [(b + "attn_norm.weight", (C,), "norm"), (b + "attn_q.weight", (q, C), "w"),
-              (b + "attn_k.weight", (kv, C), "w"), (b + "attn_v.weight", (kv, C), "w")]
-        if arch == "qwen2moe" and d.attn_bias:
-            p += [(b + "attn_q.bias", (q,), "bias"), (b + "attn_k.bias", (kv,), "bias"),
-                  (b + "attn_v.bias", (kv,), "bias")]
-        if arch == "qwen3moe":
-            p += [(b + "attn_q_norm.weight", (d.head_dim,), "norm"), (b + "attn_k_norm.weight", (d.head_dim,), "norm")]
-        if arch == "olmoe":
-            p += [(b + "attn_q_norm.weight", (q,), "norm"), (b + "attn_k_norm.weight", (kv,), "norm")]
-        p += [(b + "attn_output.weight", (C, q), "w"), (b + "ffn_norm.weight", (C,), "norm")]
-        if not moe:
-            p += [(b + "ffn_gate.weight", (ff, C), "w"), (b + "ffn_up.weight", (ff, C), "w"),
-                  (b + "ffn_down.weight", (C, ff), "w")]
-            continue
-        p += [(b + "ffn_gate_inp.weight", (E, C), "router"), (b + "ffn_gate_exps.weight", (E, ff, C), "w"),
-              (b + "ffn_up_exps.weight", (E, ff, C), "w"), (b + "ffn_down_exps.weight", (E, C, ff), "w")]
-        if arch == "qwen2moe" and d.n_ff_shexp:
-            s = d.n_ff_shexp
-            p += [(b + "ffn_gate_inp_shexp.weight", (C,), "shgate"), (b + "ffn_gate_shexp.weight", (s, C), "w"),
-                  (b + "ffn_up_shexp.weight", (s, C), "w"), (b + "ffn_down_shexp.weight", (C, s), "w")]
-    p.append(("output_norm.weight", (C,), "norm"))
-    if not tied:
-        p.append(("output.weight", (d.n_vocab, C), "out"))
-    return p
+def _family(arch: str):
+    from moecli.models.loader import GGUF_ARCHS
+
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"arch must be one of {tuple(GGUF_ARCHS)}, got {arch!r}")
+    return GGUF_ARCHS[arch]
+
+
+def config(arch: str, d) -> "ModelConfig":  # noqa: F821
+    """The config a synthetic file of `arch` with dims `d` (SynthDims, or a ModelConfig as it is) loads into."""
+    from moecli.models.config import ModelConfig
+
+    return d if isinstance(d, ModelConfig) else _family(arch).synth_config(d)
+
+
+def _plan(arch: str, d) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, numpy shape, init kind) in file order, from the family's layer spec. kinds: embd, embd_tied, norm, w
+    (fan_in = last dim), out, bias, router, shgate, and per family (wk_b, exp_bias, w_oai, sinks: unscaled N(0, 1))."""
+    from moecli.models.spec import plan
+
+    return plan(_family(arch).SPEC, config(arch, d))
 
 
 _CHUNK = 1 << 24  # elements per generated slice (64 MiB of float32)
@@ -224,36 +187,30 @@ def _chunks(seed: int, name: str, shape: tuple[int, ...], kind: str):
 
 # ---------------------------------------------------------------------------------------------- metadata
 
-def _add_metadata(w, arch: str, d: SynthDims, ftype_id: int) -> None:
-    if arch == "deepseek2":
-        return _add_metadata_deepseek2(w, arch, d, ftype_id)
-    if arch == "gpt-oss":
-        return _add_metadata_gpt_oss(w, arch, d, ftype_id)
+def _metadata(w, arch: str, d, ftype_id: int) -> None:
+    """The family's GGUF keys for the config of `d` (`to_gguf`, the inverse of its from_gguf) and the tokenizer."""
     import gguf
 
-    a = arch
+    c = config(arch, d)
     w.add_string("general.name", f"moecli-synth-{arch}")
     w.add_uint32("general.file_type", ftype_id)
     w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-    w.add_uint32(f"{a}.context_length", d.context_length)
-    w.add_uint32(f"{a}.embedding_length", d.n_embd)
-    w.add_uint32(f"{a}.block_count", d.n_layer)
-    w.add_uint32(f"{a}.feed_forward_length", d.n_ff)
-    w.add_uint32(f"{a}.attention.head_count", d.n_head)
-    w.add_uint32(f"{a}.attention.head_count_kv", d.n_head_kv)
-    w.add_uint32(f"{a}.attention.key_length", d.head_dim)     # generic in llama.cpp; needed when q ≠ n_embd
-    w.add_uint32(f"{a}.attention.value_length", d.head_dim)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", d.rms_eps)
-    w.add_float32(f"{a}.rope.freq_base", d.rope_theta)
-    w.add_uint32(f"{a}.rope.dimension_count", d.head_dim)
-    if d.n_expert:
-        w.add_uint32(f"{a}.expert_count", d.n_expert)
-        w.add_uint32(f"{a}.expert_used_count", d.n_expert_used)
-        if arch in ("qwen2moe", "qwen3moe"):
-            w.add_uint32(f"{a}.expert_feed_forward_length", d.n_ff)
-        if arch == "qwen2moe":
-            w.add_uint32(f"{a}.expert_shared_feed_forward_length", d.n_ff_shexp)
-    _add_tokenizer(w, d.n_vocab)
+    for key, v in _family(arch).to_gguf(c).items():
+        key = f"{arch}.{key}"
+        if isinstance(v, bool):
+            w.add_bool(key, v)
+        elif isinstance(v, int):
+            w.add_uint32(key, v)
+        elif isinstance(v, float):
+            w.add_float32(key, v)
+        else:
+            w.add_string(key, v)
+    if getattr(d, "chat", "chatml") == "harmony":  # gpt-oss: its control tokens and template, <|return|> ends
+        from moecli.chat import harmony
+
+        _add_tokenizer(w, c.n_vocab, SPECIAL_TOKENS + harmony.SPECIAL_TOKENS, harmony.TEMPLATE, eos="<|return|>")
+    else:
+        _add_tokenizer(w, c.n_vocab)
 
 
 def _add_tokenizer(w, n_vocab: int, specials: tuple[str, ...] = SPECIAL_TOKENS, template: str = CHATML_TEMPLATE,
@@ -329,7 +286,7 @@ def _write_direct(path: Path, arch: str, d: SynthDims, seed: int, ftype: str) ->
     ftype_id = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "MXFP4_MOE": 38}[ftype]
     plan = _plan(arch, d)
     w = gguf.GGUFWriter(path, arch)
-    _add_metadata(w, arch, d, ftype_id)
+    _metadata(w, arch, d, ftype_id)
     types = {}
     for name, shape, _ in plan:
         t = gguf.GGMLQuantizationType.F32 if _keep_f32(name, shape) else qtype
@@ -463,114 +420,6 @@ class DeepSeekDims(SynthDims):
     yarn_mscale_all_dim: float = 0.707
 
 
-
-
-def _plan_deepseek2(d: DeepSeekDims) -> list[tuple[str, tuple[int, ...], str]]:
-    if not isinstance(d, DeepSeekDims):
-        raise TypeError("deepseek2 needs DeepSeekDims")
-    E, C, H = d.n_expert, d.n_embd, d.n_head
-    dk, r, rope = d.qk_nope + d.qk_rope, d.kv_lora_rank, d.qk_rope
-    p = [("token_embd.weight", (d.n_vocab, C), "embd")]
-    for i in range(d.n_layer):
-        b = f"blk.{i}."
-        p.append((b + "attn_norm.weight", (C,), "norm"))
-        if d.q_lora_rank:
-            p += [(b + "attn_q_a.weight", (d.q_lora_rank, C), "w"), (b + "attn_q_a_norm.weight", (d.q_lora_rank,), "norm"),
-                  (b + "attn_q_b.weight", (H * dk, d.q_lora_rank), "w")]
-        else:
-            p.append((b + "attn_q.weight", (H * dk, C), "w"))
-        p += [(b + "attn_kv_a_mqa.weight", (r + rope, C), "w"), (b + "attn_kv_a_norm.weight", (r,), "norm")]
-        if d.mla_split:  # ggml {nope, r, H} and {r, v, H}
-            p += [(b + "attn_k_b.weight", (H, r, d.qk_nope), "wk_b"), (b + "attn_v_b.weight", (H, d.v_head_dim, r), "w")]
-        else:
-            p.append((b + "attn_kv_b.weight", (H * (d.qk_nope + d.v_head_dim), r), "w"))
-        p += [(b + "attn_output.weight", (C, H * d.v_head_dim), "w"), (b + "ffn_norm.weight", (C,), "norm")]
-        if i < d.n_dense:
-            f = d.n_ff_dense
-            p += [(b + "ffn_gate.weight", (f, C), "w"), (b + "ffn_up.weight", (f, C), "w"),
-                  (b + "ffn_down.weight", (C, f), "w")]
-            continue
-        p.append((b + "ffn_gate_inp.weight", (E, C), "router"))
-        if d.expert_bias:
-            p.append((b + "exp_probs_b.bias", (E,), "exp_bias"))
-        p += [(b + "ffn_gate_exps.weight", (E, d.n_ff, C), "w"), (b + "ffn_up_exps.weight", (E, d.n_ff, C), "w"),
-              (b + "ffn_down_exps.weight", (E, C, d.n_ff), "w")]
-        if d.n_shared:
-            s = d.n_shared * d.n_ff
-            p += [(b + "ffn_gate_shexp.weight", (s, C), "w"), (b + "ffn_up_shexp.weight", (s, C), "w"),
-                  (b + "ffn_down_shexp.weight", (C, s), "w")]
-    p += [("output_norm.weight", (C,), "norm"), ("output.weight", (d.n_vocab, C), "out")]
-    return p
-
-
-def _add_metadata_deepseek2(w, arch: str, d: "DeepSeekDims", ftype_id: int) -> None:
-    import gguf
-
-    a = arch
-    dk = d.qk_nope + d.qk_rope
-    w.add_string("general.name", "moecli-synth-deepseek2")
-    w.add_uint32("general.file_type", ftype_id)
-    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-    w.add_uint32(f"{a}.context_length", d.context_length)
-    w.add_uint32(f"{a}.embedding_length", d.n_embd)
-    w.add_uint32(f"{a}.block_count", d.n_layer)
-    w.add_uint32(f"{a}.feed_forward_length", d.n_ff_dense)
-    w.add_uint32(f"{a}.attention.head_count", d.n_head)
-    if d.mla_split:  # MLA as llama.cpp runs it: one KV head of [latent | k_pe], values = latent
-        w.add_uint32(f"{a}.attention.head_count_kv", 1)
-        w.add_uint32(f"{a}.attention.key_length", d.kv_lora_rank + d.qk_rope)
-        w.add_uint32(f"{a}.attention.value_length", d.kv_lora_rank)
-        w.add_uint32(f"{a}.attention.key_length_mla", dk)
-        w.add_uint32(f"{a}.attention.value_length_mla", d.v_head_dim)
-    else:
-        w.add_uint32(f"{a}.attention.head_count_kv", d.n_head)
-        w.add_uint32(f"{a}.attention.key_length", dk)
-        w.add_uint32(f"{a}.attention.value_length", d.v_head_dim)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", d.rms_eps)
-    # llama.cpp requires q_lora_rank unless the layer count says "lite" (27/26): 0 means a plain attn_q
-    w.add_uint32(f"{a}.attention.q_lora_rank", d.q_lora_rank)
-    w.add_uint32(f"{a}.attention.kv_lora_rank", d.kv_lora_rank)
-    w.add_float32(f"{a}.rope.freq_base", d.rope_theta)
-    w.add_uint32(f"{a}.rope.dimension_count", d.qk_rope)
-    if d.yarn_factor:
-        w.add_string(f"{a}.rope.scaling.type", "yarn")
-        w.add_float32(f"{a}.rope.scaling.factor", d.yarn_factor)
-        w.add_uint32(f"{a}.rope.scaling.original_context_length", d.yarn_orig_ctx)
-        w.add_float32(f"{a}.rope.scaling.yarn_log_multiplier", 0.1 * d.yarn_mscale_all_dim)  # as the converter
-    w.add_uint32(f"{a}.leading_dense_block_count", d.n_dense)
-    w.add_uint32(f"{a}.expert_count", d.n_expert)
-    w.add_uint32(f"{a}.expert_used_count", d.n_expert_used)
-    w.add_uint32(f"{a}.expert_feed_forward_length", d.n_ff)
-    w.add_uint32(f"{a}.expert_shared_count", d.n_shared)
-    w.add_float32(f"{a}.expert_weights_scale", d.weights_scale)
-    w.add_bool(f"{a}.expert_weights_norm", d.weights_norm)
-    w.add_uint32(f"{a}.expert_gating_func", {"softmax": 1, "sigmoid": 2}[d.gating])
-    if d.n_group:
-        w.add_uint32(f"{a}.expert_group_count", d.n_group)
-        w.add_uint32(f"{a}.expert_group_used_count", d.topk_group)
-    _add_tokenizer(w, d.n_vocab)
-
-
-_DS_PRESETS = {
-    # DeepSeek-V2-Lite: 27 layers (1 dense), 64 experts (6 used) + 2 shared, MLA without q LoRA, YaRN x40
-    "deepseek-v2-lite": DeepSeekDims(n_vocab=102400, n_embd=2048, n_head=16, n_head_kv=16, head_dim=192,
-                                     n_ff=1408, n_expert=64, n_expert_used=6, context_length=163840,
-                                     rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=0, kv_lora_rank=512,
-                                     qk_nope=128, qk_rope=64, v_head_dim=128, n_dense=1, n_ff_dense=10944,
-                                     n_shared=2, weights_scale=1.0, mla_split=True, yarn_factor=40.0,
-                                     yarn_orig_ctx=4096, yarn_mscale_all_dim=0.707),
-    # DeepSeek-V3 / R1: 61 layers (3 dense), 256 experts (8 used, 8 groups / 4 used) + 1 shared, sigmoid + bias
-    "deepseek-v3": DeepSeekDims(n_vocab=129280, n_embd=7168, n_head=128, n_head_kv=128, head_dim=192,
-                                n_ff=2048, n_expert=256, n_expert_used=8, context_length=163840,
-                                rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=1536, kv_lora_rank=512,
-                                qk_nope=128, qk_rope=64, v_head_dim=128, n_dense=3, n_ff_dense=18432,
-                                n_shared=1, gating="sigmoid", expert_bias=True, n_group=8, topk_group=4,
-                                weights_norm=True, weights_scale=2.5, mla_split=True, yarn_factor=40.0,
-                                yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0),
-}
-
-
-
 # ---------------------------------------------------------------------------------------------- gpt-oss
 # gpt-oss-20b / 120b (llama.cpp arch "gpt-oss"): biased attention with sinks, sliding window on even layers,
 # biased experts with the clamped SwiGLU, YaRN. Write with ftype "MXFP4_MOE" for MXFP4 experts (as shipped).
@@ -579,71 +428,9 @@ _DS_PRESETS = {
 class GptOssDims(SynthDims):
     """SynthDims plus gpt-oss's geometry; n_ff is the per-expert FFN."""
     sliding_window: int = 128
+    chat: str = "harmony"
     yarn_factor: float = 32.0       # > 0: YaRN
     yarn_orig_ctx: int = 4096
 
 
-def _plan_gpt_oss(d: GptOssDims) -> list[tuple[str, tuple[int, ...], str]]:
-    if not isinstance(d, GptOssDims):
-        raise TypeError("gpt-oss needs GptOssDims")
-    E, C, ff = d.n_expert, d.n_embd, d.n_ff
-    q, kv = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
-    p = [("token_embd.weight", (d.n_vocab, C), "embd")]
-    for i in range(d.n_layer):
-        b = f"blk.{i}."
-        p += [(b + "attn_norm.weight", (C,), "norm"),
-              (b + "attn_q.weight", (q, C), "w"), (b + "attn_q.bias", (q,), "bias"),
-              (b + "attn_k.weight", (kv, C), "w"), (b + "attn_k.bias", (kv,), "bias"),
-              (b + "attn_v.weight", (kv, C), "w"), (b + "attn_v.bias", (kv,), "bias"),
-              (b + "attn_output.weight", (C, q), "w"), (b + "attn_output.bias", (C,), "bias"),
-              (b + "attn_sinks.weight", (d.n_head,), "sinks"),
-              (b + "post_attention_norm.weight", (C,), "norm"),
-              (b + "ffn_gate_inp.weight", (E, C), "router"), (b + "ffn_gate_inp.bias", (E,), "bias"),
-              (b + "ffn_gate_exps.weight", (E, ff, C), "w_oai"), (b + "ffn_gate_exps.bias", (E, ff), "bias"),
-              (b + "ffn_up_exps.weight", (E, ff, C), "w_oai"), (b + "ffn_up_exps.bias", (E, ff), "bias"),
-              (b + "ffn_down_exps.weight", (E, C, ff), "w"), (b + "ffn_down_exps.bias", (E, C), "bias")]
-    p += [("output_norm.weight", (C,), "norm"), ("output.weight", (d.n_vocab, C), "out")]
-    return p
-
-
-def _add_metadata_gpt_oss(w, arch: str, d: "GptOssDims", ftype_id: int) -> None:
-    import gguf
-
-    a = arch
-    w.add_string("general.name", "moecli-synth-gpt-oss")
-    w.add_uint32("general.file_type", ftype_id)
-    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-    w.add_uint32(f"{a}.context_length", d.context_length)
-    w.add_uint32(f"{a}.embedding_length", d.n_embd)
-    w.add_uint32(f"{a}.block_count", d.n_layer)
-    w.add_uint32(f"{a}.feed_forward_length", d.n_ff)
-    w.add_uint32(f"{a}.attention.head_count", d.n_head)
-    w.add_uint32(f"{a}.attention.head_count_kv", d.n_head_kv)
-    w.add_uint32(f"{a}.attention.key_length", d.head_dim)
-    w.add_uint32(f"{a}.attention.value_length", d.head_dim)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", d.rms_eps)
-    w.add_uint32(f"{a}.attention.sliding_window", d.sliding_window)
-    w.add_float32(f"{a}.rope.freq_base", d.rope_theta)
-    w.add_uint32(f"{a}.rope.dimension_count", d.head_dim)
-    if d.yarn_factor:
-        w.add_string(f"{a}.rope.scaling.type", "yarn")
-        w.add_float32(f"{a}.rope.scaling.factor", d.yarn_factor)
-        w.add_uint32(f"{a}.rope.scaling.original_context_length", d.yarn_orig_ctx)
-    w.add_uint32(f"{a}.expert_count", d.n_expert)
-    w.add_uint32(f"{a}.expert_used_count", d.n_expert_used)
-    w.add_uint32(f"{a}.expert_feed_forward_length", d.n_ff)
-    from moecli.chat import harmony  # gpt-oss speaks harmony: its control tokens and template, <|return|> ends
-
-    _add_tokenizer(w, d.n_vocab, SPECIAL_TOKENS + harmony.SPECIAL_TOKENS, harmony.TEMPLATE, eos="<|return|>")
-
-
-_OSS_PRESETS = {
-    # gpt-oss-20b: 24 layers, 32 experts (4 used) of 2880, 64 q heads / 8 KV heads of 64, window 128, YaRN x32
-    "gpt-oss-20b": GptOssDims(n_vocab=201088, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880,
-                              n_expert=32, n_expert_used=4, context_length=131072, rope_theta=150000.0,
-                              rms_eps=1e-5, sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096),
-    # gpt-oss-120b: the same with 36 layers and 128 experts
-    "gpt-oss-120b": GptOssDims(n_vocab=201088, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_ff=2880,
-                               n_expert=128, n_expert_used=4, context_length=131072, rope_theta=150000.0,
-                               rms_eps=1e-5, sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096),
-}
+_DIMS = {"deepseek2": DeepSeekDims, "gpt-oss": GptOssDims}  # families whose synthetic dims have fields of their own

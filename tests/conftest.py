@@ -26,6 +26,14 @@ atexit.register(shutil.rmtree, _user_dirs, True)
 for _var in ("MOECLI_PROFILES", "MOECLI_TRACES", "MOECLI_CACHE"):
     os.environ.setdefault(_var, str(Path(_user_dirs) / _var.split("_")[1].lower()))
 
+# Without a GPU the device code runs on the CPU device, and its Triton kernels through Triton's interpreter (read
+# when a kernel is defined: before moecli.kernels.gguf_triton is imported). MOECLI_NO_TRITON=1 tests the fallback.
+if not os.environ.get("MOECLI_NO_TRITON") and importlib.util.find_spec("torch") is not None:
+    import torch  # noqa: E402
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from moecli.synth import SynthDims, write_f32_twin, write_gguf  # noqa: E402
 
 # arch name -> (GGUF architecture, dims). K-quants need ne0 % 256 == 0: n_embd = expert FFN = 256.
@@ -69,6 +77,13 @@ from moecli.synth import GptOssDims
 TINY["gpt-oss"] = ("gpt-oss", GptOssDims(
     n_vocab=512, n_embd=256, n_layer=3, n_head=8, n_head_kv=2, head_dim=64, n_ff=256, n_expert=8, n_expert_used=3,
     context_length=2048, rope_theta=150000.0, rms_eps=1e-5, sliding_window=8, yarn_factor=4.0, yarn_orig_ctx=256))
+
+# glm4moe (tests/test_glm4moe.py): 3 layers (1 dense + 2 MoE) + the NextN layer llama.cpp skips, q/k/v biases,
+# NEOX rope on 32 of 64 head dims, sigmoid + exp_probs_b, renormalised top-2 of 8, one shared expert
+TINY["glm4moe"] = ("glm4moe", SynthDims(
+    n_vocab=512, n_embd=256, n_layer=3, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_expert=8, n_expert_used=2,
+    n_ff_shexp=256, n_dense=1, n_ff_dense=512, context_length=2048, rope_theta=1e6, rms_eps=1e-5,
+    extra=(("rope_dim", 32),)))
 
 _lock = threading.Lock()
 _dir: Path | None = None

@@ -32,7 +32,7 @@ import numpy as np
 
 from moecli.synth import CHATML_TEMPLATE, SynthDims, tiny_tokenizer
 
-HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite", "deepseek3")
+HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite", "deepseek3", "glm4moe")
 
 
 def hf_config(arch: str, d: SynthDims, **overrides):
@@ -64,6 +64,15 @@ def hf_config(arch: str, d: SynthDims, **overrides):
                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **moe, **common)
         cfg.head_dim = d.head_dim  # read with getattr() by the model; not a constructor argument in 5.x
         return cfg
+    if arch == "glm4moe":  # GLM-4.5-Air-like: attention biases, partial rotary, sigmoid + bias, 1 shared expert
+        extra = dict(d.extra)
+        return T.Glm4MoeConfig(intermediate_size=d.n_ff_dense, moe_intermediate_size=d.n_ff, head_dim=d.head_dim,
+                               n_routed_experts=d.n_expert, n_shared_experts=d.n_ff_shexp // d.n_ff,
+                               first_k_dense_replace=d.n_dense, n_group=1, topk_group=1, norm_topk_prob=True,
+                               routed_scaling_factor=1.0, attention_bias=True, use_qk_norm=False,
+                               num_nextn_predict_layers=0, **moe, **{**common, "rope_parameters": {
+                                   **common["rope_parameters"],
+                                   "partial_rotary_factor": extra.get("rope_dim", d.head_dim) / d.head_dim}})
     if arch == "olmoe":
         assert d.n_head_kv == d.n_head, "llama.cpp's olmoe supports only MHA"
         return T.OlmoeConfig(intermediate_size=d.n_ff, num_experts=d.n_expert, norm_topk_prob=False, **moe,

@@ -124,6 +124,7 @@ def test_engine_batches_decoding_sequences_with_the_tokens_of_sequential_decodin
     assert [g[:2] for g in got] == [w[:2] for w in want] and all(isinstance(g[2], Done) for g in got)
     assert max(stepper.batches) == 4  # four sequences decoded in one forward pass
     assert status["generated_tokens"] == sum(g[1] for g in got)
+    assert status["batched"] and status["decode_tokens"] / status["decode_forwards"] > 2
 
 
 def test_requests_beyond_the_slots_are_admitted_in_order():

@@ -18,4 +18,6 @@ def test_bench_serve_json():
     rows = {r["streams"]: r for r in out["rows"]}
     assert set(rows) == {1, 2} and rows[1]["tokens"] == 4 and rows[2]["tokens"] == 8
     assert all(r["server"] == "moecli" and r["tok_s"] > 0 for r in rows.values())
+    # streams per decode forward: 1 alone; two streams overlap for most of their tokens (timing decides how many)
+    assert rows[1]["decode_batch"] == 1 and 1 <= rows[2]["decode_batch"] <= 2
     assert out["ttft"]["moecli"]["fresh_s"] > 0 and out["ttft"]["moecli"]["cached_prefix_s"] > 0

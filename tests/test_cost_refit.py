@@ -38,7 +38,11 @@ def test_host_profile_costs_reach_the_executor_and_are_refitted():
     assert got != want  # refitted from this executor's own timings
     assert ex.refit.measurements > 0
     s = m.stats.as_dict()
-    assert s["cost_model_error"] is not None and s["syncs"] > 0 and s["launches"] == s["device_experts"]
+    assert s["cost_model_error"] is not None and s["syncs"] > 0
+    if ex.dev.triton:  # grouped kernels: 2 launches per layer step with device experts (+2 per scratch expert)
+        assert 0 < s["launches"] <= 2 * s["device_experts"]
+    else:  # the torch fallback: one computation per expert
+        assert s["launches"] == s["device_experts"]
     per = m.stats.per_layer()
     assert set(per) == set(ex.layers) and all(v["measured_ms"] > 0 for v in per.values())
 

@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Callable
 
+from moecli.chat.stats import dense_line
+
 NOISE = 0.2  # a relative standard deviation above this gets a warning: the ratios are not to be trusted
 
 MD_HEAD = ["model", "size", "params", "engine", "threads", "test", "t/s"]
@@ -185,6 +187,9 @@ def summary_lines(runs: list[dict], summaries: list[dict]) -> list[str]:
             k = f"experts {r['experts_gflops']:.0f}, " if r.get("experts_gflops") else ""
             lines.append(f"{r['test']}: {r['gflops']:.0f} GFLOP/s achieved; ggml's kernels bound it at "
                          f"{r['kernel_bound_tps']:.0f} t/s ({k}dense up to {r['dense_gflops']:.0f} GFLOP/s)")
+        line = dense_line(run.get("model_info") or {})
+        if line:
+            lines.append(f"{line} ({who})")
     s = summaries[0]
     lines.append(f"moecli peak RSS {fmt_bytes(s['peak_rss_bytes'])} = {s['rss_ratio']:.2f}x "
                  f"(file {fmt_bytes(s['file_bytes'])} + KV {fmt_bytes(s['kv_bytes'])}); "

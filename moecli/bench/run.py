@@ -416,6 +416,8 @@ def _kernel_bound(m, results: list[dict]) -> None:
 
 
 def _model_info(m) -> dict:
+    from moecli.models.layers import dense_bytes
+
     c = m.config
     params = 0
     for t in m.checkpoint.tensors.values():
@@ -423,9 +425,10 @@ def _model_info(m) -> dict:
     for s in m.checkpoint.experts.values():
         if s.stacked is None:
             params += sum(int(e.n_elements) for e in s.experts)
+    dense_dev, dense_file = dense_bytes(m.transformer)  # (0, 0) on the ggml engine: nothing on a device
     return dict(name=Path(m.path).name, arch=c.arch, n_layer=c.n_layer, n_embd=c.n_embd, n_vocab=c.n_vocab,
                 n_expert=c.n_expert, n_expert_used=c.n_expert_used, n_ff_exp=c.n_ff_exp, params=params,
-                types=_type_mix(m.checkpoint))
+                types=_type_mix(m.checkpoint), dense_device_bytes=dense_dev, dense_file_bytes=dense_file)
 
 
 def _type_mix(ckpt) -> str:

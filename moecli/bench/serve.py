@@ -4,8 +4,10 @@ parallel slots; `--interrupt_requests False` makes it queue the others instead o
 
 Throughput: for each concurrency C, C client threads each send `requests` streaming /v1/completions requests one
 after the other (distinct prompts, greedy, end-of-generation tokens banned through logit_bias so every request makes
-exactly `n_gen` tokens); aggregate tokens/s = all generated tokens / wall time. Time to first token: one client, a
-fresh `n_prompt`-token prompt (nothing cached), then the same prompt extended by a few words (its prefix cached).
+exactly `n_gen` tokens); aggregate tokens/s = all generated tokens / wall time; "moecli batch" is the mean number
+of streams moecli decoded per forward pass during the row (continuous batching; from /api/ps). Time to first token:
+one client, a fresh `n_prompt`-token prompt (nothing cached), then the same prompt extended by a few words (its
+prefix cached).
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ class Row:
     tokens: int
     seconds: float
     ttft: list[float] = field(default_factory=list)
+    batch: float | None = None  # moecli: streams decoded per forward pass during this row (continuous batching)
 
     @property
     def tok_s(self) -> float:
@@ -144,6 +147,17 @@ def load(url: str, name: str, streams: int, requests: int, n_words: int, n_gen: 
     return Row(name, streams, sum(s.tokens for s in samples), wall, [s.ttft for s in samples])
 
 
+def decode_counters(url: str) -> tuple[int, int] | None:
+    """moecli serve's (decode tokens, decode forward passes) so far, from /api/ps; None from other servers."""
+    import httpx
+
+    try:
+        server = httpx.get(url + "/api/ps", timeout=10).json()["models"][0]["server"]
+        return server["decode_tokens"], server["decode_forwards"]
+    except (httpx.HTTPError, ValueError, LookupError, TypeError):
+        return None
+
+
 def ttft(url: str, n_words: int, bias: dict, reps: int) -> tuple[float, float]:
     """Median time to first token: fresh prompts (nothing cached), and the same prompts extended (prefix cached)."""
     cold, warm = [], []
@@ -184,7 +198,11 @@ def run(path: Path, streams: list[int], requests: int, n_prompt: int, n_gen: int
         try:
             stream_completion(srv.url, _prompt(0, n_words), 4, bias)  # warm-up
             for c in streams:
+                before = decode_counters(srv.url)
                 row = load(srv.url, name, c, requests, n_words, n_gen, bias)
+                after = decode_counters(srv.url)
+                if before and after and after[1] > before[1]:
+                    row.batch = (after[0] - before[0]) / (after[1] - before[1])
                 echo(f"{name}: {c} stream{'s' if c > 1 else ''}: {row.tok_s:.1f} tok/s")
                 rows.append(row)
             ttfts[name] = ttft(srv.url, n_words, bias, ttft_reps)
@@ -199,13 +217,18 @@ def render(result: dict) -> str:
     rows, ttfts = result["rows"], result["ttft"]
     names = list(dict.fromkeys(r.server for r in rows))
     by = {(r.server, r.streams): r for r in rows}
-    head = ["streams"] + [f"{n} tok/s" for n in names] + (["ratio"] if len(names) > 1 else [])
+    batched = any(r.batch for r in rows)
+    head = ["streams"] + [f"{n} tok/s" for n in names] + (["ratio"] if len(names) > 1 else []) + \
+        (["moecli batch"] if batched else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in sorted({r.streams for r in rows}):
         vals = [by[(n, c)].tok_s for n in names]
         cells = [str(c)] + [f"{v:.1f}" for v in vals]
         if len(names) > 1:
             cells.append(f"{vals[0] / vals[1]:.2f}x" if vals[1] else "-")
+        if batched:
+            b = by[(names[0], c)].batch
+            cells.append(f"{b:.1f}" if b else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| server | TTFT fresh prompt | TTFT cached prefix |", "|---|---|---|"]
     for n in names:
@@ -216,7 +239,7 @@ def render(result: dict) -> str:
 
 def as_json(result: dict) -> dict:
     return {"rows": [{"server": r.server, "streams": r.streams, "tokens": r.tokens, "seconds": r.seconds,
-                      "tok_s": r.tok_s, "ttft_median_s": statistics.median(r.ttft) if r.ttft else None}
+                      "tok_s": r.tok_s, "decode_batch": r.batch, "ttft_median_s": statistics.median(r.ttft) if r.ttft else None}
                      for r in result["rows"]],
             "ttft": {k: {"fresh_s": v[0], "cached_prefix_s": v[1]} for k, v in result["ttft"].items()},
             "settings": result["settings"]}

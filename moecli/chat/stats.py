@@ -49,6 +49,10 @@ class Totals(TurnStats):
         return self.decode_steps / self.gen_s if self.gen_s > 0 and self.decode_steps else None
 
 
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _rate(r: float | None) -> str:
     return f"{r:.1f} tok/s" if r is not None else "- tok/s"
 
@@ -66,6 +70,14 @@ def format_totals(t: Totals) -> str:
 
 def format_context(used: int, size: int) -> str:
     return f"{used} / {size} tokens ({100.0 * used / size:.0f}%)" if size else f"{used} tokens"
+
+
+def dense_line(info: dict) -> str | None:
+    """The device bytes of the dense weights against their file bytes (the kernels read them in place: ~1.0x)."""
+    dev, file = info.get("dense_device_bytes"), info.get("dense_file_bytes")
+    if not dev or not file:
+        return None
+    return f"dense weights on the device: {_gb(dev)} = {dev / file:.2f}x their file bytes ({_gb(file)})"
 
 
 # --- experts -------------------------------------------------------------------------------------------------------

@@ -58,6 +58,8 @@ def bench(
                                                       "llama_cpp.server): aggregate tok/s per --streams, TTFT."),
     streams: str = typer.Option("1,2,4,8", "--streams", help="--serve: concurrent client streams to test."),
     requests: int = typer.Option(2, "--requests", help="--serve: requests per stream."),
+    kernels: bool = typer.Option(False, "--kernels", help="Benchmark the device kernels per GGUF type and weight "
+                                                          "shape (Triton vs the torch fallback; --quant: types)."),
 ) -> None:
     """Benchmark a model like llama-bench (pp/tg tokens/s, optionally vs llama.cpp), or with --simulate predict
     hybrid CPU/GPU speed on a host profile."""
@@ -66,6 +68,17 @@ def bench(
 
         out = RP.compare(replay)
         typer.echo(json.dumps(out, indent=1) if output == "json" else RP.render(out), nl=False)
+        return
+    if kernels:
+        from gguf import GGMLQuantizationType
+
+        from moecli.bench.kernels import bench_device
+
+        types = [q.strip().upper() for q in quant.split(",")] if quant else None
+        bad = [q for q in types or () if q not in GGMLQuantizationType.__members__]
+        if bad:
+            raise MoecliError(f"--quant: unknown GGUF type(s) {', '.join(bad)}")
+        bench_device(types, echo=typer.echo)
         return
     if serve:
         from moecli.bench.serve import main as bench_serve

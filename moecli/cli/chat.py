@@ -62,10 +62,23 @@ def chat(
     if model is None:
         say(f"(embedded default model; for a real MoE: {PULL_HINT})")
     m = opt.load_model(path, ctx, device, threads, placement, expert_slots, flash_attn, model_name=model, say=say)
+    if verbose:
+        from moecli.chat.stats import dense_line
+
+        line = dense_line(_model_dense(m))
+        if line:
+            say(line)
     with m.record_trace(record_trace) if record_trace else contextlib.nullcontext():
         _chat(m, prompt, m.n_ctx, Settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                            repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,
                                            system=system, verbose=verbose))
+
+
+def _model_dense(m) -> dict:
+    from moecli.models.layers import dense_bytes
+
+    dev, file = dense_bytes(m.transformer)
+    return dict(dense_device_bytes=dev, dense_file_bytes=file)
 
 
 def read_stdin(say) -> str:

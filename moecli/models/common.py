@@ -81,3 +81,33 @@ def hf_common(cfg: dict, arch: str, **fields) -> ModelConfig:
         raise MoecliError(f"config.json lacks {e.args[0]}") from None
     base.update(fields)
     return ModelConfig(**base)
+
+
+def synth_common(d, arch: str, **fields) -> ModelConfig:
+    """A synthetic model's dims (moecli.synth.SynthDims) as the config its file will load into; families pass
+    what differs."""
+    base = dict(arch=arch, n_vocab=d.n_vocab, n_embd=d.n_embd, n_layer=d.n_layer, n_head=d.n_head,
+                n_head_kv=d.n_head_kv, head_dim=d.head_dim, n_ctx_train=d.context_length, rms_eps=d.rms_eps,
+                rope_theta=d.rope_theta, rope_neox=True, n_expert=d.n_expert, n_expert_used=d.n_expert_used,
+                n_ff_exp=d.n_ff if d.n_expert else 0, n_ff=0 if d.n_expert else d.n_ff)
+    base.update(fields)
+    return ModelConfig(**base)
+
+
+def moe_only(d, arch: str) -> None:
+    if not d.n_expert:
+        raise ValueError(f"{arch} needs n_expert > 0")
+
+
+def gguf_metadata(c: ModelConfig, **fields) -> dict:
+    """The GGUF keys (under `<arch>.`) every architecture writes, as gguf_common reads them; families add theirs.
+    ints are written as uint32, floats as float32."""
+    m = {"context_length": c.n_ctx_train, "embedding_length": c.n_embd, "block_count": c.n_layer,
+         "attention.head_count": c.n_head, "attention.head_count_kv": c.n_head_kv,
+         "attention.key_length": c.head_dim, "attention.value_length": c.head_dim,
+         "attention.layer_norm_rms_epsilon": c.rms_eps, "rope.freq_base": c.rope_theta,
+         "rope.dimension_count": c.rope_dim}
+    if c.n_expert:
+        m.update({"expert_count": c.n_expert, "expert_used_count": c.n_expert_used})
+    m.update(fields)
+    return m

@@ -11,6 +11,9 @@ from moecli.errors import MoecliError
 from moecli.formats.tensor import TensorData
 
 
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0  # gpt-oss's clamped SwiGLU (llama.cpp: LLM_FFN_SWIGLU_OAI_MOE)
+
+
 @dataclass
 class ModelConfig:
     arch: str  # family name: llama, qwen2moe, qwen3moe, olmoe, deepseek2, gpt-oss
@@ -43,6 +46,7 @@ class ModelConfig:
     v_head_dim: int = 0
     mla_split: bool = False  # attn_k_b/attn_v_b (newer GGUFs) instead of attn_kv_b
     n_dense_layers: int = 0  # leading dense FFN layers
+    n_nextn_layers: int = 0  # trailing multi-token-prediction layers the file holds beyond n_layer (skipped)
     n_shared: int = 0  # shared experts (their FFN width is n_ff_shexp)
     routed_scale: float = 0.0  # expert_weights_scale (0 or 1: no scaling, as llama.cpp)
     gating: str = "softmax"  # "softmax" | "sigmoid" | "softmax_weight" (top-k of the logits, softmax over those)
@@ -131,5 +135,12 @@ class Checkpoint:
             if optional:
                 return
             raise MoecliError(f"model file lacks tensor {name}")
-        if tuple(t.ne) != tuple(ne):
+        if _squeeze(t.ne) != _squeeze(ne):  # ggml pads shapes with 1s: {n} is {n, 1}
             raise MoecliError(f"tensor {name} has shape {list(t.ne)}, expected {list(ne)} from the model config")
+
+
+def _squeeze(ne) -> tuple:
+    ne = tuple(int(n) for n in ne)
+    while len(ne) > 1 and ne[-1] == 1:
+        ne = ne[:-1]
+    return ne

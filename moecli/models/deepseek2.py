@@ -14,17 +14,20 @@ Hugging Face safetensors (`deepseek_v2` / `deepseek_v3`, as transformers compute
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from moecli.errors import MoecliError, UnsupportedError
-from moecli.models.common import DENSE_NAMES, EXPERT_NAMES
+from moecli.models.common import DENSE_NAMES, EXPERT_NAMES, gguf_metadata
 from moecli.models.config import Checkpoint, ModelConfig
 from moecli.models.layers import Embedding, TorchLinear, rms_norm, to_torch
-from moecli.models.transformer import Transformer, swiglu
+from moecli.models.rope import torch_rope
+from moecli.kernels import ggml as G
+from moecli.models import spec as S
+from moecli.models import transformer
+from moecli.models.transformer import Transformer
 
 _f = np.float32
 
@@ -207,137 +210,86 @@ def from_hf(cfg: dict) -> ModelConfig:
         raise MoecliError(f"config.json lacks {e.args[0]}") from None
 
 
-def validate(ckpt: Checkpoint) -> None:
-    """The deepseek2 tensors against the config (ggml order), naming the first that disagrees."""
-    c, chk = ckpt.config, ckpt.check_shape
-    H, dk, dv, nope, r = c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim, c.qk_nope_dim, c.kv_lora_rank
+def synth_config(d) -> ModelConfig:
+    """moecli.synth.DeepSeekDims as the config its file loads into (GGUF's KV head count and key length)."""
+    dk = d.qk_nope + d.qk_rope
+    yarn = {}
+    if d.yarn_factor:
+        yarn = dict(rope_scaling="yarn", rope_factor=d.yarn_factor, yarn_orig_ctx=d.yarn_orig_ctx,
+                    yarn_log_mul=float(_f(0.1 * d.yarn_mscale_all_dim) / _f(0.1)))
+    return ModelConfig(
+        arch="deepseek2", n_vocab=d.n_vocab, n_embd=d.n_embd, n_layer=d.n_layer, n_head=d.n_head,
+        n_head_kv=1 if d.mla_split else d.n_head, head_dim=d.kv_lora_rank + d.qk_rope if d.mla_split else dk,
+        n_ctx_train=d.context_length, rms_eps=d.rms_eps, rope_theta=d.rope_theta, rope_neox=False,
+        rope_dim=d.qk_rope, n_ff=d.n_ff_dense, n_expert=d.n_expert, n_expert_used=d.n_expert_used, n_ff_exp=d.n_ff,
+        n_ff_shexp=d.n_ff * d.n_shared, norm_topk=d.weights_norm, q_lora_rank=d.q_lora_rank,
+        kv_lora_rank=d.kv_lora_rank, qk_nope_dim=d.qk_nope, qk_rope_dim=d.qk_rope, v_head_dim=d.v_head_dim,
+        mla_split=d.mla_split, n_dense_layers=d.n_dense, n_shared=d.n_shared, routed_scale=d.weights_scale,
+        gating=d.gating, expert_bias=d.expert_bias, n_group=d.n_group, topk_group=d.topk_group, **yarn)
+
+
+def to_gguf(c: ModelConfig) -> dict:
+    """The GGUF keys from_gguf reads back into `c`."""
+    m = {"feed_forward_length": c.n_ff, "attention.q_lora_rank": c.q_lora_rank,
+         "attention.kv_lora_rank": c.kv_lora_rank}
+    if c.mla_split:  # MLA as llama.cpp runs it: one KV head of [latent | k_pe], values = latent
+        m.update({"attention.value_length": c.kv_lora_rank,
+                  "attention.key_length_mla": c.qk_nope_dim + c.qk_rope_dim,
+                  "attention.value_length_mla": c.v_head_dim})
+    else:
+        m["attention.value_length"] = c.v_head_dim
+    if c.rope_scaling == "yarn":  # the converter's 0.1 * mscale_all_dim
+        m.update({"rope.scaling.type": "yarn", "rope.scaling.factor": c.rope_factor,
+                  "rope.scaling.original_context_length": c.yarn_orig_ctx,
+                  "rope.scaling.yarn_log_multiplier": float(_f(c.yarn_log_mul) * _f(0.1))})
+    m.update({"leading_dense_block_count": c.n_dense_layers, "expert_feed_forward_length": c.n_ff_exp,
+              "expert_shared_count": c.n_shared, "expert_weights_scale": c.routed_scale,
+              "expert_weights_norm": c.norm_topk, "expert_gating_func": {"softmax": 1, "sigmoid": 2}[c.gating]})
+    if c.n_group:
+        m.update({"expert_group_count": c.n_group, "expert_group_used_count": c.topk_group})
+    return gguf_metadata(c, **m)
+
+
+def check_config(c: ModelConfig) -> None:
     if c.qk_nope_dim < 1 or c.qk_rope_dim % 2:
         raise MoecliError(f"bad MLA head sizes: qk_nope {c.qk_nope_dim}, qk_rope {c.qk_rope_dim}")
     if c.n_group > 1 and (c.n_expert % c.n_group or not 0 < c.topk_group <= c.n_group):
         raise MoecliError(f"bad expert groups: {c.n_expert} experts in {c.n_group} groups, {c.topk_group} used")
-    chk("token_embd.weight", c.n_embd, c.n_vocab)
-    chk("output_norm.weight", c.n_embd)
-    chk("output.weight", c.n_embd, c.n_vocab, optional=True)
-    for l in range(c.n_layer):
-        b = f"blk.{l}."
-        chk(b + "attn_norm.weight", c.n_embd)
-        if c.q_lora_rank:
-            chk(b + "attn_q_a.weight", c.n_embd, c.q_lora_rank)
-            chk(b + "attn_q_a_norm.weight", c.q_lora_rank)
-            chk(b + "attn_q_b.weight", c.q_lora_rank, H * dk)
-        else:
-            chk(b + "attn_q.weight", c.n_embd, H * dk)
-        chk(b + "attn_kv_a_mqa.weight", c.n_embd, r + c.qk_rope_dim)
-        chk(b + "attn_kv_a_norm.weight", r)
-        if c.mla_split:
-            chk(b + "attn_k_b.weight", nope, r, H)
-            chk(b + "attn_v_b.weight", r, dv, H)
-        else:
-            chk(b + "attn_kv_b.weight", r, H * (nope + dv))
-        chk(b + "attn_output.weight", H * dv, c.n_embd)
-        chk(b + "ffn_norm.weight", c.n_embd)
-        if l < c.n_dense_layers:
-            for p, ne in (("gate", (c.n_embd, c.n_ff)), ("up", (c.n_embd, c.n_ff)), ("down", (c.n_ff, c.n_embd))):
-                chk(b + f"ffn_{p}.weight", *ne)
-            continue
-        chk(b + "ffn_gate_inp.weight", c.n_embd, c.n_expert)
-        if c.expert_bias:
-            chk(b + "exp_probs_b.bias", c.n_expert)
-        for kind, ne in (("gate", (c.n_embd, c.n_ff_exp)), ("up", (c.n_embd, c.n_ff_exp)),
-                         ("down", (c.n_ff_exp, c.n_embd))):
-            stack = ckpt.experts.get(f"{b}ffn_{kind}_exps")
-            if stack is None:
-                raise MoecliError(f"model file lacks tensor {b}ffn_{kind}_exps.weight")
-            got = tuple(stack.stacked.ne) if stack.stacked is not None else (*stack.ne, stack.n)
-            if got != (*ne, c.n_expert):
-                raise MoecliError(f"tensor {b}ffn_{kind}_exps.weight has shape {list(got)}, "
-                                  f"expected {[*ne, c.n_expert]} from the model config")
-        if c.n_shared:
-            s = c.n_ff_shexp
-            for p, ne in (("gate", (c.n_embd, s)), ("up", (c.n_embd, s)), ("down", (s, c.n_embd))):
-                chk(b + f"ffn_{p}_shexp.weight", *ne)
 
 
-# ------------------------------------------------------------------------------------------------------ RoPE
-
-def yarn_params(c: ModelConfig) -> dict:
-    """freq_scale, ext_factor, rope attn_factor, corr_dims and the softmax scale exactly as llama.cpp derives them
-    (llama_context's YaRN setup, then deepseek2's graph pre-scaling kq_scale), in float32."""
-    dk = c.qk_nope_dim + c.qk_rope_dim
-    if c.rope_scaling != "yarn":
-        return dict(freq_scale=_f(1), ext_factor=_f(0), attn_factor=_f(1), corr=(0.0, 0.0),
-                    kq_scale=float(_f(1) / np.sqrt(_f(dk))))
-    fs = _f(1) / _f(c.rope_factor)
-    ext = _f(1) if c.yarn_ext_factor < 0 else _f(c.yarn_ext_factor)
-    attn = _f(c.yarn_attn_factor)
-    if ext != 0:
-        factor = _f(1) / fs
-
-        def get_mscale(scale, m):
-            return _f(1) if scale <= 1 else _f(_f(_f(0.1) * _f(m)) * np.log(_f(scale))) + _f(1)
-        if c.yarn_log_mul != 0:
-            m_all = _f(c.yarn_log_mul)
-            m = m_all if m_all != 1 else _f(1)  # llama.cpp special-cases deepseek2: mscale = mscale_all_dim
-            attn = _f(get_mscale(factor, m) / get_mscale(factor, m_all))
-        else:
-            attn = get_mscale(factor, 1.0)
-        attn = _f(attn * _f(_f(1) / _f(_f(1) + _f(_f(0.1) * np.log(factor)))))
-    # deepseek2 graph: cancel the adjustment, then mscale^2 / sqrt(dk)
-    lg = np.log(_f(_f(1) / fs))
-    org = _f(attn * _f(_f(1) + _f(_f(0.1) * lg)))
-    mscale = _f(org * _f(_f(1) + _f(_f(_f(0.1) * _f(c.yarn_log_mul)) * lg)))
-    kq_scale = _f(_f(mscale * mscale) / np.sqrt(_f(dk)))
-    # ggml_rope_yarn_corr_dims
-    n_dims, base = c.qk_rope_dim, _f(c.rope_theta)
-
-    def corr_dim(n_rot):
-        return _f(_f(n_dims) * np.log(_f(_f(c.yarn_orig_ctx) / _f(_f(n_rot) * _f(2) * _f(np.pi))))) / \
-            _f(_f(2) * np.log(base))
-    if c.yarn_truncate:
-        lo = max(0.0, float(np.floor(corr_dim(c.yarn_beta_fast))))
-        hi = min(float(n_dims - 1), float(np.ceil(corr_dim(c.yarn_beta_slow))))
-    else:  # transformers' truncate=False (HF checkpoints only): the unrounded range, in double as transformers
-        def corr_dim64(n_rot):
-            return n_dims * math.log(c.yarn_orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(c.rope_theta))
-        lo, hi = max(0.0, corr_dim64(c.yarn_beta_fast)), min(float(n_dims - 1), corr_dim64(c.yarn_beta_slow))
-    return dict(freq_scale=fs, ext_factor=ext, attn_factor=attn, corr=(lo, hi), kq_scale=float(kq_scale))
+def _dk(c):
+    return c.qk_nope_dim + c.qk_rope_dim
 
 
-class YarnRope:
-    """ggml_rope_ext's angles (cache init + rope_yarn) in float32; NORM (adjacent pairs) or NEOX layout."""
+def _on(flag):
+    return lambda c, l: bool(getattr(c, flag))
 
-    def __init__(self, dim: int, theta: float, neox: bool, max_pos: int, device, freq_scale=1.0, ext_factor=0.0,
-                 attn_factor=1.0, corr=(0.0, 0.0)):
-        scale = _f(_f(theta) ** _f(-2.0 / dim))
-        ext = np.empty((max_pos, dim // 2), dtype=np.float32)  # theta_extrap: p * theta_scale^i, multiplied up
-        ext[:, 0] = np.arange(max_pos, dtype=np.float32)
-        for i in range(1, dim // 2):
-            ext[:, i] = ext[:, i - 1] * scale
-        ang = (_f(freq_scale) * ext).astype(np.float32)  # theta_interp
-        mscale = _f(attn_factor)
-        if ext_factor != 0:
-            lo, hi = corr
-            i = np.arange(dim // 2, dtype=np.float32)
-            y = (i - _f(lo)) / _f(max(0.001, hi - lo))
-            ramp_mix = ((_f(1) - np.minimum(_f(1), np.maximum(_f(0), y))) * _f(ext_factor)).astype(np.float32)
-            ang = (ang * (_f(1) - ramp_mix) + ext * ramp_mix).astype(np.float32)
-            mscale = _f(mscale * _f(_f(1) + _f(_f(0.1) * np.log(_f(_f(1) / _f(freq_scale))))))
-        self.cos = torch.from_numpy(np.cos(ang.astype(np.float64)).astype(np.float32) * mscale).to(device)
-        self.sin = torch.from_numpy(np.sin(ang.astype(np.float64)).astype(np.float32) * mscale).to(device)
-        self.dim, self.neox = dim, neox
 
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x: [n, heads, dim]; pos: [n]."""
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
-        out = torch.empty_like(x)
-        if self.neox:
-            h = self.dim // 2
-            a, b = x[..., :h], x[..., h:self.dim]
-            out[..., :h], out[..., h:self.dim] = a * cos - b * sin, a * sin + b * cos
-        else:
-            a, b = x[..., 0:self.dim:2], x[..., 1:self.dim:2]
-            out[..., 0:self.dim:2], out[..., 1:self.dim:2] = a * cos - b * sin, a * sin + b * cos
-        return out
+def _off(flag):
+    return lambda c, l: not getattr(c, flag)
+
+
+TS = S.TensorSpec
+SPEC = S.Spec(layer=(
+    S.norm("attn_norm.weight"),
+    TS("attn_q.weight", lambda c: (c.n_embd, c.n_head * _dk(c)), when=_off("q_lora_rank")),
+    TS("attn_q_a.weight", lambda c: (c.n_embd, c.q_lora_rank), when=_on("q_lora_rank")),
+    S.norm("attn_q_a_norm.weight", _on("q_lora_rank"), lambda c: c.q_lora_rank),
+    TS("attn_q_b.weight", lambda c: (c.q_lora_rank, c.n_head * _dk(c)), when=_on("q_lora_rank")),
+    TS("attn_kv_a_mqa.weight", lambda c: (c.n_embd, c.kv_lora_rank + c.qk_rope_dim)),
+    S.norm("attn_kv_a_norm.weight", width=lambda c: c.kv_lora_rank),
+    TS("attn_k_b.weight", lambda c: (c.qk_nope_dim, c.kv_lora_rank, c.n_head), "wk_b", _on("mla_split")),
+    TS("attn_v_b.weight", lambda c: (c.kv_lora_rank, c.v_head_dim, c.n_head), when=_on("mla_split")),
+    TS("attn_kv_b.weight", lambda c: (c.kv_lora_rank, c.n_head * (c.qk_nope_dim + c.v_head_dim)),
+       when=_off("mla_split")),
+    TS("attn_output.weight", lambda c: (c.n_head * c.v_head_dim, c.n_embd)),
+    S.norm("ffn_norm.weight"),
+    *S.ffn(),
+    *S.moe()[:1],
+    TS("exp_probs_b.bias", lambda c: (c.n_expert,), "exp_bias", lambda c, l: S.moe_layer(c, l) and c.expert_bias),
+    *S.moe()[1:],
+    *S.shared_expert()[1:],
+), globals=S.GLOBALS, check=check_config)
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -379,38 +331,15 @@ class Layer:
         else:
             self.kv_b = linear(T(b + "attn_kv_b.weight"))
         self.o = linear(T(b + "attn_output.weight"))
-        self.dense = l < c.n_dense_layers
-        if self.dense:
+        self.ffn = self.shared = self.shared_gate = None  # Transformer.ffn / moe read these
+        if l < c.n_dense_layers:
             self.ffn = tuple(linear(T(b + f"ffn_{p}.weight")) for p in ("gate", "up", "down"))
             return
         self.router = linear(T(b + "ffn_gate_inp.weight"))
         bias = ckpt.optional(b + "exp_probs_b.bias")
         self.exp_bias = to_torch(bias, device) if bias is not None else None
-        self.shared = None
         if c.n_shared:
             self.shared = tuple(linear(T(b + f"ffn_{p}_shexp.weight")) for p in ("gate", "up", "down"))
-
-
-def route(c: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None):
-    """llama.cpp's build_moe_ffn routing -> (scores [n, E], ids [n, k], weights [n, k])."""
-    probs = torch.softmax(logits, -1) if c.gating == "softmax" else torch.sigmoid(logits)
-    sel = probs + bias if bias is not None else probs  # the bias picks experts; weights come from probs
-    if c.n_group > 1:
-        n = sel.shape[0]
-        groups = sel.view(n, c.n_group, c.n_expert // c.n_group)
-        # each group scored by its two best experts (V3, llama.cpp), or its best one (transformers' V2)
-        gscore = groups.amax(-1) if c.group_score == "max" else groups.topk(2, -1).values.sum(-1)
-        keep = gscore.topk(c.topk_group, -1).indices
-        masked = torch.full_like(groups, float("-inf"))
-        idx = keep[:, :, None].expand(-1, -1, groups.shape[-1])
-        sel = masked.scatter(1, idx, groups.gather(1, idx)).view(n, c.n_expert)
-    ids = sel.topk(c.n_expert_used, -1).indices
-    weights = probs.gather(1, ids)
-    if c.norm_topk:
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
-    if c.routed_scale not in (0.0, 1.0):
-        weights = weights * np.float32(c.routed_scale).item()
-    return probs, ids, weights
 
 
 class DeepSeek2Transformer(Transformer):
@@ -429,9 +358,7 @@ class DeepSeek2Transformer(Transformer):
         self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
         self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
         self.max_ctx = max_ctx or c.n_ctx_train
-        y = yarn_params(c)
-        self.kq_scale = y.pop("kq_scale")
-        self.rope = YarnRope(c.qk_rope_dim, c.rope_theta, c.rope_neox, self.max_ctx, self.device, **y)
+        self.rope, self.kq_scale = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights)
 
     def new_cache(self, n_ctx: int | None = None) -> MLACache:
@@ -442,9 +369,6 @@ class DeepSeek2Transformer(Transformer):
         if c.mla_split:
             return MLACache(c.n_layer, n, 1, c.kv_lora_rank + c.qk_rope_dim, None, self.device)
         return MLACache(c.n_layer, n, c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim, self.device)
-
-    def ffn(self, l, layer, h) -> torch.Tensor:  # leading layers are dense; forward() is Transformer's
-        return swiglu(h, *layer.ffn) if layer.dense else self.moe(l, layer, h)
 
     def attention(self, l, layer: Layer, h, pos, cache: MLACache, start: int) -> torch.Tensor:
         c, n = self.config, h.shape[0]
@@ -478,15 +402,6 @@ class DeepSeek2Transformer(Transformer):
         out = _attend_mha(torch.cat([q_nope, q_pe], -1), cache.k[l, :end], cache.v[l, :end], start, self.kq_scale)
         return layer.o(out)
 
-    def moe(self, l, layer: Layer, h) -> torch.Tensor:
-        probs, ids, weights = route(self.config, layer.router(h), layer.exp_bias)
-        if self.on_router is not None:
-            self.on_router(l, probs, ids, weights)
-        out = self.experts(l, h, ids, weights, probs)
-        if layer.shared is not None:
-            out = out + swiglu(h, *layer.shared)
-        return out
-
 
 def _attend_mha(q, k, v, start: int, scale: float) -> torch.Tensor:
     """q [n, H, dk], k [T, H, dk], v [T, H, dv] -> [n, H*dv], causal, softmax(q.k * scale)."""
@@ -515,3 +430,47 @@ def _attend_mqa(q, k, v, start: int, scale: float) -> torch.Tensor:
 
 
 TRANSFORMER = DeepSeek2Transformer
+
+
+# ------------------------------------------------------------------------------------------------------ ggml graph
+
+def ggml_mla(g, L: dict, h):
+    """The attention inputs as llama.cpp builds them: q (or q_a -> norm -> q_b) roped on its last qk_rope dims,
+    the compressed kv split into the normed latent and one roped k_pe head. Decompressed cache: kv_b's k_nope and v
+    per head, K = [k_nope | k_pe repeated over the heads]. Absorbed (split) form: q_nope into the latent space,
+    attention over [latent | k_pe] with one KV head, the values the latents (v None: build_attn applies v_b)."""
+    p, c, W, n = g.p, g.c, g.W, g.n
+    H, nope, rope, r, dv = c.n_head, c.qk_nope_dim, c.qk_rope_dim, c.kv_lora_rank, c.v_head_dim
+    dk = nope + rope
+    q = g.linear(L["attn_q"], h) if "attn_q" in L else \
+        G.ggml_mul_mat(p, W(L["attn_q_b"]), g.build_norm(G.ggml_mul_mat(p, W(L["attn_q_a"]), h), L["attn_q_a_norm"]))
+    q = G.ggml_reshape_3d(p, q, dk, H, n)
+    kv_pe = G.ggml_mul_mat(p, W(L["attn_kv_a_mqa"]), h)  # [r + rope, n]
+    row = (r + rope) * 4
+    latent = g.build_norm(G.ggml_view_2d(p, kv_pe, r, n, row, 0), L["attn_kv_a_norm"])
+    k_pe = g.rope_heads(G.ggml_view_3d(p, kv_pe, rope, 1, n, row, row, r * 4))
+    if c.mla_split:
+        q_nope = G.ggml_view_3d(p, q, nope, H, n, dk * 4, dk * H * 4, 0)
+        q_pe = g.rope_heads(G.ggml_view_3d(p, q, rope, H, n, dk * 4, dk * H * 4, nope * 4))
+        q_abs = G.ggml_mul_mat(p, W(L["attn_k_b"]), G.ggml_permute(p, q_nope, 0, 2, 1, 3))  # [r, n, H]
+        q = G.ggml_concat(p, G.ggml_permute(p, q_abs, 0, 2, 1, 3), q_pe, 0)  # [r + rope, H, n]
+        k = G.ggml_concat(p, G.ggml_reshape_3d(p, latent, r, 1, n), k_pe, 0)  # [r + rope, 1, n]
+        return q, k, None
+    kv = G.ggml_mul_mat(p, W(L["attn_kv_b"]), latent)  # [(nope + dv) * H, n]
+    k_nope = G.ggml_view_3d(p, kv, nope, H, n, (nope + dv) * 4, (nope + dv) * H * 4, 0)
+    v = G.ggml_cont(p, G.ggml_view_3d(p, kv, dv, H, n, (nope + dv) * 4, (nope + dv) * H * 4, nope * 4))
+    q = G.ggml_rope_set_offset(g.rope_heads(q), nope)
+    k = G.ggml_concat(p, k_nope, G.ggml_repeat_4d(p, k_pe, rope, H, n, 1), 0)
+    return q, k, v
+
+
+def build_layer(g, l: int, L: dict, x):
+    return transformer.build_layer(g, l, L, x, qkv=ggml_mla)
+
+
+def kv_shape(c: ModelConfig) -> tuple[int, int, int]:
+    """(KV heads, K dims, V dims) of the ggml cache: every head keeps [k_nope | k_pe] and its own v (decompressed),
+    or one latent head of [latent | k_pe] whose values are its first kv_lora_rank dims (absorbed: V dims 0)."""
+    if c.mla_split:
+        return 1, c.kv_lora_rank + c.qk_rope_dim, 0
+    return c.n_head, c.qk_nope_dim + c.qk_rope_dim, c.v_head_dim

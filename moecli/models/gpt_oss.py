@@ -10,7 +10,6 @@ Differences from the shared decoder:
 """
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import torch
@@ -18,10 +17,12 @@ from gguf import GGMLQuantizationType as T
 
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.tensor import TensorData
+from moecli.models import spec as S
+from moecli.models.common import gguf_metadata, synth_common
 from moecli.models.config import Checkpoint, ExpertStack, ModelConfig
-from moecli.models.deepseek2 import YarnRope, yarn_params
 from moecli.models.layers import Embedding, TorchLinear, to_torch
-from moecli.models.transformer import Transformer
+from moecli.models.rope import torch_rope
+from moecli.models.transformer import Transformer, build_layer, kv_shape  # noqa: F401  the shared graph
 
 
 def from_gguf(g) -> ModelConfig:
@@ -69,36 +70,41 @@ def from_gguf(g) -> ModelConfig:
         expert_act="swiglu_oai", **fields)
 
 
-def validate(ckpt: Checkpoint) -> None:
-    """The gpt-oss tensors against the config (ggml order), naming the first that disagrees."""
-    c, chk = ckpt.config, ckpt.check_shape
-    q, kv, E, ff = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_expert, c.n_ff_exp
-    if c.n_head % c.n_head_kv:
-        raise MoecliError(f"{c.n_head} query heads do not divide into {c.n_head_kv} KV heads")
-    chk("token_embd.weight", c.n_embd, c.n_vocab)
-    chk("output_norm.weight", c.n_embd)
-    chk("output.weight", c.n_embd, c.n_vocab, optional=True)
-    for l in range(c.n_layer):
-        b = f"blk.{l}."
-        for name, ne in (("attn_norm.weight", (c.n_embd,)), ("post_attention_norm.weight", (c.n_embd,)),
-                         ("attn_q.weight", (c.n_embd, q)), ("attn_k.weight", (c.n_embd, kv)),
-                         ("attn_v.weight", (c.n_embd, kv)), ("attn_output.weight", (q, c.n_embd)),
-                         ("attn_sinks.weight", (c.n_head,)), ("ffn_gate_inp.weight", (c.n_embd, E))):
-            chk(b + name, *ne)
-        for name, n in (("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv), ("attn_output.bias", c.n_embd),
-                        ("ffn_gate_inp.bias", E)):
-            chk(b + name, n, optional=True)
-        for kind, ne in (("gate", (c.n_embd, ff)), ("up", (c.n_embd, ff)), ("down", (ff, c.n_embd))):
-            stack = ckpt.experts.get(f"{b}ffn_{kind}_exps")
-            if stack is None:
-                raise MoecliError(f"model file lacks tensor {b}ffn_{kind}_exps.weight")
-            got = tuple(stack.stacked.ne) if stack.stacked is not None else (*stack.ne, stack.n)
-            if got != (*ne, E):
-                raise MoecliError(f"tensor {b}ffn_{kind}_exps.weight has shape {list(got)}, "
-                                  f"expected {[*ne, E]} from the model config")
-            if stack.bias is not None and tuple(stack.bias.ne) != (ne[1], E):
-                raise MoecliError(f"tensor {b}ffn_{kind}_exps.bias has shape {list(stack.bias.ne)}, "
-                                  f"expected {[ne[1], E]} from the model config")
+def synth_config(d) -> ModelConfig:
+    """moecli.synth.GptOssDims as the config its file loads into (sliding window on even layers)."""
+    yarn = {}
+    if d.yarn_factor:
+        yarn = dict(rope_scaling="yarn", rope_factor=d.yarn_factor, yarn_orig_ctx=d.yarn_orig_ctx)
+    return synth_common(d, "gpt-oss", gating="softmax_weight", sliding_window=d.sliding_window,
+                        swa_layers=tuple(range(0, d.n_layer, 2)), attn_sinks=True, expert_act="swiglu_oai", **yarn)
+
+
+def to_gguf(c: ModelConfig) -> dict:
+    m = {"feed_forward_length": c.n_ff_exp, "attention.sliding_window": c.sliding_window,
+         "expert_feed_forward_length": c.n_ff_exp}
+    if c.rope_scaling == "yarn":
+        m.update({"rope.scaling.type": "yarn", "rope.scaling.factor": c.rope_factor,
+                  "rope.scaling.original_context_length": c.yarn_orig_ctx})
+    return gguf_metadata(c, **m)
+
+
+def _always(c, l) -> bool:
+    return True
+
+
+def _exps_bias(kind: str, ne) -> S.TensorSpec:
+    return S.TensorSpec(f"ffn_{kind}_exps.bias", ne, "bias", required=False)
+
+
+SPEC = S.Spec(layer=S.attention(bias=_always, out_bias=_always) + (
+    S.TensorSpec("attn_sinks.weight", lambda c: (c.n_head,), "sinks"),
+    S.norm("post_attention_norm.weight"),
+    *S.moe(gate_up_init="w_oai")[:1],
+    S.TensorSpec("ffn_gate_inp.bias", lambda c: (c.n_expert,), "bias", required=False),
+    *S.moe(gate_up_init="w_oai")[1:],
+    _exps_bias("gate", lambda c: (c.n_ff_exp, c.n_expert)), _exps_bias("up", lambda c: (c.n_ff_exp, c.n_expert)),
+    _exps_bias("down", lambda c: (c.n_embd, c.n_expert)),
+), globals=S.GLOBALS)
 
 
 class Layer:
@@ -112,13 +118,8 @@ class Layer:
         self.o = linear(T(b + "attn_output.weight"), opt(b + "attn_output.bias"))
         self.sinks = to_torch(T(b + "attn_sinks.weight"), device)
         self.router = linear(T(b + "ffn_gate_inp.weight"), opt(b + "ffn_gate_inp.bias"))
+        self.ffn = self.exp_bias = self.shared = self.shared_gate = None  # Transformer.ffn / moe read these
         self.window = ckpt.config.sliding_window if l in ckpt.config.swa_layers else 0
-
-
-def route(logits: torch.Tensor, k: int):
-    """llama.cpp's SOFTMAX_WEIGHT gating -> (probs over all experts [n, E] for caches and traces, ids, weights)."""
-    top, ids = torch.topk(logits, k, dim=-1)
-    return torch.softmax(logits, -1), ids, torch.softmax(top, -1)
 
 
 def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int) -> torch.Tensor:
@@ -128,7 +129,8 @@ def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int)
     T, Hkv = k.shape[:2]
     g = H // Hkv
     qg = q.view(n, Hkv, g, d).permute(1, 2, 0, 3).reshape(Hkv, g * n, d)
-    s = torch.bmm(qg, k.permute(1, 2, 0)).view(Hkv, g, n, T) * scale
+    # an f16 cache: both products in its type (fp32 accumulation inside), the softmax in float32
+    s = torch.bmm(qg.to(k.dtype), k.permute(1, 2, 0)).float().view(Hkv, g, n, T) * scale
     if n > 1 or window:
         qpos = torch.arange(start, start + n, device=q.device)[:, None]
         kpos = torch.arange(k0, k0 + T, device=q.device)[None, :]
@@ -140,7 +142,7 @@ def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int)
     m = torch.maximum(s.amax(-1, keepdim=True), sink)
     e = torch.exp(s - m)
     p = e / (e.sum(-1, keepdim=True) + torch.exp(sink - m))
-    out = torch.bmm(p.view(Hkv, g * n, T), v.transpose(0, 1))  # [Hkv, g*n, d]
+    out = torch.bmm(p.to(v.dtype).view(Hkv, g * n, T), v.transpose(0, 1)).float()  # [Hkv, g*n, d]
     return out.view(Hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, H * d)
 
 
@@ -159,13 +161,9 @@ class GptOssTransformer(Transformer):
         self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
         self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
         self.max_ctx = max_ctx or c.n_ctx_train
-        # YaRN as llama.cpp derives it (the rope part only: gpt-oss scales q.k by 1/sqrt(head_dim))
-        y = yarn_params(dataclasses.replace(c, qk_nope_dim=0, qk_rope_dim=c.head_dim))
-        y.pop("kq_scale")
-        if c.rope_scaling == "yarn" and not c.yarn_truncate:  # transformers' gpt-oss: unrounded correction range
-            y["corr"] = _yarn_corr(c)
-        self.kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(c.head_dim)))
-        self.rope = YarnRope(c.head_dim, c.rope_theta, True, self.max_ctx, self.device, **y)
+        # YaRN as llama.cpp derives it (the rope part only: gpt-oss scales q.k by 1/sqrt(head_dim)); transformers'
+        # truncate=False: the unrounded correction range
+        self.rope, self.kq_scale = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights)
 
     def attention(self, l, layer: Layer, h, pos, cache, start: int) -> torch.Tensor:
@@ -180,25 +178,6 @@ class GptOssTransformer(Transformer):
         out = attend_sinks(q, cache.k[l, k0:end], cache.v[l, k0:end], start, k0, layer.sinks, self.kq_scale,
                            layer.window)
         return layer.o(out)
-
-    def ffn(self, l, layer: Layer, h) -> torch.Tensor:
-        return self.moe(l, layer, h)
-
-    def moe(self, l, layer: Layer, h) -> torch.Tensor:
-        c = self.config
-        probs, ids, weights = route(layer.router(h), c.n_expert_used)
-        if c.routed_scale not in (0.0, 1.0):
-            weights = weights * np.float32(c.routed_scale).item()
-        if self.on_router is not None:
-            self.on_router(l, probs, ids, weights)
-        return self.experts(l, h, ids, weights, probs)
-
-
-def _yarn_corr(c: ModelConfig) -> tuple[float, float]:
-    """YaRN's correction range without rounding to whole dims (transformers with rope_parameters.truncate=False)."""
-    def dim(n_rot):
-        return c.head_dim * np.log(c.yarn_orig_ctx / (n_rot * 2 * np.pi)) / (2 * np.log(c.rope_theta))
-    return max(0.0, float(dim(c.yarn_beta_fast))), min(float(c.head_dim - 1), float(dim(c.yarn_beta_slow)))
 
 
 TRANSFORMER = GptOssTransformer

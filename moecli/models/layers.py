@@ -1,11 +1,15 @@
-"""Building blocks shared by the architectures: weights on the device, norms, RoPE, attention, routing."""
+"""Building blocks shared by the architectures: weights on the device, norms, attention, routing (RoPE: rope.py)."""
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
 
 from moecli.formats.tensor import TensorData
+from moecli.kernels import device_ops
 
 
 def to_torch(t: TensorData, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
@@ -13,16 +17,71 @@ def to_torch(t: TensorData, device: torch.device | str, dtype=torch.float32) -> 
     return torch.from_numpy(np.ascontiguousarray(t.numpy())).to(device=device, dtype=dtype)
 
 
+def _raw_bytes(t: TensorData, device) -> torch.Tensor:
+    """The tensor's file bytes on `device` (on the CPU: the mmap itself, nothing copied; torch warns about
+    read-only numpy arrays, and nothing here writes to them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(t.raw).to(device)
+
+
 class TorchLinear:
-    """y = x W^T (+ b) with W dequantized once onto the device."""
+    """y = x W^T (+ b) on the device. GGUF weights stay in their quantized bytes and go through the Triton kernels
+    (safetensors' bf16/fp16 stay bf16/fp16 the same way); types no kernel reads are dequantized once to bf16. Where
+    Triton cannot run (no Triton, or the CPU device without its interpreter) W is dequantized once by torch: float32
+    on the CPU device (the oracle tests' exact path), bf16 elsewhere."""
 
     def __init__(self, weight: TensorData, device, bias: TensorData | None = None):
-        self.weight = to_torch(weight, device)
+        device = torch.device(device)
+        self.file_bytes = weight.nbytes
         self.bias = to_torch(bias, device) if bias is not None else None
+        self.qweight = self.weight = None
+        if len(weight.ne) == 2 and device_ops.use_triton(device.type):
+            if weight.type in device_ops.TRITON_TYPES:
+                self.qweight = device_ops.QuantWeight(_raw_bytes(weight, device), weight.type, weight.shape)
+            else:
+                device_ops.warn_fallback_type(weight.type)
+                self.qweight = device_ops.QuantWeight(
+                    to_torch(weight, device, torch.bfloat16).view(torch.uint8).reshape(-1), T.BF16, weight.shape)
+        else:
+            self.weight = to_torch(weight, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+
+    @property
+    def device_bytes(self) -> int:
+        w = self.qweight.nbytes if self.qweight is not None else self.weight.numel() * self.weight.element_size()
+        return w + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight.T
+        if self.qweight is not None:
+            n, k = self.qweight.shape
+            y = device_ops.linear(x.reshape(-1, k), self.qweight, self.bias)
+            return y.view(*x.shape[:-1], n)
+        y = (x.to(self.weight.dtype) @ self.weight.T).float()
         return y + self.bias if self.bias is not None else y
+
+
+def dense_bytes(model) -> tuple[int, int]:
+    """(device bytes, file bytes) of the TorchLinear weights of a model (its layers, tuples of them): what `chat -v`
+    and `bench` print, to show that dense weights sit on the device at about their size in the file."""
+    seen, dev, file = set(), 0, 0
+
+    def walk(obj, depth):
+        nonlocal dev, file
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, TorchLinear):
+            dev, file = dev + obj.device_bytes, file + obj.file_bytes
+        elif isinstance(obj, (list, tuple)):
+            for o in obj:
+                walk(o, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, type)):
+            for o in vars(obj).values():
+                if isinstance(o, (TorchLinear, list, tuple)) or type(o).__module__.startswith("moecli.models"):
+                    walk(o, depth + 1)
+
+    walk(model, 0)
+    return dev, file
 
 
 class Embedding:
@@ -51,44 +110,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x * scale) * weight
 
 
-class Rope:
-    """Rotary embeddings; `neox` rotates the two halves of the rotary dims, NORM rotates adjacent pairs."""
-
-    def __init__(self, dim: int, theta: float, neox: bool, max_pos: int, device):
-        # Angles exactly as ggml computes them: theta_scale = base^(-2/dim) in float32, and each pair's angle is the
-        # previous one times theta_scale, in float32. The exact angles differ by up to ~1e-4 rad at long positions,
-        # enough to flip Q8 activation roundings downstream and move logits visibly against llama.cpp.
-        scale = np.float32(np.float32(theta) ** np.float32(-2.0 / dim))
-        ang = np.empty((max_pos, dim // 2), dtype=np.float32)
-        ang[:, 0] = np.arange(max_pos, dtype=np.float32)
-        for i in range(1, dim // 2):
-            ang[:, i] = ang[:, i - 1] * scale
-        self.cos = torch.from_numpy(np.cos(ang.astype(np.float64)).astype(np.float32)).to(device)
-        self.sin = torch.from_numpy(np.sin(ang.astype(np.float64)).astype(np.float32)).to(device)
-        self.dim, self.neox = dim, neox
-
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x: [n, heads, head_dim]; pos: [n] positions."""
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
-        half = self.dim // 2
-        out = torch.empty_like(x)
-        if self.neox:
-            a, b = x[..., :half], x[..., half:self.dim]
-            out[..., :half] = a * cos - b * sin
-            out[..., half:self.dim] = a * sin + b * cos
-        else:
-            a, b = x[..., 0:self.dim:2], x[..., 1:self.dim:2]
-            out[..., 0:self.dim:2] = a * cos - b * sin
-            out[..., 1:self.dim:2] = a * sin + b * cos
-        if self.dim < x.shape[-1]:
-            out[..., self.dim:] = x[..., self.dim:]
-        return out
+def kv_dtype(device) -> torch.dtype:
+    """The KV cache's element type: f16 on an accelerator (llama.cpp's default), float32 on the CPU device, where
+    the oracle tests compare logits with llama.cpp's F32 KV cache."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
 
 
 class KVCache:
     """Preallocated keys and values for every layer: [layer, position, kv_head, head_dim]."""
 
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, device, dtype=torch.float32):
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, device, dtype=None):
+        dtype = dtype or kv_dtype(device)
         self.k = torch.zeros(n_layer, n_ctx, n_head_kv, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.n_ctx = n_ctx
@@ -105,6 +137,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     q: [n, H, d]; k, v: [start+n, Hkv, d] -> [n, H*d]. Each KV head serves its group of query heads without the
     cache being repeated (which would copy the whole context every step).
     """
+    if k.dtype != q.dtype:  # an f16 cache: attend in its type (fp32 accumulation inside), return float32
+        return attend(q.to(k.dtype), k, v, start).float()
     n, n_head, d = q.shape
     n_kv = k.shape[1]
     if n == 1:  # decode: two batched matmuls over [Hkv, group, d] beat SDPA's GQA path ~10x at small sizes
@@ -124,10 +158,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     return out[0].transpose(0, 1).reshape(n, n_head * d)
 
 
-def route(logits: torch.Tensor, k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax router -> (probs [n, E], top-k ids [n, k], weights [n, k])."""
-    probs = torch.softmax(logits, dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
-    if renormalise:
-        weights = weights / weights.sum(-1, keepdim=True)
+def route(c, logits: torch.Tensor, bias: torch.Tensor | None = None):
+    """llama.cpp's build_moe_ffn routing for config `c` -> (scores [n, E], ids [n, k], weights [n, k]): softmax or
+    sigmoid scores (+ a selection-only bias, the best `topk_group` of `n_group` groups), or gpt-oss's softmax over
+    the top-k logits; weights renormalised (norm_topk), then times routed_scale."""
+    k = c.n_expert_used
+    if c.gating == "softmax_weight":
+        top, ids = torch.topk(logits, k, dim=-1)
+        probs, weights = torch.softmax(logits, -1), torch.softmax(top, -1)
+    else:
+        probs = torch.softmax(logits, -1) if c.gating == "softmax" else torch.sigmoid(logits)
+        sel = probs + bias if bias is not None else probs  # the bias picks experts; weights come from probs
+        if c.n_group > 1:
+            n = sel.shape[0]
+            groups = sel.view(n, c.n_group, c.n_expert // c.n_group)
+            # each group scored by its two best experts (V3, llama.cpp), or its best one (transformers' V2)
+            gscore = groups.amax(-1) if c.group_score == "max" else groups.topk(2, -1).values.sum(-1)
+            keep = gscore.topk(c.topk_group, -1).indices
+            masked = torch.full_like(groups, float("-inf"))
+            idx = keep[:, :, None].expand(-1, -1, groups.shape[-1])
+            sel = masked.scatter(1, idx, groups.gather(1, idx)).view(n, c.n_expert)
+        ids = sel.topk(k, -1).indices
+        weights = probs.gather(1, ids)
+    if c.norm_topk:
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+    if c.routed_scale not in (0.0, 1.0):
+        weights = weights * np.float32(c.routed_scale).item()
     return probs, ids, weights

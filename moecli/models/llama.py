@@ -1,5 +1,8 @@
 """llama: dense Llama/SmolLM/Mistral and Mixtral-style MoE (softmax -> top-k -> renormalise)."""
-from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, DENSE_NAMES, gguf_common, hf_common
+from moecli.models.common import ATTN_NAMES, DENSE_NAMES, EXPERT_NAMES, gguf_common, gguf_metadata, hf_common, \
+    synth_common
+from moecli.models.transformer import SPEC, build_layer, kv_shape  # noqa: F401  the shared decoder
+from moecli.models.transformer import Transformer as TRANSFORMER  # noqa: F401
 
 HF_NAMES = ATTN_NAMES + DENSE_NAMES + EXPERT_NAMES + [
     # Mixtral's own names for its router and experts
@@ -23,3 +26,11 @@ def from_hf(cfg):
     return hf_common(cfg, "llama", n_ff=0 if n_expert else ff, n_expert=n_expert,
                      n_expert_used=int(cfg.get("num_experts_per_tok", 0) or 0),
                      n_ff_exp=ff if n_expert else 0, norm_topk=True)
+
+
+def synth_config(d):
+    return synth_common(d, "llama", rope_neox=False, norm_topk=True, tie_embeddings=d.tie_embeddings)
+
+
+def to_gguf(c) -> dict:
+    return gguf_metadata(c, feed_forward_length=c.n_ff or c.n_ff_exp)

@@ -7,15 +7,15 @@ from pathlib import Path
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.gguf import GGUFFile
 from moecli.formats.safetensors import SafetensorsModel
-from moecli.models import deepseek2, gpt_oss, llama, olmoe, qwen2moe, qwen3moe, validate as checks
+from moecli.models import deepseek2, glm4moe, gpt_oss, llama, olmoe, qwen2moe, qwen3moe, spec, validate as checks
 from moecli.models.config import Checkpoint, ExpertStack
 
 # GGUF `general.architecture` -> family module.
 GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe": olmoe, "deepseek2": deepseek2,
-              "gpt-oss": gpt_oss}
+              "gpt-oss": gpt_oss, "glm4moe": glm4moe}
 # Hugging Face `model_type` -> family module.
 HF_ARCHS = {"llama": llama, "mistral": llama, "mixtral": llama, "qwen2_moe": qwen2moe, "qwen3_moe": qwen3moe,
-            "olmoe": olmoe, "gpt_oss": gpt_oss, "deepseek_v2": deepseek2, "deepseek_v3": deepseek2}
+            "olmoe": olmoe, "gpt_oss": gpt_oss, "deepseek_v2": deepseek2, "deepseek_v3": deepseek2, "glm4_moe": glm4moe}
 _EXPS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
@@ -88,51 +88,5 @@ def rename_hf(name: str, table: list[tuple[str, str]]) -> str | None:
 
 
 def validate(ckpt: Checkpoint) -> None:
-    """Check every tensor the forward pass needs against the config, naming the first that disagrees."""
-    family = GGUF_ARCHS.get(ckpt.config.arch)
-    if hasattr(family, "validate"):  # families with their own tensor layout (deepseek2) validate themselves
-        return family.validate(ckpt)
-    c = ckpt.config
-    q_out, kv_out = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-    ckpt.check_shape("token_embd.weight", c.n_embd, c.n_vocab)
-    ckpt.check_shape("output_norm.weight", c.n_embd)
-    ckpt.check_shape("output.weight", c.n_embd, c.n_vocab, optional=True)
-    for l in range(c.n_layer):
-        b = f"blk.{l}."
-        ckpt.check_shape(b + "attn_norm.weight", c.n_embd)
-        ckpt.check_shape(b + "attn_q.weight", c.n_embd, q_out)
-        ckpt.check_shape(b + "attn_k.weight", c.n_embd, kv_out)
-        ckpt.check_shape(b + "attn_v.weight", c.n_embd, kv_out)
-        ckpt.check_shape(b + "attn_output.weight", q_out, c.n_embd)
-        ckpt.check_shape(b + "ffn_norm.weight", c.n_embd)
-        if c.attn_bias:
-            for p, n in (("q", q_out), ("k", kv_out), ("v", kv_out)):
-                ckpt.check_shape(b + f"attn_{p}.bias", n, optional=True)
-        if c.qk_norm == "head":
-            ckpt.check_shape(b + "attn_q_norm.weight", c.head_dim)
-            ckpt.check_shape(b + "attn_k_norm.weight", c.head_dim)
-        elif c.qk_norm == "full":
-            ckpt.check_shape(b + "attn_q_norm.weight", q_out)
-            ckpt.check_shape(b + "attn_k_norm.weight", kv_out)
-        if not c.is_moe:
-            ckpt.check_shape(b + "ffn_gate.weight", c.n_embd, c.n_ff)
-            ckpt.check_shape(b + "ffn_up.weight", c.n_embd, c.n_ff)
-            ckpt.check_shape(b + "ffn_down.weight", c.n_ff, c.n_embd)
-            continue
-        ckpt.check_shape(b + "ffn_gate_inp.weight", c.n_embd, c.n_expert)
-        for kind, ne in (("ffn_gate_exps", (c.n_embd, c.n_ff_exp)), ("ffn_up_exps", (c.n_embd, c.n_ff_exp)),
-                         ("ffn_down_exps", (c.n_ff_exp, c.n_embd))):
-            stack = ckpt.experts.get(b + kind)
-            if stack is None:
-                raise MoecliError(f"model file lacks tensor {b}{kind}.weight")
-            got = tuple(stack.stacked.ne) if stack.stacked is not None else (*stack.ne, stack.n)
-            if got != (*ne, c.n_expert):
-                raise MoecliError(f"tensor {b}{kind}.weight has shape {list(got)}, "
-                                  f"expected {[*ne, c.n_expert]} from the model config")
-        if c.n_ff_shexp:
-            ckpt.check_shape(b + "ffn_gate_shexp.weight", c.n_embd, c.n_ff_shexp)
-            ckpt.check_shape(b + "ffn_up_shexp.weight", c.n_embd, c.n_ff_shexp)
-            ckpt.check_shape(b + "ffn_down_shexp.weight", c.n_ff_shexp, c.n_embd)
-            gate = ckpt.optional(b + "ffn_gate_inp_shexp.weight")
-            if c.shared_expert_gate and (gate is None or gate.ne[0] != c.n_embd or gate.n_elements != c.n_embd):
-                ckpt.check_shape(b + "ffn_gate_inp_shexp.weight", c.n_embd)  # GGUF [n_embd]; HF [n_embd, 1]
+    """Check every tensor of the family's layer spec against the config, naming the first that disagrees."""
+    spec.validate(ckpt, GGUF_ARCHS[ckpt.config.arch].SPEC)

@@ -7,33 +7,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moecli.models import spec as S
 from moecli.models.config import Checkpoint
-from moecli.models.layers import Embedding, KVCache, Rope, TorchLinear, attend, rms_norm, route, to_torch
+from moecli.models.layers import Embedding, KVCache, TorchLinear, attend, rms_norm, route, to_torch
+from moecli.models.rope import torch_rope
+
+
+# The tensors of the shared decoder (llama / Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), what the config switches on.
+SPEC = S.Spec(layer=S.attention(bias=lambda c, l: c.attn_bias) + (S.norm("ffn_norm.weight"),) + S.ffn() + S.moe()
+              + S.shared_expert(), globals=S.GLOBALS)
 
 
 class Layer:
-    def __init__(self, ckpt: Checkpoint, l: int, device, linear):
-        c, b = ckpt.config, f"blk.{l}."
-        opt = ckpt.optional
-        self.attn_norm = to_torch(ckpt.tensor(b + "attn_norm.weight"), device)
-        self.ffn_norm = to_torch(ckpt.tensor(b + "ffn_norm.weight"), device)
-        self.q = linear(ckpt.tensor(b + "attn_q.weight"), opt(b + "attn_q.bias"))
-        self.k = linear(ckpt.tensor(b + "attn_k.weight"), opt(b + "attn_k.bias"))
-        self.v = linear(ckpt.tensor(b + "attn_v.weight"), opt(b + "attn_v.bias"))
-        self.o = linear(ckpt.tensor(b + "attn_output.weight"))
-        self.q_norm = self.k_norm = None
-        if c.qk_norm:
-            self.q_norm = to_torch(ckpt.tensor(b + "attn_q_norm.weight"), device)
-            self.k_norm = to_torch(ckpt.tensor(b + "attn_k_norm.weight"), device)
-        if c.is_moe:
-            self.router = linear(ckpt.tensor(b + "ffn_gate_inp.weight"))
-            self.shared = None
-            if c.n_ff_shexp:
-                self.shared = tuple(linear(ckpt.tensor(b + f"ffn_{p}_shexp.weight")) for p in ("gate", "up", "down"))
-                g = opt(b + "ffn_gate_inp_shexp.weight")
-                self.shared_gate = to_torch(g, device).reshape(-1) if g is not None else None
-        else:
-            self.ffn = tuple(linear(ckpt.tensor(b + f"ffn_{p}.weight")) for p in ("gate", "up", "down"))
+    """One decoder layer's tensors on the device, read through the family's layer spec."""
+
+    def __init__(self, ckpt: Checkpoint, spec: S.Spec, l: int, device, linear):
+        T = S.layer_tensors(ckpt, spec, l)
+        self.attn_norm = to_torch(T["attn_norm"], device)
+        self.ffn_norm = to_torch(T["ffn_norm"] if "ffn_norm" in T else T["post_attention_norm"], device)
+        self.q, self.k, self.v = (linear(T[f"attn_{p}"], T.get(f"attn_{p}.bias")) for p in "qkv")
+        self.o = linear(T["attn_output"], T.get("attn_output.bias"))
+        self.q_norm = to_torch(T["attn_q_norm"], device) if "attn_q_norm" in T else None
+        self.k_norm = to_torch(T["attn_k_norm"], device) if "attn_k_norm" in T else None
+        self.ffn = self.router = self.exp_bias = self.shared = self.shared_gate = None
+        if "ffn_gate_inp" not in T:  # dense models, and the leading dense layers of MoE ones
+            self.ffn = tuple(linear(T[f"ffn_{p}"]) for p in ("gate", "up", "down"))
+            return
+        self.router = linear(T["ffn_gate_inp"])
+        if "exp_probs_b.bias" in T:  # selection-only expert bias
+            self.exp_bias = to_torch(T["exp_probs_b.bias"], device)
+        if "ffn_gate_shexp" in T:
+            self.shared = tuple(linear(T[f"ffn_{p}_shexp"]) for p in ("gate", "up", "down"))
+            if "ffn_gate_inp_shexp" in T:  # GGUF [n_embd]; HF [n_embd, 1]
+                self.shared_gate = to_torch(T["ffn_gate_inp_shexp"], device).reshape(-1)
 
 
 def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
@@ -52,18 +58,23 @@ class Transformer:
         linear = linear or (lambda w, b=None: TorchLinear(w, self.device, b))
         self.experts = experts  # experts(layer, hidden, ids, weights, scores) -> output: the executor seam
         self.embed = Embedding(ckpt.tensor("token_embd.weight"), self.device)
-        self.layers = [Layer(ckpt, l, self.device, linear) for l in range(c.n_layer)]
+        from moecli.models.loader import GGUF_ARCHS  # the family's layer spec (the loader imports this module)
+
+        spec = GGUF_ARCHS[c.arch].SPEC
+        self.layers = [Layer(ckpt, spec, l, self.device, linear) for l in range(c.n_layer)]
         self.norm = to_torch(ckpt.tensor("output_norm.weight"), self.device)
         self.output = linear(ckpt.optional("output.weight") or ckpt.tensor("token_embd.weight"))
         self.max_ctx = max_ctx or c.n_ctx_train
-        self.rope = Rope(c.rope_dim, c.rope_theta, c.rope_neox, self.max_ctx, self.device)
+        self.rope, _ = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
 
-    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+    def new_cache(self, n_ctx: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for n_ctx tokens; `dtype` None: f16 on an accelerator, float32 on the CPU device."""
         if self.fused_forward is not None:
             return self.fused_forward.new_cache(n_ctx)
         c = self.config
-        return KVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim, self.device)
+        return KVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), c.n_head_kv, c.head_dim, self.device,
+                       dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], cache: KVCache, all_logits: bool = True) -> torch.Tensor:
@@ -104,7 +115,7 @@ class Transformer:
         return x, rms_norm(x, layer.ffn_norm, eps)
 
     def ffn(self, l, layer: Layer, h) -> torch.Tensor:
-        return self.moe(l, layer, h) if self.config.is_moe else swiglu(h, *layer.ffn)
+        return swiglu(h, *layer.ffn) if layer.ffn is not None else self.moe(l, layer, h)
 
     def attention(self, l, layer: Layer, h, pos, cache: KVCache, start: int) -> torch.Tensor:
         c, n = self.config, h.shape[0]
@@ -122,8 +133,7 @@ class Transformer:
         return layer.o(out)
 
     def moe(self, l, layer: Layer, h) -> torch.Tensor:
-        c = self.config
-        probs, ids, weights = route(layer.router(h), c.n_expert_used, c.norm_topk)
+        probs, ids, weights = route(self.config, layer.router(h), layer.exp_bias)
         if self.on_router is not None:
             self.on_router(l, probs, ids, weights)
         out = self.experts(l, h, ids, weights, probs)
@@ -133,3 +143,33 @@ class Transformer:
                 s = s * torch.sigmoid(h @ layer.shared_gate)[:, None]
             out = out + s
         return out
+
+
+# ------------------------------------------------------------------------------------------------ ggml graph
+
+def ggml_qkv(g, L: dict, h):
+    """q [hd, H, n], k [hd, Hkv, n] roped, v [hd * Hkv, n]: projections (+ biases), q/k RMSNorm over the projection
+    (OLMoE) or per head (Qwen3)."""
+    c = g.c
+    q, k, v = (g.linear((L[f"attn_{p}"], L.get(f"attn_{p}.bias")), h) for p in "qkv")
+    if c.qk_norm == "full":
+        q, k = g.build_norm(q, L["attn_q_norm"]), g.build_norm(k, L["attn_k_norm"])
+    q, k = g.heads(q, c.head_dim, c.n_head), g.heads(k, c.head_dim, c.n_head_kv)
+    if c.qk_norm == "head":
+        q, k = g.build_norm(q, L["attn_q_norm"]), g.build_norm(k, L["attn_k_norm"])
+    return g.rope_heads(q), g.rope_heads(k), v
+
+
+def kv_shape(c) -> tuple[int, int, int]:
+    """(KV heads, K dims, V dims) of the ggml cache."""
+    return c.n_head_kv, c.head_dim, c.head_dim
+
+
+def build_layer(g, l: int, L: dict, x, qkv=ggml_qkv):
+    """A pre-norm decoder layer: attention (inputs from `qkv`), residual, FFN norm, dense or MoE FFN, residual."""
+    h = g.build_norm(x, L["attn_norm"])
+    x = g.residual(l, g.build_attn(l, L, *qkv(g, L, h)), x)
+    h = g.build_norm(x, L["ffn_norm"] if "ffn_norm" in L else L["post_attention_norm"])
+    if "ffn_gate_inp" not in L:
+        return g.add(g.build_ffn(L["ffn_gate"], L["ffn_up"], L["ffn_down"], h), x)
+    return g.build_moe_ffn(l, L, h, x)

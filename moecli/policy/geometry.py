@@ -1,4 +1,5 @@
-"""Model geometries for the cost model: what one routed expert weighs and costs, per quant type.
+"""Model geometries: the one registry of named real models (REAL_MODELS, read by the cost model and by the
+synthetic-model writer), and for the cost model what one routed expert weighs and costs, per quant type.
 
 Figures come from each model's config.json (hidden_size, moe_intermediate_size, num_experts, top-k, shared experts,
 dense layers). An expert is three matrices (gate, up: hidden→ffn; down: ffn→hidden), so it holds 3·hidden·ffn
@@ -75,36 +76,86 @@ def _attn(hidden: int, heads: int, kv_heads: int, head_dim: int, n_experts: int)
     return hidden * head_dim * (2 * heads + 2 * kv_heads) + hidden * n_experts
 
 
-GEOMETRIES: dict[str, ModelGeometry] = {
-    g.name: g
-    for g in [
+@dataclass(frozen=True)
+class RealModel:
+    """A named real model: its GGUF architecture and its config in the synthetic writer's terms (moecli.synth's
+    SynthDims fields: n_layer counts every layer, n_ff is the routed expert's FFN, n_ff_shexp the shared experts'
+    total width; per-family fields beside them), read by the cost model (`geometry`) and by moecli.synth
+    (synthetic models of these shapes). Plain data: policy/ imports nothing of ours."""
+    name: str
+    arch: str
+    dims: dict
+    attn_params: int = 0  # attention + router parameters per layer; 0: from the heads (not MLA)
+    default_quant: str = "Q4_K"
+
+    @property
+    def geometry(self) -> ModelGeometry:
+        d = self.dims
+        n_shared = d.get("n_shared", 1 if d.get("n_ff_shexp") else 0)
+        attn = self.attn_params or _attn(d["n_embd"], d["n_head"], d["n_head_kv"], d["head_dim"], d["n_expert"])
+        return ModelGeometry(self.name, d["n_layer"] - d.get("n_dense", 0), d["n_embd"], d["n_ff"], d["n_expert"],
+                             d["n_expert_used"], n_shared=n_shared,
+                             shared_ffn=d.get("n_ff_shexp", d["n_ff"] * n_shared) // max(n_shared, 1),
+                             attn_params=attn, head_params=d["n_vocab"] * d["n_embd"],
+                             default_quant=self.default_quant)
+
+
+def _m(name: str, arch: str, attn_params: int = 0, default_quant: str = "Q4_K", **dims) -> RealModel:
+    return RealModel(name, arch, dims, attn_params, default_quant)
+
+
+REAL_MODELS: dict[str, RealModel] = {
+    r.name: r
+    for r in [
         # Mixtral-8x7B: 32 layers, 4096 hidden, 14336 ffn, 8 experts top-2, GQA 32/8 heads of 128.
-        ModelGeometry("mixtral-8x7b", 32, 4096, 14336, 8, 2, attn_params=_attn(4096, 32, 8, 128, 8),
-                      head_params=32000 * 4096),
+        _m("mixtral-8x7b", "llama", n_vocab=32000, n_embd=4096, n_layer=32, n_head=32, n_head_kv=8, head_dim=128,
+           n_ff=14336, n_expert=8, n_expert_used=2, context_length=32768, rope_theta=1e6, rms_eps=1e-5),
         # Qwen2-57B-A14B: 28 layers, 3584 hidden, 64 experts (2560) top-8, one shared expert of 20480.
-        ModelGeometry("qwen2-57b-a14b", 28, 3584, 2560, 64, 8, n_shared=1, shared_ffn=20480,
-                      attn_params=_attn(3584, 28, 4, 128, 64), head_params=151936 * 3584),
-        # DeepSeek-V2-Lite: 27 layers, the first dense -> 26 MoE; 2048 hidden, 64 experts (1408) top-6, 2 shared.
-        # MLA attention ≈ 16 heads; q 2048x3072, kv_a 2048x576, kv_b 512x4096, o 2048x2048 ≈ 13.8 M.
-        ModelGeometry("deepseek-v2-lite", 26, 2048, 1408, 64, 6, n_shared=2, shared_ffn=1408,
-                      attn_params=13_800_000 + 2048 * 64, head_params=102400 * 2048),
+        _m("qwen2-57b-a14b", "qwen2moe", n_vocab=151936, n_embd=3584, n_layer=28, n_head=28, n_head_kv=4,
+           head_dim=128, n_ff=2560, n_expert=64, n_expert_used=8, n_ff_shexp=20480, context_length=32768,
+           rope_theta=1e6, rms_eps=1e-6, attn_bias=True),
+        # DeepSeek-V2-Lite: 27 layers (the first dense); 2048 hidden, 64 experts (1408) top-6, 2 shared; MLA
+        # without q LoRA ≈ 16 heads; q 2048x3072, kv_a 2048x576, kv_b 512x4096, o 2048x2048 ≈ 13.8 M; YaRN x40.
+        _m("deepseek-v2-lite", "deepseek2", attn_params=13_800_000 + 2048 * 64, n_vocab=102400, n_embd=2048,
+           n_layer=27, n_head=16, n_head_kv=16, head_dim=192, n_ff=1408, n_expert=64, n_expert_used=6,
+           context_length=163840, rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=0, kv_lora_rank=512, qk_nope=128,
+           qk_rope=64, v_head_dim=128, n_dense=1, n_ff_dense=10944, n_shared=2, weights_scale=1.0, mla_split=True,
+           yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=0.707),
         # Qwen3-30B-A3B: 48 layers, 2048 hidden, 128 experts (768) top-8, no shared; 32/4 heads of 128.
-        ModelGeometry("qwen3-30b-a3b", 48, 2048, 768, 128, 8, attn_params=_attn(2048, 32, 4, 128, 128),
-                      head_params=151936 * 2048),
+        _m("qwen3-30b-a3b", "qwen3moe", n_vocab=151936, n_embd=2048, n_layer=48, n_head=32, n_head_kv=4,
+           head_dim=128, n_ff=768, n_expert=128, n_expert_used=8, context_length=40960, rope_theta=1e6,
+           rms_eps=1e-6),
         # Qwen1.5-MoE-A2.7B (the qwen trace): 24 layers, 2048 hidden, 60 experts (1408) top-4, shared 5632.
-        ModelGeometry("qwen1.5-moe-a2.7b", 24, 2048, 1408, 60, 4, n_shared=1, shared_ffn=5632,
-                      attn_params=_attn(2048, 16, 16, 128, 60), head_params=151936 * 2048),
-        # gpt-oss: experts natively MXFP4; 2880 hidden and ffn; 64/8 heads of 64.
-        ModelGeometry("gpt-oss-20b", 24, 2880, 2880, 32, 4, attn_params=_attn(2880, 64, 8, 64, 32),
-                      head_params=201088 * 2880, default_quant="MXFP4"),
-        ModelGeometry("gpt-oss-120b", 36, 2880, 2880, 128, 4, attn_params=_attn(2880, 64, 8, 64, 128),
-                      head_params=201088 * 2880, default_quant="MXFP4"),
-        # DeepSeek-V3: 61 layers, first 3 dense -> 58 MoE; 7168 hidden, 256 experts (2048) top-8, 1 shared.
-        # MLA ≈ 187 M attention parameters per layer.
-        ModelGeometry("deepseek-v3", 58, 7168, 2048, 256, 8, n_shared=1, shared_ffn=2048,
-                      attn_params=187_000_000, head_params=129280 * 7168),
+        _m("qwen1.5-moe-a2.7b", "qwen2moe", n_vocab=151936, n_embd=2048, n_layer=24, n_head=16, n_head_kv=16,
+           head_dim=128, n_ff=1408, n_expert=60, n_expert_used=4, n_ff_shexp=5632, context_length=8192,
+           rope_theta=1e6, rms_eps=1e-6, attn_bias=True),
+        # OLMoE-1B-7B: 16 layers, 2048 hidden, 64 experts (1024) top-8, 16 heads of 128 (MHA).
+        _m("olmoe-1b-7b", "olmoe", n_vocab=50304, n_embd=2048, n_layer=16, n_head=16, n_head_kv=16, head_dim=128,
+           n_ff=1024, n_expert=64, n_expert_used=8, context_length=4096, rope_theta=1e4, rms_eps=1e-5),
+        # gpt-oss: experts natively MXFP4; 2880 hidden and ffn; 64/8 heads of 64, window 128, YaRN x32 from 4096.
+        _m("gpt-oss-20b", "gpt-oss", default_quant="MXFP4", n_vocab=201088, n_embd=2880, n_layer=24, n_head=64,
+           n_head_kv=8, head_dim=64, n_ff=2880, n_expert=32, n_expert_used=4, context_length=131072,
+           rope_theta=150000.0, rms_eps=1e-5, sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096),
+        _m("gpt-oss-120b", "gpt-oss", default_quant="MXFP4", n_vocab=201088, n_embd=2880, n_layer=36, n_head=64,
+           n_head_kv=8, head_dim=64, n_ff=2880, n_expert=128, n_expert_used=4, context_length=131072,
+           rope_theta=150000.0, rms_eps=1e-5, sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096),
+        # GLM-4.5-Air: 46 layers (the first dense) + 1 NextN; 4096 hidden, 128 experts (1408) top-8 + 1 shared,
+        # 96/8 heads of 128 with q/k/v biases, rope on half of each head; dense FFN 10944.
+        _m("glm-4.5-air", "glm4moe", n_vocab=151552, n_embd=4096, n_layer=46, n_head=96, n_head_kv=8,
+           head_dim=128, n_ff=1408, n_expert=128, n_expert_used=8, n_ff_shexp=1408, n_dense=1, n_ff_dense=10944,
+           context_length=131072, rope_theta=1e6, rms_eps=1e-5, attn_bias=True, extra=(("rope_dim", 64),)),
+        # DeepSeek-V3 / R1: 61 layers (3 dense); 7168 hidden, 256 experts (2048) top-8 in 8 groups (4 used),
+        # 1 shared, sigmoid + selection bias; MLA with q LoRA ≈ 187 M attention parameters per layer.
+        _m("deepseek-v3", "deepseek2", attn_params=187_000_000, n_vocab=129280, n_embd=7168, n_layer=61,
+           n_head=128, n_head_kv=128, head_dim=192, n_ff=2048, n_expert=256, n_expert_used=8, context_length=163840,
+           rope_theta=10000.0, rms_eps=1e-6, q_lora_rank=1536, kv_lora_rank=512, qk_nope=128, qk_rope=64,
+           v_head_dim=128, n_dense=3, n_ff_dense=18432, n_shared=1, gating="sigmoid", expert_bias=True, n_group=8,
+           topk_group=4, weights_norm=True, weights_scale=2.5, mla_split=True, yarn_factor=40.0,
+           yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0),
     ]
 }
+
+GEOMETRIES: dict[str, ModelGeometry] = {name: r.geometry for name, r in REAL_MODELS.items()}
 
 
 def get_geometry(name: str) -> ModelGeometry:

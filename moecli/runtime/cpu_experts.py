@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType
 from moecli.errors import MoecliError
 from moecli.formats.tensor import TensorData
 from moecli.kernels import ggml as G
-from moecli.runtime.experts import OAI_ALPHA, OAI_LIMIT
+from moecli.models.config import OAI_ALPHA, OAI_LIMIT
 
 T = GGMLQuantizationType
 # Types whose per-expert mul_mat goes through llamafile's sgemm and beats mul_mat_id on big batches (FACTS §1).

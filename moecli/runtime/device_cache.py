@@ -1,5 +1,7 @@
 """Experts on the accelerator: fixed slots per layer holding experts in the QUANTIZED form they were copied in
-(3-4x less PCIe traffic than fp16), dequantized by torch right before they compute.
+(3-4x less PCIe traffic than fp16). `run` computes all of a layer's device pairs through the grouped Triton kernels
+(moecli.kernels.device_ops.grouped_experts: two launches, the weights read in place); where Triton cannot run, each
+expert is dequantized by torch right before it computes (the fallback, logged once).
 
 The copy engine is the only CUDA-specific piece: on CUDA a host thread stages the mmap'ed bytes into pinned memory and
 issues the copy on its own stream, recording an event the compute stream waits on, so compute waits only for the
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from moecli.kernels import device_ops
 from moecli.models.config import Checkpoint
 from moecli.runtime.experts import expert_biases, expert_ffn
 
@@ -110,18 +113,20 @@ class DeviceExpertCache:
         # Layout of one slot per layer: each part's type, numpy shape, byte offset and size. Types may differ between
         # layers (a Q4_K_M file has Q6_K down projections in some layers), so slots are sized for the largest.
         self.parts: dict[int, list] = {}
-        self.host_f16 = set()
+        self.host_bf16 = set()
+        self.triton = device_ops.use_triton(self.device.type)
+        readable = device_ops.TRITON_TYPES if self.triton else torch_dequant.SUPPORTED
         for l in self.layers:
             layout, off = [], 0
             for p in _PARTS:
                 t = ckpt.experts[f"blk.{l}.ffn_{p}_exps"].expert(0)
-                if t.type not in torch_dequant.SUPPORTED:
-                    # No device kernel for this type: dequantize on the host and ship F16 (2x the bytes of Q8).
-                    if t.type not in self.host_f16:
-                        log.warning("expert type %s has no device dequantization: experts are copied as F16",
-                                    t.type.name)
-                    self.host_f16.add(t.type)
-                    nbytes, ttype = t.n_elements * 2, T.F16
+                if t.type not in readable:
+                    # No device kernel for this type: dequantize on the host and ship bf16 (2x the bytes of Q8).
+                    if t.type not in self.host_bf16:
+                        log.warning("expert type %s has no device kernel: experts are dequantized to bf16 when "
+                                    "copied in", t.type.name)
+                    self.host_bf16.add(t.type)
+                    nbytes, ttype = t.n_elements * 2, T.BF16
                 else:
                     nbytes, ttype = t.nbytes, t.type
                 layout.append((p, t.type, ttype, t.shape, off, nbytes))
@@ -138,8 +143,11 @@ class DeviceExpertCache:
         self.copy_engine = CopyEngine(self.device, off)
         # gpt-oss: every expert's biases stay on the device (a few KB per expert), and its clamped SwiGLU
         self.act = c.expert_act
-        self.biases = {l: tuple(t.to(dtype) for t in b) for l in self.layers
+        bias_dtype = torch.float32 if self.triton else dtype
+        self.biases = {l: tuple(t.to(bias_dtype).contiguous() for t in b) for l in self.layers
                        if (b := expert_biases(ckpt, l, self.device)) is not None}
+        self.layouts = {l: device_ops.ExpertLayout([(ttype, shape, o) for _, _, ttype, shape, o, _ in lay], off)
+                        for l, lay in self.parts.items()}
 
     @property
     def nbytes(self) -> int:
@@ -149,8 +157,10 @@ class DeviceExpertCache:
         out = []
         for p, file_type, ttype, shape, _, _ in self.parts[layer]:
             t = self.ckpt.experts[f"blk.{layer}.ffn_{p}_exps"].expert(e)
-            if ttype != file_type:
-                out.append(t.numpy().astype(np.float16).view(np.uint8).reshape(-1))
+            if ttype != file_type:  # bf16: the top half of the float32 bits, rounded to nearest even
+                f = t.numpy().view(np.uint32)
+                bf = ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).astype(np.uint16)
+                out.append(bf.view(np.uint8).reshape(-1))
             else:
                 out.append(t.raw)
         return out
@@ -190,6 +200,43 @@ class DeviceExpertCache:
         biases = self.biases.get(layer)
         b = None if biases is None else tuple(t[e] for t in biases)
         return expert_ffn(x.to(self.dtype), gate, up, down, b, self.act).float()
+
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: list[int],
+            scratch: set[int] = frozenset()) -> torch.Tensor:
+        """sum_k weights[:, k] * expert_{ids[:, k]}(x) over the pairs whose expert is in `experts` (resident, or in
+        `scratch`: brought into the scratch slot for this one use) -> float32 [n, d]. Pairs of other experts (the
+        CPU's) add nothing; no host sync, no loop over pairs."""
+        resident = {e: self.resident[layer][e] for e in experts if e not in scratch}
+        out = self._compute(layer, x, ids, weights, resident)
+        for e in experts:
+            if e in scratch:  # one scratch slot per layer: one expert at a time
+                self.load_scratch(layer, e)
+                out += self._compute(layer, x, ids, weights, {e: self.slots}, scratch=True)
+        return out
+
+    def launches(self, n_experts: int, n_scratch: int) -> int:
+        """Device expert computations `run` issues for that many experts (scratch ones included)."""
+        if not self.triton:
+            return n_experts
+        return 2 * (n_experts > n_scratch) + 2 * n_scratch
+
+    def _compute(self, layer, x, ids, weights, slot_of: dict[int, int], scratch: bool = False) -> torch.Tensor:
+        for e in slot_of:
+            self.copy_engine.wait(self.pending.pop((layer, -1) if scratch else (layer, e), None))
+        if not slot_of or not self.triton:
+            out = torch.zeros((x.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)  # experts map d -> d
+            for e in slot_of:  # the torch fallback: one expert at a time
+                tok, k = torch.nonzero(ids == e, as_tuple=True)
+                y = self.compute(layer, e, x[tok], scratch=scratch)
+                out.index_add_(0, tok, y * weights[tok, k, None].float())
+            return out
+        table = np.full(self.ckpt.config.n_expert, -1, dtype=np.int32)
+        table[list(slot_of)] = list(slot_of.values())
+        n, k = ids.shape
+        pair_tok = torch.arange(n, device=x.device, dtype=torch.int32).repeat_interleave(k)
+        return device_ops.grouped_experts(x, pair_tok, ids.reshape(-1), weights.reshape(-1),
+                                          torch.from_numpy(table).to(x.device), self.storage[self._index[layer]],
+                                          self.layouts[layer], self.biases.get(layer), self.act)
 
     def evict(self, layer: int, e: int) -> None:
         self.resident[layer].pop(e, None)

@@ -175,7 +175,7 @@ class HybridExperts:
 
         t_dev = time.perf_counter()
         out = self._device_experts(layer, hidden, ids, weights, d.device, set(d.scratch))
-        st.launches += len(d.device)
+        st.launches += self.dev.launches(len(d.device), len(d.scratch))
         if self.refit is not None and d.device and not self.dev.copy_engine.cuda:
             scratch_ms = self.core.costs.copy_ms * len(d.scratch)  # one-off copies inside
             self.refit.dev(len(d.device), sum(tokens[e] for e in d.device),
@@ -220,14 +220,9 @@ class HybridExperts:
         """The device's share of a layer: sum over `experts` (resident, or in `scratch` for one use) of
         weight * expert(hidden) for the tokens routed to each, as float32 [n, d]. The ONE place device experts
         compute (the grouped-kernel seam)."""
-        out = torch.zeros_like(hidden, dtype=torch.float32)
-        for e in experts:
-            if e in scratch:
-                self.dev.load_scratch(layer, e)
-                self._count_copy()
-            tok_idx, slot_idx = torch.nonzero(ids == e, as_tuple=True)
-            y = self.dev.compute(layer, e, hidden[tok_idx], scratch=e in scratch)
-            out.index_add_(0, tok_idx, y * weights[tok_idx, slot_idx, None].float())
+        out = self.dev.run(layer, hidden, ids, weights, experts, scratch)  # grouped kernels: one launch pair
+        for _ in scratch & set(experts):
+            self._count_copy()
         return out
 
     # -- mechanics ----------------------------------------------------------------------------------------------

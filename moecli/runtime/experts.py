@@ -7,10 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moecli.models.config import Checkpoint
+from moecli.models.config import OAI_ALPHA, OAI_LIMIT, Checkpoint
 from moecli.models.layers import to_torch
 
-OAI_ALPHA, OAI_LIMIT = 1.702, 7.0  # gpt-oss's clamped SwiGLU (llama.cpp: LLM_FFN_SWIGLU_OAI_MOE)
 
 
 def glu(g: torch.Tensor, u: torch.Tensor, act: str = "swiglu") -> torch.Tensor:

@@ -235,7 +235,8 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping: str | None = None
         self._thread = threading.Thread(target=self._run, name="moecli-engine", daemon=True)
-        self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0}
+        self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                         "decode_tokens": 0, "decode_forwards": 0}  # their ratio: sequences per decode forward
 
     # --- the request side (any thread) ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -269,7 +270,7 @@ class Engine:
         with self._cond:
             return {"queued": len(self._pending), "running": len(self._active), "slots": self.pool.size,
                     "slots_allocated": self.pool.allocated, "cached_tokens": self.pool.cached_tokens(),
-                    "n_ctx": self.n_ctx, **self.counters}
+                    "n_ctx": self.n_ctx, "batched": isinstance(self.stepper, BatchedStepper), **self.counters}
 
     # --- the engine thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -319,6 +320,9 @@ class Engine:
                 work.append((seq.slot, seq.next_feed()))
         if not work:
             return
+        decoding = sum(len(feed) == 1 for _, feed in work)
+        self.counters["decode_tokens"] += decoding
+        self.counters["decode_forwards"] += min(decoding, 1) if isinstance(self.stepper, BatchedStepper) else decoding
         for seq, result in zip(seqs, self.stepper.step(work)):
             if isinstance(result, Exception):
                 self._end(seq, result)

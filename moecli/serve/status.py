@@ -57,6 +57,8 @@ def render_ps(data: dict) -> None:
         slots = f"{server.get('running', 0)} busy / {server.get('slots', '?')}"
         if server.get("queued"):
             slots += f", {server['queued']} queued"
+        if server.get("batched") and server.get("decode_forwards"):  # streams decoded per forward pass so far
+            slots += f", batch {server['decode_tokens'] / server['decode_forwards']:.1f}"
         table.add_row(str(m.get("name", "?")), _gb(m.get("size")), str(experts.get("placement", "?")),
                       f"{100 * hit:.1f}%" if isinstance(hit, (int, float)) else "-",
                       str(m.get("context_length", "?")), slots, str(server.get("requests", "-")))

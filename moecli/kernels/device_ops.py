@@ -1,0 +1,188 @@
+"""The device's matmuls on GGUF weights: launchers for the Triton kernels (moecli.kernels.gguf_triton), and the torch
+dequantization fallback when Triton cannot run.
+
+Triton runs on CUDA devices, and on the CPU device when TRITON_INTERPRET=1 (its interpreter: how the tests run the
+kernels here). Anywhere else the callers fall back to moecli.kernels.torch_dequant, and this module says so once.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+from gguf import GGMLQuantizationType
+
+from moecli.kernels.torch_dequant import _KV_IQ4NL, _KV_MXFP4  # ggml's 4-bit codebooks
+from moecli.kernels.torch_dequant import bytes_per_row as row_bytes
+
+log = logging.getLogger("moecli")
+T = GGMLQuantizationType
+
+# The types the kernels read in place; any other weight is dequantized once to bf16 (`warn_fallback_type`).
+TRITON_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4, T.IQ4_NL,
+                          T.IQ4_XS, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K})
+DECODE_ROWS = 4  # up to this many rows per weight (or per expert): the decode form; more: tl.dot tiles
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The kernel module, or None when Triton is not installed."""
+    try:
+        from moecli.kernels import gguf_triton
+    except ImportError:
+        return None
+    return gguf_triton
+
+
+@functools.lru_cache(maxsize=None)
+def use_triton(device_type: str) -> bool:
+    """Whether the kernels run on devices of this type (`torch.device.type`); the first 'no' is logged."""
+    ok = _kernels() is not None and (device_type == "cuda" or (device_type == "cpu" and _interpreting()))
+    if not ok:
+        why = "Triton is not installed" if _kernels() is None else "Triton runs on CUDA (or under TRITON_INTERPRET=1)"
+        level = logging.WARNING if device_type == "cuda" else logging.INFO
+        log.log(level, "%s: device weights on %s are dequantized by torch (moecli.kernels.torch_dequant)", why,
+                device_type)
+    return ok
+
+
+@functools.lru_cache(maxsize=None)
+def warn_fallback_type(ggml_type: GGMLQuantizationType) -> None:
+    log.warning("no device kernel reads %s weights: they are dequantized once to bf16 on the device", T(ggml_type).name)
+
+
+@functools.lru_cache(maxsize=None)
+def _lut(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_KV_IQ4NL + _KV_MXFP4, dtype=torch.float32, device=device)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# Under the interpreter tl.dot is one numpy matmul (exact in float32) while the decode form's broadcast product is a
+# large temporary array: the interpreter takes the dot form for every row count, unless this is set (the kernel
+# tests set it to choose the forms as on a GPU, so that both are tested).
+FORMS_AS_ON_GPU = False
+
+
+def _tiles(rows: int, n: int, k: int) -> tuple[int, int, int, bool]:
+    """(BM, BN, BK, DOT) for `rows` activation rows against an n x k weight. On a GPU the decode form's broadcast
+    product must stay small in registers (BM <= 4); from 5 rows on, tl.dot on 16+-row tiles (tensor cores; padded
+    rows are masked). The interpreter costs per program and per op, not per element: there the tiles are as large
+    as the shape allows."""
+    dot = rows > DECODE_ROWS
+    if _interpreting():
+        dot = dot or not FORMS_AS_ON_GPU
+        bm = max(min(_np2(rows), 64), 16) if dot else _np2(rows)
+        return bm, max(min(_np2(n), 256), 16), max(min(_np2(k), 256), 16), dot
+    if not dot:
+        return _np2(rows), 32, 64, False
+    return (16 if rows <= 16 else 64), 64, 64, True
+
+
+class QuantWeight:
+    """A 2-D GGUF weight as its file bytes on the device (uint8), [n, k] in numpy order."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type, shape: tuple[int, int]):
+        self.raw, self.type, self.shape = raw, T(ggml_type), (int(shape[0]), int(shape[1]))
+        self.row_bytes = row_bytes(self.type, self.shape[1])
+        if raw.dtype != torch.uint8 or raw.numel() != self.shape[0] * self.row_bytes:
+            raise ValueError(f"{self.type.name} {self.shape}: expected {self.shape[0] * self.row_bytes} uint8 bytes")
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+
+def linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """x[m, k] (any float dtype, rows contiguous) @ W^T (+ bias) -> float32 [m, n], W read in its quantized form."""
+    K = w.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    n = w.shape[0]
+    y = out if out is not None else torch.empty((m, n), dtype=torch.float32, device=x.device)
+    bm, bn, bk, dot = _tiles(m, n, K)
+    grid = (_cdiv(n, bn), _cdiv(m, bm))
+    _kernels().linear_kernel[grid](x, w.raw, _lut(x.device), bias if bias is not None else y, y, m, n, K,
+                                   w.row_bytes, x.stride(0), y.stride(0), TYPE=int(w.type),
+                                   HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, DOT=dot)
+    return y
+
+
+def pair_blocks(pair_exp: torch.Tensor, n_expert: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the pairs by expert into blocks of `bm` (llama.cpp's mul_mat_id / vLLM's moe_align_block_size), with
+    device ops only (no host sync): the grid is the static bound cdiv(P, bm) + min(E, P) blocks, and the unused ones
+    carry expert id E (they exit at once). Returns blk_expert [NB] int32 and blk_pairs [NB, bm] int32 (pair
+    indices, -1 = padding)."""
+    P = pair_exp.numel()
+    dev = pair_exp.device
+    e = pair_exp.reshape(-1).long()
+    order = torch.argsort(e, stable=True)
+    counts = torch.bincount(e, minlength=n_expert)
+    nblk = (counts + bm - 1) // bm
+    blk_end = torch.cumsum(nblk, 0)
+    first = torch.cumsum(counts, 0) - counts  # expert's first position in `order`
+    NB = _cdiv(P, bm) + min(n_expert, P)
+    b = torch.arange(NB, device=dev)
+    be = torch.searchsorted(blk_end, b, right=True)
+    ec = be.clamp(max=n_expert - 1)
+    r = (b - (blk_end[ec] - nblk[ec]))[:, None] * bm + torch.arange(bm, device=dev)
+    ok = (be < n_expert)[:, None] & (r < counts[ec][:, None])
+    pairs = torch.where(ok, order[(first[ec][:, None] + r).clamp(max=max(P - 1, 0))], -1)
+    return be.to(torch.int32), pairs.to(torch.int32)
+
+
+class ExpertLayout:
+    """Where gate, up and down sit in a slot of the byte storage: (ggml type, [rows, cols], byte offset) each."""
+
+    def __init__(self, parts: list[tuple], slot_bytes: int):
+        (self.gate, self.up, self.down), self.slot_bytes = parts, slot_bytes
+        self.ff, self.d = self.gate[1]
+
+
+def grouped_experts(x: torch.Tensor, pair_tok: torch.Tensor, pair_exp: torch.Tensor, pair_w: torch.Tensor,
+                    slot_table: torch.Tensor, storage: torch.Tensor, layout: ExpertLayout, biases=None,
+                    act: str = "swiglu") -> torch.Tensor:
+    """sum over pairs p of pair_w[p] * expert_{pair_exp[p]}(x[pair_tok[p]]) -> float32 [len(x), d], for the experts
+    whose slot_table entry is >= 0 (their weights are storage[slot], laid out as `layout`); other pairs add
+    nothing. Two launches (gate+up+GLU, down+weights) and one index_add; `biases` = ([E, ff], [E, ff], [E, d])."""
+    n_expert = slot_table.numel()
+    P = pair_exp.numel()
+    dev = x.device
+    out = torch.zeros((x.shape[0], layout.d), dtype=torch.float32, device=dev)
+    if P == 0:
+        return out
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    lut = _lut(dev)
+    kern = _kernels()
+    ff, d = layout.ff, layout.d
+    bm, bn, bk, dot = _tiles(min(x.shape[0], P), ff, d)
+    blk_expert, blk_pairs = pair_blocks(pair_exp, n_expert, bm)
+    pair_tok = pair_tok.reshape(-1).to(torch.int32)
+    h = torch.empty((P, ff), dtype=torch.float32, device=dev)
+    (tg, _, og), (tu, _, ou), (td, _, od) = layout.gate, layout.up, layout.down
+    bg, bu, bd = biases if biases is not None else (out, out, out)
+    nb = blk_expert.numel()
+    kern.gate_up_kernel[(_cdiv(ff, bn), nb)](
+        x, x.stride(0), pair_tok, blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes, og, ou,
+        lut, bg, bu, h, ff, d, row_bytes(tg, d), row_bytes(tu, d), TYPE_G=int(tg), TYPE_U=int(tu),
+        HAS_BIAS=biases is not None, OAI=act == "swiglu_oai", BM=bm, BN=bn, BK=bk, DOT=dot)
+    y = torch.zeros((P, d), dtype=torch.float32, device=dev)
+    _, bn2, bk2, _ = _tiles(min(x.shape[0], P), d, ff)
+    kern.down_kernel[(_cdiv(d, bn2), nb)](
+        h, pair_w.reshape(-1).float(), blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes, od,
+        lut, bd, y, d, ff, row_bytes(td, ff), TYPE=int(td), HAS_BIAS=biases is not None, BM=bm, BN=bn2, BK=bk2,
+        DOT=dot)
+    return out.index_add_(0, pair_tok.long(), y)

@@ -1,0 +1,137 @@
+"""glm4moe (GLM-4.5 / 4.5-Air style) against llama.cpp and transformers: logits and per-layer expert selection on
+both engines, Q8_0 bit for bit on the graph, decoding through the cache, the hybrid executor, the NextN layer the
+file holds and both engines skip, the 355B variant's q/k norms, the glm-4.5-air preset.
+
+Fixture (tests/conftest.py "glm4moe"): 1 dense + 2 MoE layers + 1 NextN layer, q/k/v biases, NEOX rope on 32 of
+64 head dims, sigmoid + exp_probs_b, renormalised top-2 of 8, one shared expert.
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import tiny_dims, tiny_gguf, tiny_hf
+from hf_fixtures import hf_logits
+from llama_oracle import greedy_tokens, run_llama
+
+import moecli
+from moecli.synth import write_gguf
+
+TEXT = "Experts route tokens; the router picks two of eight. The quick brown fox jumps over 13 lazy dogs!"
+TOL_F32 = 1e-4  # max |Δlogit| / std(logits), F32 weights (measured ~3e-6)
+
+
+def _rel(got, ref):
+    return float(np.abs(got - ref).max() / ref.std())
+
+
+def _run(path, engine):
+    """(ids, our logits, llama.cpp logits, per-token all-layers-agree mask)."""
+    m = moecli.load(path, engine=engine, flash_attn=False)
+    ids = m.tokenize(TEXT)
+    picks = {}
+    m.transformer.on_router = lambda l, probs, i, w: picks.setdefault(l, i.clone())
+    got = m.logits(ids)
+    layers = range(m.config.n_dense_layers, m.config.n_layer)
+    ref, cap = run_llama(path, ids, capture=[f"ffn_moe_topk-{l}" for l in layers])
+    assert sorted(picks) == list(layers)  # the dense layer routes nothing, the NextN layer does not run
+    same = np.ones(len(ids), dtype=bool)
+    for l in layers:  # compared as sets: equal scores may come out in another order
+        same &= (np.sort(picks[l].numpy(), 1) == np.sort(cap[f"ffn_moe_topk-{l}"], 1)).all(1)
+    return ids, got, ref, same
+
+
+@pytest.mark.parametrize("engine", ["torch", "ggml"])
+def test_f32_logits_and_routing_match_llama_cpp(engine):
+    _, got, ref, same = _run(tiny_gguf("glm4moe", "F32"), engine)
+    assert same.all(), np.flatnonzero(~same)
+    assert _rel(got, ref) < TOL_F32, _rel(got, ref)
+
+
+def test_q8_0_graph_bit_exact():
+    """Same graph, shapes and kernels as llama.cpp's glm4moe: identical logits and routing."""
+    _, got, ref, same = _run(tiny_gguf("glm4moe", "Q8_0"), "ggml")
+    assert same.all() and np.array_equal(got, ref)
+
+
+def test_q4_k_m_near_llama_cpp():
+    """llama.cpp's own Q4_K_M mix: other kernel choices than llama.cpp's (issue #14's exact mode), so close but
+    not bit for bit, as for every architecture."""
+    ids, got, ref, same = _run(tiny_gguf("glm4moe", "Q4_K_M"), "ggml")
+    first_flip = int(np.argmin(same)) if not same.all() else len(ids)
+    assert same.mean() >= 0.9 and first_flip and _rel(got[:first_flip], ref[:first_flip]) < 0.1
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_greedy_decode_identical():
+    path = tiny_gguf("glm4moe", "F32")
+    m = moecli.load(path, engine="ggml")
+    ids = m.tokenize(TEXT)
+    assert list(m.generate(ids, max_tokens=12, stop_at_eog=False)) == greedy_tokens(path, ids, 12)
+
+
+def test_kv_cache_decode_equals_fresh_forward():
+    m = moecli.load(tiny_gguf("glm4moe", "F32"), engine="torch")
+    ids = m.tokenize(TEXT)
+    full = m.logits(ids)
+    cache = m.transformer.new_cache(len(ids))
+    m.transformer.forward(ids[:5], cache)
+    steps = [m.transformer.forward([t], cache).numpy()[0] for t in ids[5:]]
+    assert np.abs(np.stack(steps) - full[5:]).max() < 1e-4
+
+
+@pytest.mark.parametrize("slots", [0, 2, 8])
+def test_every_placement_equals_the_reference(slots):
+    """The hybrid executor on the CPU device (no, some, every expert cached) against the torch reference."""
+    path = tiny_gguf("glm4moe", "F32")
+    ref_model = moecli.load(path, engine="torch")
+    ids = ref_model.tokenize(TEXT)
+    ref = ref_model.logits(ids)
+    m = moecli.load(path, placement="hybrimoe", expert_slots=slots)
+    assert _rel(m.logits(ids), ref) < TOL_F32
+    assert m.stats.active > 0 and m.stats.cpu_experts + m.stats.device_experts == m.stats.active
+
+
+def test_config_skips_the_nextn_layer():
+    from moecli.models.loader import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_gguf("glm4moe", "F32"))
+    c = ckpt.config
+    assert (c.n_layer, c.n_nextn_layers, c.n_dense_layers, c.head_dim, c.rope_dim, c.rope_neox) == \
+        (3, 1, 1, 64, 32, True)
+    assert (c.gating, c.expert_bias, c.norm_topk, c.n_shared, c.n_ff_shexp, c.attn_bias, c.qk_norm) == \
+        ("sigmoid", True, True, 1, 256, True, None)
+    assert "blk.3.nextn.eh_proj.weight" in ckpt.tensors and "blk.3.ffn_gate_exps" not in ckpt.experts
+
+
+def test_qk_norm_variant_matches_llama_cpp(tmp_path):
+    """GLM-4.5 (355B) has per-head q/k RMSNorms: found in the file, applied by both engines."""
+    d = dataclasses.replace(tiny_dims("glm4moe"), extra=(("rope_dim", 32), ("qk_norm", "head")))
+    path = write_gguf(tmp_path / "glm-qk.gguf", "glm4moe", d, 1, "F32")
+    assert moecli.load(path).config.qk_norm == "head"
+    for engine in ("ggml", "torch"):
+        _, got, ref, same = _run(path, engine)
+        assert same.all() and _rel(got, ref) < TOL_F32
+
+
+@pytest.mark.parametrize("engine", ["torch", "ggml"])
+def test_safetensors_match_transformers(engine):
+    path = tiny_hf("glm4moe")
+    m = moecli.load(path, engine=engine)
+    assert (m.config.arch, m.config.rope_dim, m.config.n_dense_layers) == ("glm4moe", 32, 1)
+    ids = m.tokenize(TEXT)
+    ref = hf_logits(path, ids)
+    assert _rel(m.logits(ids), ref) < 1e-4, _rel(m.logits(ids), ref)
+
+
+def test_glm_4_5_air_preset():
+    from moecli.policy.geometry import GEOMETRIES
+    from moecli.synth import config, geometry, geometry_arch
+
+    d = geometry("glm-4.5-air", n_layer=3)
+    c = config(geometry_arch("glm-4.5-air"), d)
+    assert (c.arch, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.rope_dim, c.n_expert, c.n_expert_used) == \
+        ("glm4moe", 4096, 96, 8, 128, 64, 128, 8)
+    assert (c.n_layer, c.n_dense_layers, c.n_ff, c.n_ff_exp, c.n_ff_shexp, c.n_nextn_layers) == \
+        (3, 1, 10944, 1408, 1408, 1)
+    g = GEOMETRIES["glm-4.5-air"]
+    assert (g.n_layers, g.expert_ffn, g.n_experts, g.top_k, g.n_shared, g.shared_ffn) == (45, 1408, 128, 8, 1, 1408)
