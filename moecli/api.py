@@ -141,7 +141,8 @@ class Model:
         experts = self.transformer.experts
         if not hasattr(experts, "recorder"):
             raise MoecliError("trace recording needs a placement (the hybrid executor): load with placement=...")
-        rec = TraceRecorder(self.path.name, self.config.n_expert, self.config.n_expert_used, experts.layers)
+        rec = TraceRecorder(self.path.name, self.config.n_expert, self.config.n_expert_used, experts.layers,
+                            {"placement": experts.p.name, "slots": experts.slots, "device": self.device.type})
         experts.recorder = rec
         try:
             yield rec

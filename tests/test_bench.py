@@ -193,13 +193,28 @@ def test_placement_sweep_shows_hit_rate_and_split():
              "-t", "1")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].endswith("| t/s | hit % | CPU % |")
+    assert lines[0].endswith("| t/s | hit % | CPU % | ms/layer | model err % | syncs/tok | launches/tok |")
     rows = {(l.split("|")[4].strip(), l.split("|")[6].strip()): l.split("|")[8:10] for l in lines
             if l.startswith("| qwen2moe")}
     assert set(rows) == {("hybrid:lru", "pp8"), ("hybrid:lru", "tg4"), ("hybrid:llama-cpp", "pp8"),
                          ("hybrid:llama-cpp", "tg4")}
     assert [c.strip() for c in rows[("hybrid:llama-cpp", "tg4")]] == ["0.0", "100"]  # every expert on the CPU
     assert re.search(r"experts \(hybrid:lru, 1 thread\): pp8 [\d.]+ GFLOP/s, tg4 [\d.]+ GB/s", r.stdout)
+
+
+def test_hybrid_path_with_device_slots_reports_its_figures():
+    from conftest import tiny_gguf
+
+    r = _cli(str(tiny_gguf("qwen3moe", "Q8_0")), "--placement", "lru", "--device", "cpu", "--expert-slots", "8",
+             "-p", "8", "-n", "8", "-r", "2", "-t", "1", "-o", "jsonl")
+    assert r.returncode == 0, r.stderr
+    recs = {d["test"]: d for d in map(json.loads, r.stdout.splitlines()) if d.get("engine") == "hybrid:lru"}
+    tg = recs["tg8"]
+    assert tg["hit_rate"] > 0.5 and tg["cpu_share"] < 0.5  # 8 slots of 8 experts: after warm-up all on the device
+    assert tg["layer_ms"] > 0 and tg["syncs_per_token"] >= 2 and tg["launches_per_token"] > 0
+    assert tg["cost_model_error"] is not None and tg["decision_ms_per_layer"] >= 0
+    bad = _cli(str(tiny_gguf("qwen3moe", "Q8_0")), "--expert-slots", "2", "-p", "8", "-n", "0", "-r", "1")
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error:") and "--placement" in bad.stderr
 
 
 def test_noise_warning_for_a_large_spread():

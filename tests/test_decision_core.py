@@ -82,3 +82,28 @@ def test_cache_is_updated_before_planning():
     assert d.cached == {0} and d.cpu == [2]
     a = core.after_layer(0, d.tokens, d.cpu, {0: 0.9, 1: 0.0, 2: 0.1}, 1, 1.0, 0.0)
     assert a.admits == [(2, 1)]  # 1 (score 0) goes, 0 (just scored 0.9) stays
+
+
+def test_bench_replay_compares_simulator_with_the_recording_executor(tmp_path):
+    import subprocess
+    import sys
+
+    from moecli.bench.replay import compare
+
+    m = moecli.load(four_layer_model(), placement="hybrimoe", expert_slots=3)
+    out = tmp_path / "trace.jsonl"
+    with m.record_trace(out):
+        list(m.generate(m.tokenize(TEXT), max_tokens=8, stop_at_eog=False))
+    r = compare(out)
+    # the replay makes the executor's decisions: its hit rate is the executor's
+    assert r["replay"]["hit_rate"] == pytest.approx(m.stats.hit_rate)
+    assert r["decode_passes"] == 6 and r["measured_tbt_ms"] > 0 and r["predicted_tbt_ms"] > 0
+    cli = subprocess.run([sys.executable, "-m", "moecli", "bench", "--replay", str(out)], capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert "simulated TBT / measured:" in cli.stdout and "| executor (measured) |" in cli.stdout
+    bad = tmp_path / "plain.jsonl"
+    bad.write_text(out.read_text().splitlines()[0].replace('"executor"', '"x"') + "\n")
+    cli = subprocess.run([sys.executable, "-m", "moecli", "bench", "--replay", str(bad)], capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode != 0 and cli.stderr.startswith("error:") and "executor trace" in cli.stderr

@@ -19,9 +19,11 @@ from moecli.chat.stats import dense_line
 NOISE = 0.2  # a relative standard deviation above this gets a warning: the ratios are not to be trusted
 
 MD_HEAD = ["model", "size", "params", "engine", "threads", "test", "t/s"]
-PLACED_HEAD = ["hit %", "CPU %"]
+PLACED_HEAD = ["hit %", "CPU %", "ms/layer", "model err %", "syncs/tok", "launches/tok"]
+HYBRID_FIELDS = ("hit_rate", "cpu_share", "layer_ms", "cost_model_error", "syncs_per_token", "launches_per_token",
+                 "decision_ms_per_layer")
 CSV_FIELDS = ["model", "size", "params", "engine", "threads", "test", "tps", "tps_std", "n_prompt", "n_gen",
-              "n_depth", "hit_rate", "cpu_share", "experts_gbs", "experts_gflops"]
+              "n_depth", *HYBRID_FIELDS, "experts_gbs", "experts_gflops"]
 
 
 def fmt_bytes(b: int) -> str:
@@ -46,7 +48,7 @@ def record(run: dict, r: dict) -> dict:
                avg_ts=r["tps"], stddev_ts=r["tps_std"],
                samples_ns=[int(x * 1e6) for x in r["samples_ms"]],
                samples_ts=[r["n"] / (x / 1e3) for x in r["samples_ms"] if x > 0])
-    for k in ("hit_rate", "cpu_share"):
+    for k in HYBRID_FIELDS:
         if k in r:
             out[k] = r[k]
     if r["kind"] == "tg" and r.get("experts_gbs"):
@@ -54,6 +56,10 @@ def record(run: dict, r: dict) -> dict:
     if r["kind"] == "pp" and r.get("experts_gflops"):
         out["experts_gflops"] = r["experts_gflops"]
     return out
+
+
+def _cell(rec: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    return fmt.format(rec[key] * scale) if rec.get(key) is not None else "-"
 
 
 def _std(xs: list[float]) -> float:
@@ -112,8 +118,9 @@ class Report:
             cells = [rec["model_filename"], fmt_bytes(rec["model_size"]), fmt_params(rec["model_n_params"]),
                      rec["engine"], str(rec["n_threads"]), rec["test"], f"{r['tps']:.2f} ± {r['tps_std']:.2f}"]
             if self.placements:
-                cells += [f"{100 * rec['hit_rate']:.1f}" if "hit_rate" in rec else "-",
-                          f"{100 * rec['cpu_share']:.0f}" if "cpu_share" in rec else "-"]
+                cells += [_cell(rec, "hit_rate", "{:.1f}", 100), _cell(rec, "cpu_share", "{:.0f}", 100),
+                          _cell(rec, "layer_ms", "{:.3f}"), _cell(rec, "cost_model_error", "{:+.0f}", 100),
+                          _cell(rec, "syncs_per_token", "{:.1f}"), _cell(rec, "launches_per_token", "{:.1f}")]
             self.out("| " + " | ".join(cells) + " |")
         elif self.fmt == "csv":
             buf = io.StringIO()
@@ -154,7 +161,7 @@ def _csv_row(rec: dict) -> dict:
     return dict(model=rec["model_filename"], size=rec["model_size"], params=rec["model_n_params"],
                 engine=rec["engine"], threads=rec["n_threads"], test=rec["test"], tps=rec["avg_ts"],
                 tps_std=rec["stddev_ts"], n_prompt=rec["n_prompt"], n_gen=rec["n_gen"], n_depth=rec["n_depth"],
-                hit_rate=rec.get("hit_rate"), cpu_share=rec.get("cpu_share"), experts_gbs=rec.get("experts_gbs"),
+                **{k: rec.get(k) for k in HYBRID_FIELDS}, experts_gbs=rec.get("experts_gbs"),
                 experts_gflops=rec.get("experts_gflops"))
 
 

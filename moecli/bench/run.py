@@ -52,6 +52,9 @@ class BenchSpec:
     threads: int | None = None
     engine: str = "ggml"  # ggml / torch / hybrid (placement)
     placement: str | None = None
+    device: str = "cpu"  # the hybrid path's device (placements), and llama.cpp's GPU offload when it has one
+    expert_slots: int = 0  # device expert slots per layer (placements)
+    llama_ngl: int = 0  # llama.cpp's -ngl (its GPU offload; 0 without a CUDA build)
     seed: int = SEED
     flash_attn: bool = True  # False: both sides take llama.cpp's non-flash attention
 
@@ -168,7 +171,7 @@ def run_moecli(spec: BenchSpec) -> dict:
     rss_before = _rss_now()
     opts = dict(n_ctx=spec.n_ctx, threads=spec.threads, flash_attn=spec.flash_attn)
     if spec.placement:
-        opts["placement"] = spec.placement
+        opts.update(placement=spec.placement, device=spec.device, expert_slots=spec.expert_slots)
     else:
         opts["engine"] = spec.engine
     t0 = time.perf_counter()
@@ -206,7 +209,7 @@ def run_moecli(spec: BenchSpec) -> dict:
         for rep in range(spec.reps + 1):  # rep 0: warm-up
             _emit(_EVENT, {"test": test_name(kind, n, depth), "rep": rep, "reps": spec.reps})
             if rep == 1:
-                placed = snapshot(m)  # the expert counters of the timed repetitions only
+                placed = hybrid_snapshot(m)  # the expert counters of the timed repetitions only
             cache.pos = depth
             toks = _tokens(spec.seed, c.n_vocab, n if kind == "pp" else n + 1, 100 + rep)
             if kind == "tg":
@@ -235,7 +238,7 @@ def run_moecli(spec: BenchSpec) -> dict:
             r["experts_share"] = exp_s / sum(times)
             r["experts_gbs"] = exp_b / exp_s / 1e9
             r["experts_gflops"] = 2 * 3 * c.n_embd * c.n_ff_exp * exp_p / exp_s / 1e9
-        r.update(placement_figures(placed, snapshot(m)))
+        r.update(placement_figures(placed, hybrid_snapshot(m), n * len(times)))
         results.append(r)
         _emit(_ROW, {k: v for k, v in r.items() if k != "routes"})
     peak_rss = _peak_rss()  # before the kernel probe below, which allocates prompt-sized buffers of its own
@@ -257,17 +260,40 @@ def run_moecli(spec: BenchSpec) -> dict:
     )
 
 
-def placement_figures(before: dict | None, after: dict | None) -> dict:
-    """Expert-cache hit rate and the CPU share of the experts run, between two counter snapshots (hybrid only)."""
+def hybrid_snapshot(m) -> dict | None:
+    """The hybrid executor's cumulative counters and per-layer sums now (None for other engines)."""
+    st = m.stats
+    if st is None or not hasattr(st, "layer_ms"):
+        return snapshot(m)
+    d = st.as_dict()
+    d.update(layer_ms=sum(st.layer_ms.values()), predicted_ms=sum(st.predicted_ms.values()),
+             layer_calls=st.calls * len(m.transformer.experts.layers))
+    return d
+
+
+def placement_figures(before: dict | None, after: dict | None, tokens: int = 0) -> dict:
+    """Between two counter snapshots (hybrid only): expert-cache hit rate, CPU share of the experts run, and with the
+    executor's counters ms per MoE layer (experts call), the cost model's error on it, host<->device syncs and device
+    launches per token, decision-core ms per layer."""
     if not before or not after:
         return {}
-    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    d = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))
+         and isinstance(before.get(k, 0), (int, float))}
     ran = d.get("cpu_experts", 0) + d.get("device_experts", 0)
     out = {}
     if d.get("active", 0) > 0:
         out["hit_rate"] = d.get("hits", 0) / d["active"]
     if ran > 0:
         out["cpu_share"] = d.get("cpu_experts", 0) / ran
+    calls = d.get("layer_calls", 0)
+    if calls > 0:
+        out["layer_ms"] = d["layer_ms"] / calls
+        out["decision_ms_per_layer"] = (d.get("decision_ms", 0.0) + d.get("prefetch_ms", 0.0)) / calls
+        if d["layer_ms"] > 0:
+            out["cost_model_error"] = d["predicted_ms"] / d["layer_ms"] - 1.0
+    if tokens > 0 and "syncs" in d:
+        out["syncs_per_token"] = d["syncs"] / tokens
+        out["launches_per_token"] = d["launches"] / tokens
     return out
 
 
@@ -432,7 +458,7 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
 
         threads = physical_cores()
     mp = L.llama_model_default_params()
-    mp.n_gpu_layers = 0
+    mp.n_gpu_layers = spec.llama_ngl
     t0 = time.perf_counter()
     model = L.llama_model_load_from_file(str(spec.model).encode(), mp)
     if not model:
@@ -560,6 +586,31 @@ def _run_worker(worker: str, spec: BenchSpec, timeout: float | None = None, on_r
 
 def bench_moecli(spec: BenchSpec, timeout: float | None = None, **callbacks) -> dict:
     return _run_worker("moecli", spec, timeout, **callbacks)
+
+
+def llama_cpp_has_gpu() -> bool:
+    """Whether this llama-cpp-python was built with a GPU backend (a CPU-only wheel says no)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def llama_cpp_spec(spec: BenchSpec, device: str, placements: list[str], expert_slots: int, say) -> BenchSpec:
+    """llama.cpp's side of a hybrid comparison: -ngl 99 on the same GPU when its build has one; CPU-only (said in one
+    line) otherwise."""
+    from dataclasses import replace
+
+    if device == "cpu":
+        return spec
+    if not llama_cpp_has_gpu():
+        say("llama.cpp: this llama-cpp-python has no GPU backend (built without CUDA): its run is CPU-only (-ngl 0), "
+            "not its -ngl 99 --n-cpu-moe hybrid")
+        return spec
+    if any(p != "n-cpu-moe=0" for p in placements):
+        raise MoecliError("--vs-llama-cpp on a GPU: llama.cpp's --n-cpu-moe (tensor buffer overrides through "
+                          "llama-cpp-python) is not wired yet; compare with --placement n-cpu-moe=0 (all experts on "
+                          "the GPU, -ngl 99)")
+    return replace(spec, llama_ngl=99)
 
 
 def bench_llama_cpp(spec: BenchSpec, timeout: float | None = None, **callbacks) -> dict:

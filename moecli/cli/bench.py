@@ -2,6 +2,7 @@
 `--simulate` a prediction of hybrid speed from a routing trace and a host profile."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +27,13 @@ def bench(
     synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark a random-weight model of this "
                                                                        "geometry (e.g. qwen3-30b-a3b), cached."),
     layers: int = typer.Option(4, "--layers", help="Layers of the --synthetic model."),
+    device: str = typer.Option("cpu", "--device", help="Device of the hybrid path (--placement): cpu, cuda, "
+                                                       "cuda:N; llama.cpp offloads to the GPU when built with CUDA."),
+    expert_slots: int = typer.Option(0, "--expert-slots", min=0, help="Device expert slots per layer "
+                                                                      "(--placement)."),
     simulate: bool = typer.Option(False, "--simulate", help="Simulate placements over a routing trace."),
+    replay: Optional[Path] = typer.Option(None, "--replay", help="A trace `chat --record-trace` wrote: the "
+                                                                  "simulator's TBT vs the executor's measured one."),
     trace: Optional[Path] = typer.Option(None, "--trace", help="Routing trace file or directory (default: the "
                                                                "newest in the user's traces directory)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Host profile: a name (hybrimoe-testbed, "
@@ -56,6 +63,12 @@ def bench(
 ) -> None:
     """Benchmark a model like llama-bench (pp/tg tokens/s, optionally vs llama.cpp), or with --simulate predict
     hybrid CPU/GPU speed on a host profile."""
+    if replay is not None:
+        from moecli.bench import replay as RP
+
+        out = RP.compare(replay)
+        typer.echo(json.dumps(out, indent=1) if output == "json" else RP.render(out), nl=False)
+        return
     if kernels:
         from gguf import GGMLQuantizationType
 
@@ -84,7 +97,7 @@ def bench(
         if plot is not None:
             raise MoecliError("--plot draws --simulate's results (the real benchmark prints rows: -o csv for a plot)")
         _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic,
-                    layers, quant, output or "md", flash_attn)
+                    layers, quant, output or "md", flash_attn, device, expert_slots)
         return
     _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output or "table",
               plot)
@@ -140,7 +153,7 @@ def int_list(text: str, flag: str, least: int = 0) -> list[int]:
 
 
 def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic, layers,
-                quant, output, flash_attn=True) -> None:
+                quant, output, flash_attn=True, device="cpu", expert_slots=0) -> None:
     from moecli.bench import report, run as R
     from moecli.bench.synthetic import synthetic_model
     from moecli.resolve import PULL_HINT, resolve_model
@@ -176,6 +189,11 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
         if model is None:
             typer.echo(f"no MODEL given: benchmarking the embedded {path.name} (dense). For a real MoE: "
                        f"`{PULL_HINT}`, or `moecli bench --synthetic qwen3-30b-a3b --layers 4`", err=True)
+    from moecli.devices import resolve_device
+
+    device = resolve_device(device)
+    if (device != "cpu" or expert_slots) and not placements:
+        raise MoecliError("--device and --expert-slots choose the hybrid path: give --placement too")
     if vs_llama_cpp and Path(path).is_dir():
         raise MoecliError("--vs-llama-cpp needs a GGUF file (llama.cpp cannot read a safetensors directory)")
     rep = report.Report(output, placements=bool(placements))
@@ -184,10 +202,14 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
     for t in thread_list:  # as llama-bench: every engine at one thread count, then the next count
         base = dict(model=str(path), n_prompt=prompts, n_gen=gens, depths=dlist, reps=reps, threads=t,
                     flash_attn=flash_attn)
-        specs = ([R.BenchSpec(**base, engine="hybrid", placement=p) for p in placements] if placements
-                 else [R.BenchSpec(**base, engine=e) for e in engines])
+        specs = ([R.BenchSpec(**base, engine="hybrid", placement=p, device=device, expert_slots=expert_slots)
+                  for p in placements] if placements else [R.BenchSpec(**base, engine=e) for e in engines])
         mine = [R.bench_moecli(s, **callbacks) for s in specs]
-        ref = R.bench_llama_cpp(R.BenchSpec(**base), **callbacks) if vs_llama_cpp else None
+        ref = None
+        if vs_llama_cpp:
+            ref_spec = R.llama_cpp_spec(R.BenchSpec(**base), device, placements, expert_slots,
+                                        lambda m: typer.echo(m, err=True))
+            ref = R.bench_llama_cpp(ref_spec, **callbacks)
         runs += mine
         refs += [ref] if ref else []
         summaries += [R.compare(r, ref) for r in mine]

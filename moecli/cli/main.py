@@ -65,9 +65,9 @@ def _root(version: Optional[bool] = typer.Option(None, "--version", "-V", callba
 
 def _register() -> None:
     # Each command module exposes `register(app)`; importing them here keeps startup in one place.
-    from moecli.cli import bench, chat, profile, pull, serve
+    from moecli.cli import bench, chat, doctor, profile, pull, serve
 
-    for module in (pull, profile, chat, bench, serve):
+    for module in (pull, profile, chat, bench, serve, doctor):
         module.register(app)
 
 

@@ -71,7 +71,7 @@ class Stats:
                 for l, ms in sorted(self.layer_ms.items())} if n else {}
 
     def as_dict(self) -> dict:
-        return {"hit_rate": self.hit_rate, "active": self.active, "cpu_experts": self.cpu_experts,
+        return {"hit_rate": self.hit_rate, "active": self.active, "hits": self.hits, "cpu_experts": self.cpu_experts,
                 "device_experts": self.device_experts, "copied_experts": self.copied_experts,
                 "prefetched": self.prefetched, "bytes_copied": self.bytes_copied, "cpu_share": self.cpu_share,
                 "syncs": self.syncs, "launches": self.launches, "calls": self.calls,
@@ -152,10 +152,6 @@ class HybridExperts:
         copy_free = self._copy_free_at(now)
         d = core.plan_layer(layer, tokens, sc, n, now, copy_free, now)
         self._copy_free = max(self._copy_free, d.copy_end)
-        t_copy = time.perf_counter()
-        for e, victim in d.loads:
-            self._load(layer, e, victim)
-        self._copy_time(len(d.loads), t_copy)
         st.active += len(tokens)
         st.hits += len(d.cached)
 
@@ -172,6 +168,10 @@ class HybridExperts:
                 fut.add_done_callback(lambda f: self._cpu_times.append((m, N, (time.perf_counter() - t_cpu) * 1e3)))
         st.cpu_experts += len(d.cpu)
         st.device_experts += len(d.device)
+        t_copy = time.perf_counter()  # after the CPU's submit: without CUDA these copies hold this thread
+        for e, victim in d.loads:
+            self._load(layer, e, victim)
+        self._copy_time(len(d.loads), t_copy)
 
         t_dev = time.perf_counter()
         out = self._device_experts(layer, hidden, ids, weights, d.device, set(d.scratch))

@@ -81,18 +81,22 @@ class Simulator:
     hot set, as if the model had just been loaded with it). `recorded_clock`: take each layer's clock readings and
     each pass's cost model from the trace (one the executor recorded) instead of simulating them: a replay, whose
     decisions are the executor's. `whole_layer_offload`: model llama.cpp copying a CPU layer's experts for a batch
-    of >= 32 tokens in layer-split placements (default: yes, except in replays: the executor does not)."""
+    of >= 32 tokens in layer-split placements (default: yes, except in replays: the executor does not).
+    `sync_copies`: the executor on a device without a copy engine (torch's CPU device): copies hold the device's
+    thread (demand copies before its experts, prefetch and admissions after them), the CPU experts overlap them."""
 
     def __init__(self, placement: Placement, costs: CostModel, layers: list[int], n_experts: int, slots: int,
                  calib: dict[int, dict[int, int]], predictor_accuracy: float = 0.9, horizon: int = 3,
                  seed: int = 0, record: bool = False, initial: dict[int, list[int]] | None = None,
-                 recorded_clock: bool = False, log: list | None = None, whole_layer_offload: bool | None = None):
+                 recorded_clock: bool = False, log: list | None = None, whole_layer_offload: bool | None = None,
+                 sync_copies: bool = False):
         self.p, self.costs, self.layers, self.E, self.slots = placement, costs, layers, n_experts, slots
         self.initial = StaticCache.hot_set(calib, slots) if initial is None else initial
         self.predictor = NoisyPredictor(n_experts, predictor_accuracy, seed)
         self.horizon, self.record, self.recorded_clock, self.log = horizon, record, recorded_clock, log
         # llama.cpp's op offload of large batches in layer-split mode; moecli's executor runs them on the CPU
         self.offload = not recorded_clock if whole_layer_offload is None else whole_layer_offload
+        self.sync_copies = sync_copies
 
     def _predict(self, ps: Pass, pi: int, li: int, d: int) -> tuple[dict[int, int], float]:
         l = self.layers[li + d]
@@ -125,6 +129,8 @@ class Simulator:
                 if clock:
                     t0, copy_free, cpu_free = clock["now"], clock["copy"], clock["cpu"]
                 dev_free = t0
+                if self.sync_copies and not clock:
+                    copy_free = t0  # synchronous copies: the engine is never behind
                 d = core.plan_layer(l, tok, r.mean_scores(), T, t0, copy_free, cpu_free)
                 copy0, cpu0 = max(copy_free, t0), max(cpu_free, t0)
                 res.lookups += len(tok)
@@ -134,7 +140,12 @@ class Simulator:
                 if not core.split:
                     res.decision_s += d.decision_s
                     res.decisions += 1
-                mk, ce, de, _ = evaluate(d.tokens, d.cpu, d.device, d.copies, c, cpu0, t0, copy0, d.ready)
+                if self.sync_copies:  # the copies first on the device's thread, then its experts
+                    dev0 = t0 + len(d.copies) * c.copy_ms
+                    mk, ce, de, _ = evaluate(d.tokens, d.cpu, d.device, [], c, cpu0, dev0, copy0, d.ready)
+                    de = max(de, dev0)
+                else:
+                    mk, ce, de, _ = evaluate(d.tokens, d.cpu, d.device, d.copies, c, cpu0, t0, copy0, d.ready)
                 copy_free = d.copy_end
                 n_copies = len(d.copies) + d.offload_copies
                 res.copies += n_copies
@@ -147,7 +158,9 @@ class Simulator:
                     res.cpu_tokens += tok[e]
                 for e in d.device:
                     res.dev_tokens += tok[e]
-                t = mk
+                t = de if self.sync_copies else mk  # sync: decided on the device's thread, before the CPU joins
+                if self.sync_copies:
+                    copy_free = t
                 if clock:
                     t, copy_free = clock["after_now"], clock["after_copy"]
                 preds = ({dd: self._predict(ps, pi, li, dd) for dd in range(1, self.horizon + 1) if li + dd < len(L)}
@@ -155,6 +168,9 @@ class Simulator:
                 a = core.after_layer(l, d.tokens, d.cpu, r.mean_scores(), T, t, copy_free, preds)
                 copy_free = a.copy_free
                 n_after = len(a.prefetch) + len(a.admits)
+                if self.sync_copies and not clock:
+                    t = max(mk, t + n_after * c.copy_ms)  # those copies hold the thread, then the CPU joins
+                    copy_free = dev_free = t
                 res.copies += n_after
                 res.prefetch_copies += len(a.prefetch)
                 res.copied_bytes += n_after * nb

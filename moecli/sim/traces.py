@@ -4,7 +4,8 @@
 In memory a trace is sequences of forward passes (a prefill batch or one decode step); each pass holds, per MoE
 layer, per token: selected expert ids, their weights, the full router scores when known, and predictions made
 d layers earlier when known. The moecli format (JSONL, docs/simulator.md):
-  line 1: {"format":"moecli-trace","version":1,"model":NAME,"n_experts":E,"top_k":K,"layers":[...]}
+  line 1: {"format":"moecli-trace","version":1,"model":NAME,"n_experts":E,"top_k":K,"layers":[...],
+           "executor":{"placement":P,"slots":N} (optional: the run that recorded it)}
   then one record per (sequence, pass, layer):
   {"seq":S,"pass":P,"kind":"prefill"|"decode","layer":L,"ids":[[..K]..T],"weights":[[..K]..T],
    "scores":[[..E]..T] (optional),"pred":{"1":[[..K]..T],"2":...,"3":...} (optional),
@@ -87,6 +88,7 @@ class Trace:
     source: str = ""
     full_scores: bool = False
     has_predictions: bool = False
+    executor: dict | None = None  # the recording executor's placement and slots (replays)
 
 
 def write_trace(trace: Trace, path: str | Path) -> None:
@@ -94,8 +96,11 @@ def write_trace(trace: Trace, path: str | Path) -> None:
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     with tmp.open("w") as f:
-        f.write(json.dumps({"format": "moecli-trace", "version": 1, "model": trace.model,
-                            "n_experts": trace.n_experts, "top_k": trace.top_k, "layers": trace.layers}) + "\n")
+        head = {"format": "moecli-trace", "version": 1, "model": trace.model, "n_experts": trace.n_experts,
+                "top_k": trace.top_k, "layers": trace.layers}
+        if trace.executor:
+            head["executor"] = trace.executor
+        f.write(json.dumps(head) + "\n")
         for s in trace.sequences:
             for pi, ps in enumerate(s.passes):
                 for layer, r in sorted(ps.layers.items()):
@@ -134,7 +139,7 @@ def _read_moecli(path: Path, head: dict) -> Trace:
                 ps.costs = r["costs"]
     sequences = [Sequence(k, [v[i] for i in sorted(v)]) for k, v in seqs.items()]
     return Trace(head.get("model", ""), int(head["n_experts"]), int(head["top_k"]), list(head["layers"]),
-                 sequences, str(path), full, preds)
+                 sequences, str(path), full, preds, head.get("executor"))
 
 
 def _read_mixtral(path: Path) -> Trace:
