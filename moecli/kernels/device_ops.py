@@ -187,7 +187,7 @@ def grouped_experts(x: torch.Tensor, pair_tok: torch.Tensor, pair_exp: torch.Ten
     kern.gate_up_kernel[(_cdiv(ff, bn), nb)](
         x, x.stride(0), pair_tok, blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes, og, ou,
         lut, bg, bu, h, ff, d, row_bytes(tg, d), row_bytes(tu, d), TYPE_G=int(tg), TYPE_U=int(tu),
-        HAS_BIAS=biases is not None, OAI=act == "swiglu_oai", BM=bm, BN=bn, BK=bk, DOT=dot)
+        HAS_BIAS=biases is not None, OAI=act == "swiglu_oai", RELU=act == "reglu", BM=bm, BN=bn, BK=bk, DOT=dot)
     y = torch.zeros((P, d), dtype=torch.float32, device=dev)
     _, bn2, bk2, _ = _tiles(min(x.shape[0], P), d, ff)
     kern.down_kernel[(_cdiv(d, bn2), nb)](

@@ -137,6 +137,7 @@ ggml_mul_mat_id = _fn(_base, "ggml_mul_mat_id", _T, _P, _T, _T, _T)
 ggml_swiglu_split = _fn(_base, "ggml_swiglu_split", _T, _P, _T, _T)
 # gpt-oss experts: per-expert biases (dst[:, i1, i2] = a[:, i1, i2] + b[:, ids[i1, i2]]) and the clamped SwiGLU
 ggml_add_id = _fn(_base, "ggml_add_id", _T, _P, _T, _T, _T)
+ggml_reglu_split = _fn(_base, "ggml_reglu_split", _T, _P, _T, _T)
 ggml_swiglu_oai = _fn(_base, "ggml_swiglu_oai", _T, _P, _T, _T, C.c_float, C.c_float)
 # a whole forward pass as llama.cpp builds it (moecli.runtime.ggml_forward): the attention block ...
 _f = C.c_float

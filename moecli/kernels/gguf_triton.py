@@ -204,7 +204,7 @@ def _block(blk_expert, blk_pairs, slot_table, E, BM: tl.constexpr):
 def gate_up_kernel(x, sxm, pair_tok, blk_expert, blk_pairs, slot_table, E, storage, slot_bytes, gate_off, up_off,
                    lut, bias_g, bias_u, h, N, K, row_bytes_g, row_bytes_u,
                    TYPE_G: tl.constexpr, TYPE_U: tl.constexpr, HAS_BIAS: tl.constexpr, OAI: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+                   RELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
     """h[pair, :N] = glu(x[tok] Wg^T + bg, x[tok] Wu^T + bu) for the BM pairs of one block (one expert)."""
     e, slot, pairs = _block(blk_expert, blk_pairs, slot_table, E, BM)
     if slot < 0:
@@ -233,6 +233,8 @@ def gate_up_kernel(x, sxm, pair_tok, blk_expert, blk_pairs, slot_table, E, stora
         g = tl.minimum(acc_g, OAI_LIMIT)
         u = tl.minimum(tl.maximum(acc_u, -OAI_LIMIT), OAI_LIMIT)
         out = g / (1.0 + tl.exp(g * -OAI_ALPHA)) * (u + 1.0)
+    elif RELU:  # ggml reglu: relu(g) * u (SmallThinker)
+        out = tl.maximum(acc_g, 0.0) * acc_u
     else:  # silu(g) * u
         out = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(h + pairs[:, None].to(tl.int64) * N + rn[None, :], out, mask=valid[:, None] & nin[None, :])

@@ -68,6 +68,9 @@ class ModelConfig:
     swa_layers: tuple = ()  # layer indices that use the sliding window
     attn_sinks: bool = False  # a learned per-head logit in every softmax denominator
     expert_act: str = "swiglu"  # "swiglu" | "swiglu_oai" (x = min(g, 7); x * sigmoid(1.702 x) * (clamp(u, ±7) + 1))
+    #                             | "reglu" (relu(g) * u: SmallThinker)
+    nope_layers: tuple = ()  # layer indices whose q/k are not rotated (SmallThinker's full-attention layers)
+    router_input: str = "ffn"  # what the router reads: the FFN input, or "layer": the layer input (SmallThinker)
 
     def __post_init__(self):
         if not self.rope_dim:

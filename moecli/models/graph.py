@@ -162,23 +162,30 @@ class GraphBuilder:
     def residual(self, l: int, att, inp):
         """att + inp; in the last layer only each sequence's last token goes on unless every token's logits are
         wanted."""
-        p, d, n = self.p, self.c.n_embd, self.n
-        if l == self.c.n_layer - 1 and not self.all_logits and n > len(self.sizes):
-            if self.single:
-                att = G.ggml_view_2d(p, att, d, 1, d * 4, (n - 1) * d * 4)
-                inp = G.ggml_view_2d(p, inp, d, 1, d * 4, (n - 1) * d * 4)
-            else:
-                att, inp = G.ggml_get_rows(p, att, self.out_ids_t), G.ggml_get_rows(p, inp, self.out_ids_t)
+        att, inp = self.kept_rows(l, att), self.kept_rows(l, inp)
+        if self.drops_rows(l):
             self.m = len(self.sizes)
-        return G.ggml_add(p, att, inp)
+        return G.ggml_add(self.p, att, inp)
 
-    def build_moe_ffn(self, l: int, L: dict, h, residual):
+    def drops_rows(self, l: int) -> bool:
+        return l == self.c.n_layer - 1 and not self.all_logits and self.n > len(self.sizes)
+
+    def kept_rows(self, l: int, t):
+        """t [w, n] reduced to the rows that go on past the last layer (see residual)."""
+        if not self.drops_rows(l):
+            return t
+        p, n, w = self.p, self.n, t.contents.ne[0]
+        if self.single:
+            return G.ggml_view_2d(p, t, w, 1, w * 4, (n - 1) * w * 4)
+        return G.ggml_get_rows(p, t, self.out_ids_t)
+
+    def build_moe_ffn(self, l: int, L: dict, h, residual, logits=None):
         """experts (+ shared expert) + residual. Split mode: the graph segment ends at the routing and the shared
         expert; the next layer reads x from a buffer the experts' sum is written into (`segments`)."""
         if not self.split:
-            return G.ggml_add(self.p, self._moe(l, L, h), residual)
+            return G.ggml_add(self.p, self._moe(l, L, h, logits=logits), residual)
         m, d = self.m, self.c.n_embd
-        shared = self._moe(l, L, h, experts=False)
+        shared = self._moe(l, L, h, experts=False, logits=logits)
         for t in (residual, h) + ((shared,) if shared is not None else ()):
             G.ggml_set_output(t)
         self.segments.append(self.segment([residual, h, shared, *self.routing[-1][1:]], l, residual, h, shared))
@@ -202,11 +209,13 @@ class GraphBuilder:
 
     # ------------------------------------------------------------------------------------------------ MoE
 
-    def _moe(self, l: int, L: dict, h, experts: bool = True):
-        """Without `experts`: the routing and the shared expert's output only (None without one)."""
+    def _moe(self, l: int, L: dict, h, experts: bool = True, logits=None):
+        """Without `experts`: the routing and the shared expert's output only (None without one). `logits`: the
+        router's, when it read something else than h (SmallThinker: the layer input)."""
         p, c, W, m = self.p, self.c, self.W, self.m
         E, k, d = c.n_expert, c.n_expert_used, c.n_embd
-        logits = G.ggml_mul_mat(p, W(L["ffn_gate_inp"]), h)  # [E, m]
+        if logits is None:
+            logits = G.ggml_mul_mat(p, W(L["ffn_gate_inp"]), h)  # [E, m]
         if L.get("ffn_gate_inp.bias") is not None:
             logits = G.ggml_add(p, logits, W(L["ffn_gate_inp.bias"]))
         probs = G.ggml_sigmoid(p, logits) if c.gating == "sigmoid" else G.ggml_soft_max(p, logits)
@@ -239,10 +248,7 @@ class GraphBuilder:
         g, u = G.ggml_mul_mat_id(p, gate, x3, ids), G.ggml_mul_mat_id(p, up, x3, ids)
         if bg is not None:  # gpt-oss: each pair's expert bias (llama.cpp's add_id)
             g, u = G.ggml_add_id(p, g, bg, sel), G.ggml_add_id(p, u, bu, sel)
-        if c.expert_act == "swiglu_oai":
-            a = G.ggml_swiglu_oai(p, g, u, OAI_ALPHA, OAI_LIMIT)
-        else:
-            a = G.ggml_swiglu_split(p, g, u)
+        a = glu(p, g, u, c.expert_act)
         y = G.ggml_mul_mat_id(p, down, a, ids)
         if bd is not None:
             y = G.ggml_add_id(p, y, bd, sel)
@@ -282,3 +288,12 @@ class GraphBuilder:
                 g = G.ggml_mul_mat(p, W(L["ffn_gate_inp_shexp"]), h)
                 s = G.ggml_mul(p, s, G.ggml_div(p, G.ggml_silu(p, g), g))
         return s
+
+
+def glu(p, g, u, act: str):
+    """The experts' gated activation node, as llama.cpp's build_moe_ffn picks it."""
+    if act == "swiglu_oai":
+        return G.ggml_swiglu_oai(p, g, u, OAI_ALPHA, OAI_LIMIT)
+    if act == "reglu":
+        return G.ggml_reglu_split(p, g, u)
+    return G.ggml_swiglu_split(p, g, u)

@@ -90,6 +90,7 @@ class Transformer:
         pos = torch.arange(start, start + n, device=self.device)
         x = self.embed(tokens)
         for l, layer in enumerate(self.layers):
+            self.layer_input = x  # what a SmallThinker router reads
             x, h = self.attention_block(l, layer, x, pos, cache, start)
             x = x + self.ffn(l, layer, h)
         cache.pos = start + n
@@ -127,14 +128,17 @@ class Transformer:
         k = k.view(n, c.n_head_kv, c.head_dim)
         if c.qk_norm == "head":
             q, k = rms_norm(q, layer.q_norm, c.rms_eps), rms_norm(k, layer.k_norm, c.rms_eps)
-        q, k = self.rope(q, pos), self.rope(k, pos)
+        if l not in c.nope_layers:
+            q, k = self.rope(q, pos), self.rope(k, pos)
         cache.k[l, start:start + n] = k
         cache.v[l, start:start + n] = v.view(n, c.n_head_kv, c.head_dim)
         out = attend(q, cache.k[l, :start + n], cache.v[l, :start + n], start)
         return layer.o(out)
 
     def moe(self, l, layer: Layer, h) -> torch.Tensor:
-        probs, ids, weights = route(self.config, layer.router(h), layer.exp_bias)
+        c = self.config
+        probs, ids, weights = route(c, layer.router(self.layer_input if c.router_input == "layer" else h),
+                                    layer.exp_bias)
         if self.on_router is not None:
             self.on_router(l, probs, ids, weights)
         out = self.experts(l, h, ids, weights, probs)
@@ -148,9 +152,9 @@ class Transformer:
 
 # ------------------------------------------------------------------------------------------------ ggml graph
 
-def ggml_qkv(g, L: dict, h):
-    """q [hd, H, n], k [hd, Hkv, n] roped, v [hd * Hkv, n]: projections (+ biases), q/k RMSNorm over the projection
-    (OLMoE) or per head (Qwen3)."""
+def ggml_qkv(g, L: dict, h, rope: bool = True):
+    """q [hd, H, n], k [hd, Hkv, n] roped (unless not `rope`), v [hd * Hkv, n]: projections (+ biases), q/k RMSNorm
+    over the projection (OLMoE) or per head (Qwen3)."""
     c = g.c
     q, k, v = (g.linear((L[f"attn_{p}"], L.get(f"attn_{p}.bias")), h) for p in "qkv")
     if c.qk_norm == "full":
@@ -158,7 +162,7 @@ def ggml_qkv(g, L: dict, h):
     q, k = g.heads(q, c.head_dim, c.n_head), g.heads(k, c.head_dim, c.n_head_kv)
     if c.qk_norm == "head":
         q, k = g.build_norm(q, L["attn_q_norm"]), g.build_norm(k, L["attn_k_norm"])
-    return g.rope_heads(q), g.rope_heads(k), v
+    return (g.rope_heads(q), g.rope_heads(k), v) if rope else (q, k, v)
 
 
 def kv_shape(c) -> tuple[int, int, int]:

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType
 from moecli.errors import MoecliError
 from moecli.formats.tensor import TensorData
 from moecli.kernels import ggml as G
-from moecli.models.config import OAI_ALPHA, OAI_LIMIT
+from moecli.models.graph import glu
 
 T = GGMLQuantizationType
 # Types whose per-expert mul_mat goes through llamafile's sgemm and beats mul_mat_id on big batches (FACTS §1).
@@ -274,10 +274,7 @@ class CpuExperts:
         if bu:
             u = G.ggml_add_id(ctx.ptr, u, bu, it)
             nodes.append(u)
-        if L.act == "swiglu_oai":
-            a = G.ggml_swiglu_oai(ctx.ptr, g, u, OAI_ALPHA, OAI_LIMIT)
-        else:
-            a = G.ggml_swiglu_split(ctx.ptr, g, u)
+        a = glu(ctx.ptr, g, u, L.act)
         y = G.ggml_mul_mat_id(ctx.ptr, down, a, it)
         nodes += [a, y]
         if bd:

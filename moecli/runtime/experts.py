@@ -13,7 +13,9 @@ from moecli.models.layers import to_torch
 
 
 def glu(g: torch.Tensor, u: torch.Tensor, act: str = "swiglu") -> torch.Tensor:
-    """The experts' gated activation, rounded like ggml's swiglu_split / swiglu_oai."""
+    """The experts' gated activation, rounded like ggml's swiglu_split / swiglu_oai / reglu_split."""
+    if act == "reglu":
+        return F.relu(g) * u
     if act == "swiglu_oai":
         x, y = g.clamp(max=OAI_LIMIT), u.clamp(-OAI_LIMIT, OAI_LIMIT)
         return x / (1.0 + torch.exp(x * -OAI_ALPHA)) * (y + 1.0)

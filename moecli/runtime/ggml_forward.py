@@ -60,7 +60,7 @@ class GgmlKVCache:
 
 def supported(ckpt: Checkpoint, experts) -> bool:
     """Whether the one-graph forward can run this checkpoint: expert stacks ggml can address as 3-D tensors, plain
-    SwiGLU experts without biases or gpt-oss's clamped SwiGLU with them (GraphBuilder.build_moe_ffn)."""
+    SwiGLU experts without biases, gpt-oss's clamped SwiGLU with them, SmallThinker's ReGLU (GraphBuilder.build_moe_ffn)."""
     c = ckpt.config
     if c.rope_scaling == "yarn" and not c.yarn_truncate:  # ggml's rope rounds YaRN's correction range
         return False
@@ -68,7 +68,7 @@ def supported(ckpt: Checkpoint, experts) -> bool:
         return False
     if not c.is_moe:
         return True
-    return experts is not None and all(L.stacked is not None and (L.plain or c.expert_act == "swiglu_oai")
+    return experts is not None and all(L.stacked is not None and (L.plain or c.expert_act != "swiglu")
                                        for L in experts.engine.layers.values())
 
 
