@@ -86,7 +86,7 @@ TINY["glm4moe"] = ("glm4moe", SynthDims(
     extra=(("rope_dim", 32),)))
 
 # smallthinker (tests/test_smallthinker.py): 5 layers (0 and 4 full attention without RoPE, 1-3 sliding window
-# with RoPE), router on the layer input, softmax top-2 of 8 renormalised, ReGLU experts, tied output
+# with RoPE), router on the layer input, softmax top-2 of 8 renormalised, ReGLU experts
 TINY["smallthinker"] = ("smallthinker", SynthDims(
     n_vocab=512, n_embd=256, n_layer=5, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_expert=8, n_expert_used=2,
     context_length=2048, rope_theta=1.5e6, rms_eps=1e-6))

@@ -44,6 +44,12 @@ def from_gguf(g):
         raise UnsupportedError(f"{g.path.name}: rope.dimension_count {n_rot} != head dim {head_dim} (llama.cpp "
                                "requires them equal for smallthinker)")
     swa = int(g.arch_get("attention.sliding_window", 0) or 0) > 0
+    # this llama.cpp fixes the layer pattern and one RoPE base: refuse files that ask for another
+    if g.arch_get("attention.sliding_window_pattern") not in (None, STEP):
+        raise UnsupportedError(f"{g.path.name}: attention.sliding_window_pattern "
+                               f"{g.arch_get('attention.sliding_window_pattern')} is not supported (only {STEP})")
+    if g.arch_get("rope.freq_base_swa") not in (None, g.arch_get("rope.freq_base", 10000.0)):
+        raise UnsupportedError(f"{g.path.name}: a separate RoPE base for sliding-window layers is not supported")
     return gguf_common(g, head_dim=head_dim, n_ff_exp=int(g.require("expert_feed_forward_length")), gating=gating,
                        **_fixed(**_layout(n_layer, swa)))
 
@@ -63,9 +69,9 @@ def build_layer(g, l: int, L: dict, x):
 
 def synth_config(d):
     """moecli.synth.SynthDims as the config its file loads into; `extra`: ("gating", "softmax"|"sigmoid"),
-    ("swa", True|False) (default: softmax, sliding window on)."""
+    ("swa", True|False) (default: softmax, sliding window on); tie_embeddings honoured (the 4B is tied)."""
     extra = dict(d.extra)
-    return synth_common(d, "smallthinker", gating=extra.get("gating", "softmax"),
+    return synth_common(d, "smallthinker", gating=extra.get("gating", "softmax"), tie_embeddings=d.tie_embeddings,
                         **_fixed(**_layout(d.n_layer, extra.get("swa", True))))
 
 

@@ -144,6 +144,15 @@ REAL_MODELS: dict[str, RealModel] = {
         _m("glm-4.5-air", "glm4moe", n_vocab=151552, n_embd=4096, n_layer=46, n_head=96, n_head_kv=8,
            head_dim=128, n_ff=1408, n_expert=128, n_expert_used=8, n_ff_shexp=1408, n_dense=1, n_ff_dense=10944,
            context_length=131072, rope_theta=1e6, rms_eps=1e-5, attn_bias=True, extra=(("rope_dim", 64),)),
+        # SmallThinker-21B-A3B: 52 layers, 2560 hidden, 64 experts (768, ReGLU) top-6 softmax, no shared; 28/4 heads
+        # of 128; every fourth layer full attention without RoPE, the others a 4096-key sliding window.
+        _m("smallthinker-21b", "smallthinker", n_vocab=151936, n_embd=2560, n_layer=52, n_head=28, n_head_kv=4,
+           head_dim=128, n_ff=768, n_expert=64, n_expert_used=6, context_length=16384, rope_theta=1.5e6,
+           rms_eps=1e-6, extra=(("gating", "softmax"), ("swa", True))),
+        # SmallThinker-4B-A0.6B: 32 layers, 1536 hidden, 32 experts (768) top-4 sigmoid; 12/2 heads of 128, no SWA.
+        _m("smallthinker-4b", "smallthinker", n_vocab=151936, n_embd=1536, n_layer=32, n_head=12, n_head_kv=2,
+           head_dim=128, n_ff=768, n_expert=32, n_expert_used=4, context_length=32768, rope_theta=1e6, rms_eps=1e-6,
+           extra=(("gating", "sigmoid"), ("swa", False))),
         # DeepSeek-V3 / R1: 61 layers (3 dense); 7168 hidden, 256 experts (2048) top-8 in 8 groups (4 used),
         # 1 shared, sigmoid + selection bias; MLA with q LoRA ≈ 187 M attention parameters per layer.
         _m("deepseek-v3", "deepseek2", attn_params=187_000_000, n_vocab=129280, n_embd=7168, n_layer=61,

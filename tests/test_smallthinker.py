@@ -1,0 +1,134 @@
+"""smallthinker (SmallThinker-21B-A3B / 4B-A0.6B style) against llama.cpp: logits and per-layer expert selection on
+both engines, F32 and Q8_0 bit for bit on the graph, the sigmoid / no-window variant, decoding through the cache,
+the hybrid executor, hostile metadata, the smallthinker-21b preset. GGUF only: transformers has no SmallThinker.
+
+Fixture (tests/conftest.py "smallthinker"): 5 layers (0 and 4 full attention without RoPE, 1-3 sliding window with
+NEOX RoPE), the router on the layer input, softmax top-2 of 8 renormalised, ReGLU experts.
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import tiny_dims, tiny_gguf
+from llama_oracle import greedy_tokens, run_llama
+
+import moecli
+from moecli.synth import write_gguf
+
+TEXT = "Experts route tokens; the router picks two of eight. The quick brown fox jumps over 13 lazy dogs!"
+TOL_F32 = 1e-4  # max |Δlogit| / std(logits), F32 weights (torch measured ~8e-6)
+
+
+def _rel(got, ref):
+    return float(np.abs(got - ref).max() / ref.std())
+
+
+def _run(path, engine):
+    """(our logits, llama.cpp logits, per-token all-layers-agree mask)."""
+    m = moecli.load(path, engine=engine, flash_attn=False)
+    ids = m.tokenize(TEXT)
+    picks = {}
+    m.transformer.on_router = lambda l, probs, i, w: picks.setdefault(l, i.clone())
+    got = m.logits(ids)
+    layers = range(m.config.n_layer)
+    ref, cap = run_llama(path, ids, capture=[f"ffn_moe_topk-{l}" for l in layers])
+    assert sorted(picks) == list(layers)
+    same = np.ones(len(ids), dtype=bool)
+    for l in layers:  # compared as sets: equal scores may come out in another order
+        same &= (np.sort(picks[l].numpy(), 1) == np.sort(cap[f"ffn_moe_topk-{l}"], 1)).all(1)
+    return got, ref, same
+
+
+@pytest.mark.parametrize("engine", ["torch", "ggml"])
+def test_f32_logits_and_routing_match_llama_cpp(engine):
+    got, ref, same = _run(tiny_gguf("smallthinker", "F32"), engine)
+    assert same.all(), np.flatnonzero(~same)
+    assert _rel(got, ref) < TOL_F32, _rel(got, ref)
+    if engine == "ggml":  # same graph, shapes and kernels as llama.cpp's smallthinker builder
+        assert np.array_equal(got, ref)
+
+
+def test_q8_0_graph_bit_exact():
+    got, ref, same = _run(tiny_gguf("smallthinker", "Q8_0"), "ggml")
+    assert same.all() and np.array_equal(got, ref)
+
+
+def test_layout_as_llama_cpp():
+    """NoPE on l % 4 == 0 and the 4096-key window elsewhere (whatever the file says), ReGLU, router on the input."""
+    c = moecli.load(tiny_gguf("smallthinker", "F32")).config
+    assert (c.nope_layers, c.swa_layers, c.sliding_window) == ((0, 4), (1, 2, 3), 4096)
+    assert (c.gating, c.norm_topk, c.routed_scale, c.expert_act, c.router_input, c.tie_embeddings) == \
+        ("softmax", True, 0.0, "reglu", "layer", False)
+
+
+def test_sigmoid_without_window_matches_llama_cpp(tmp_path):
+    """The 4B-style file: sigmoid scores, no sliding_window key (so RoPE and full attention on every layer), no
+    output.weight (tied)."""
+    d = dataclasses.replace(tiny_dims("smallthinker"), extra=(("gating", "sigmoid"), ("swa", False)),
+                            tie_embeddings=True)
+    path = write_gguf(tmp_path / "st-sigmoid.gguf", "smallthinker", d, 1, "F32")
+    c = moecli.load(path).config
+    assert (c.gating, c.nope_layers, c.swa_layers, c.tie_embeddings) == ("sigmoid", (), (), True)
+    for engine in ("ggml", "torch"):
+        got, ref, same = _run(path, engine)
+        assert same.all() and _rel(got, ref) < TOL_F32
+
+
+def test_greedy_decode_identical():
+    path = tiny_gguf("smallthinker", "F32")
+    m = moecli.load(path, engine="ggml")
+    ids = m.tokenize(TEXT)
+    assert list(m.generate(ids, max_tokens=12, stop_at_eog=False)) == greedy_tokens(path, ids, 12)
+
+
+def test_kv_cache_decode_equals_fresh_forward():
+    m = moecli.load(tiny_gguf("smallthinker", "F32"), engine="torch")
+    ids = m.tokenize(TEXT)
+    full = m.logits(ids)
+    cache = m.transformer.new_cache(len(ids))
+    m.transformer.forward(ids[:5], cache)
+    steps = [m.transformer.forward([t], cache).numpy()[0] for t in ids[5:]]
+    assert np.abs(np.stack(steps) - full[5:]).max() < 1e-4
+
+
+@pytest.mark.parametrize("slots", [0, 2, 8])
+def test_every_placement_equals_the_reference(slots):
+    """The hybrid executor on the CPU device (no, some, every expert cached) against the torch reference."""
+    path = tiny_gguf("smallthinker", "F32")
+    ref_model = moecli.load(path, engine="torch")
+    ids = ref_model.tokenize(TEXT)
+    ref = ref_model.logits(ids)
+    m = moecli.load(path, placement="hybrimoe", expert_slots=slots)
+    assert _rel(m.logits(ids), ref) < TOL_F32
+    assert m.stats.active > 0 and m.stats.cpu_experts + m.stats.device_experts == m.stats.active
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("expert_gating_func", 3, "expert_gating_func 3 is not supported"),
+    ("rope.dimension_count", 32, "rope.dimension_count 32 != head dim 64"),
+    ("attention.sliding_window_pattern", 2, "sliding_window_pattern 2 is not supported"),
+])
+def test_hostile_metadata_is_one_clear_error(tmp_path, key, value, message):
+    from gguf import GGUFValueType
+    from test_bad_input import rewrite_gguf
+
+    from moecli.errors import MoecliError
+
+    def edit(meta):
+        return {**meta, f"smallthinker.{key}": ([GGUFValueType.UINT32], value)}
+    path = tmp_path / "bad.gguf"
+    rewrite_gguf(tiny_gguf("smallthinker", "F32"), path, edit_metadata=edit)
+    with pytest.raises(MoecliError, match=message):
+        moecli.load(path)
+
+
+def test_smallthinker_21b_preset():
+    from moecli.policy.geometry import GEOMETRIES
+    from moecli.synth import config, geometry, geometry_arch
+
+    c = config(geometry_arch("smallthinker-21b"), geometry("smallthinker-21b", n_layer=6))
+    assert (c.arch, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_expert, c.n_expert_used, c.n_ff_exp) == \
+        ("smallthinker", 2560, 28, 4, 128, 64, 6, 768)
+    assert (c.gating, c.nope_layers, c.swa_layers, c.expert_act) == ("softmax", (0, 4), (1, 2, 3, 5), "reglu")
+    g = GEOMETRIES["smallthinker-21b"]
+    assert (g.n_layers, g.expert_ffn, g.n_experts, g.top_k, g.n_shared) == (52, 768, 64, 6, 0)
