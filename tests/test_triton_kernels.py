@@ -129,6 +129,8 @@ def glu64(g, u, act):
         g = np.minimum(g, 7.0)
         u = np.clip(u, -7.0, 7.0)
         return g / (1.0 + np.exp(-1.702 * g)) * (u + 1.0)
+    if act == "reglu":
+        return np.maximum(g, 0.0) * u
     return g / (1.0 + np.exp(-g)) * u
 
 
@@ -180,6 +182,7 @@ def test_grouped_mixed_types_and_gpt_oss_glu_with_biases():
     run_grouped((T.Q4_K, T.Q4_K, T.Q6_K), 7)  # a Q4_K_M layer
     run_grouped((T.MXFP4, T.MXFP4, T.MXFP4), 7, act="swiglu_oai", biased=True)  # gpt-oss
     run_grouped((T.Q8_0, T.Q5_0, T.BF16), 20, act="swiglu_oai", biased=True)
+    run_grouped((T.Q4_K, T.Q4_K, T.Q6_K), 7, act="reglu")  # SmallThinker
 
 
 def test_grouped_no_pairs_and_pair_blocks():
