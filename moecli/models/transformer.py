@@ -68,6 +68,7 @@ class Transformer:
         self.max_ctx = max_ctx or c.n_ctx_train
         self.rope, self.kq_scale = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
+        self._no_sinks = None  # -inf per head, for sliding-window layers without sinks
 
     def new_cache(self, n_ctx: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache for n_ctx tokens; `dtype` None: f16 on an accelerator, float32 on the CPU device."""
@@ -132,8 +133,23 @@ class Transformer:
             q, k = self.rope(q, pos), self.rope(k, pos)
         cache.k[l, start:start + n] = k
         cache.v[l, start:start + n] = v.view(n, c.n_head_kv, c.head_dim)
+        window = c.sliding_window if l in c.swa_layers else 0
+        if window and start + n > window:  # SmallThinker's sliding-window layers, once the window bites
+            return layer.o(self._attend_window(l, q, cache, start, n, window))
         out = attend(q, cache.k[l, :start + n], cache.v[l, :start + n], start)
         return layer.o(out)
+
+    def _attend_window(self, l, q, cache: KVCache, start: int, n: int, window: int) -> torch.Tensor:
+        """Causal attention over the last `window` keys of each query: gpt-oss's masked softmax without sinks
+        (a -inf sink adds exp(-inf) = 0 to every denominator)."""
+        from moecli.models.gpt_oss import attend_sinks  # gpt_oss imports this module
+
+        k0 = max(0, start - window + 1)
+        if self._no_sinks is None:
+            self._no_sinks = torch.full((self.config.n_head,), float("-inf"), device=self.device)
+        end = start + n
+        return attend_sinks(q, cache.k[l, k0:end], cache.v[l, k0:end], start, k0, self._no_sinks, self.kq_scale,
+                            window)
 
     def moe(self, l, layer: Layer, h) -> torch.Tensor:
         c = self.config
