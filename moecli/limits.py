@@ -25,14 +25,14 @@ def fmt_gib(n: float) -> str:
     return f"{n / 1024:.0f} KiB"
 
 
-def kv_bytes_per_token(c) -> int:
-    """K + V bytes one token takes in the cache over all layers (the layouts of KVCache, GgmlKVCache, MLACache),
-    plus its row of the RoPE tables."""
+def kv_bytes_per_token(c, elem_bytes: int = KV_BYTES) -> int:
+    """K + V bytes one token takes in the cache over all layers (the layouts of KVCache, GgmlKVCache, MLACache) at
+    `elem_bytes` per element, plus its row of the RoPE tables."""
     from moecli.models.loader import GGUF_ARCHS
 
     kv_heads, k_dims, v_dims = GGUF_ARCHS[c.arch].kv_shape(c)  # the family's cache layout
     per_layer = kv_heads * (k_dims + v_dims)
-    return c.n_layer * per_layer * KV_BYTES + 2 * c.rope_dim * 4
+    return c.n_layer * per_layer * elem_bytes + 2 * c.rope_dim * 4
 
 
 @dataclass

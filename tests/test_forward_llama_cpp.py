@@ -130,9 +130,10 @@ def test_greedy_generation_token_identical(arch):
     assert list(m.generate(ids, max_tokens=24, stop_at_eog=False)) == greedy_tokens(path, ids, 24)
 
 
-def test_kv_cache_decode_equals_fresh_forward():
+@pytest.mark.parametrize("arch", ["qwen3moe", "glm4moe"])
+def test_kv_cache_decode_equals_fresh_forward(arch):
     """Decoding token by token through the KV cache gives the same logits as one forward over everything."""
-    m = moecli.load(tiny_gguf("qwen3moe", "F32"), engine="torch")
+    m = moecli.load(tiny_gguf(arch, "F32"), engine="torch")
     ids = m.tokenize(TEXT)
     full = m.logits(ids)
     cache = m.transformer.new_cache(len(ids))

@@ -163,19 +163,20 @@ def test_find_profile_prefers_this_hosts_model_profile(profiles_dir, monkeypatch
 QWEN3 = get_geometry("qwen3-30b-a3b")
 EXPERT_Q4K = 3 * 2048 * 768 * 9 // 16            # 2,654,208 bytes at 4.5 bits
 DEQ = 3 * 2048 * 768 * 4                         # one expert in float32: 18,874,368
-DENSE = (48 * (2048 * 128 * 72 + 2048 * 128) + 151936 * 2048) * 4  # attention+router x 48 + head, float32
-KV = 48 * 2 * 4 * 128 * 4096 * 4                 # 48 layers, K+V, 4 kv heads of 128, ctx 4096, float32
+DENSE_PARAMS = 48 * (2048 * 128 * 72 + 2048 * 128) + 151936 * 2048  # attention+router x 48 + head
+DENSE = DENSE_PARAMS * 9 // 16                   # on the device as stored: 4.5 bits (the Triton kernels read them)
+KV = 48 * 2 * 4 * 128 * 4096 * 2                 # 48 layers, K+V, 4 kv heads of 128, ctx 4096, f16
 
 
 def test_slots_24gb_gpu_hand_computed():
     facts = P.ModelFacts.from_geometry(QWEN3, "Q4_K")
-    assert facts.expert_bytes == EXPERT_Q4K and facts.dense_params * 4 == DENSE
+    assert facts.expert_bytes == EXPERT_Q4K and facts.dense_params == DENSE_PARAMS
     gpu = GpuInfo(0, "24 GB card", total_bytes=24_000_000_000, free_bytes=23_000_000_000)
     p = P.make_plan(facts, gpu, 4096, 8)
     margin = int(0.05 * 24e9) + DEQ               # 5 % of 24 GB beats the 512 MiB floor
     budget = 23_000_000_000 - DENSE - KV - margin
-    assert p.expert_budget == budget == 16_056_949_248
-    assert p.slots_per_layer == budget // (48 * EXPERT_Q4K) - 1 == 125
+    assert p.expert_budget == budget == 20_686_756_352
+    assert budget // (48 * EXPERT_Q4K) - 1 == 161 and p.slots_per_layer == 128  # every expert fits, as in llama.cpp
     # llama.cpp: quantized dense (4.5 bits), F16 KV: 60 layers' worth of room > 48 -> nothing on the CPU
     assert p.llama_n_cpu_moe == 0 and p.llama_flags.startswith("-ngl 999") and p.llama_ot == ""
 
@@ -184,8 +185,8 @@ def test_slots_8gb_gpu_and_llama_flags():
     facts = P.ModelFacts.from_geometry(QWEN3, "Q4_K")
     p = P.make_plan(facts, GpuInfo(0, "8 GB card", 8_000_000_000, 7_500_000_000), 4096, 8)
     budget = 7_500_000_000 - DENSE - KV - (512 << 20) - DEQ   # the 512 MiB floor beats 5 % of 8 GB
-    assert p.slots_per_layer == budget // (48 * EXPERT_Q4K) - 1 == 8
-    llama_budget = 7_500_000_000 - int(DENSE / 4 * 4.5 / 8) - KV // 2 - (512 << 20)
+    assert p.slots_per_layer == budget // (48 * EXPERT_Q4K) - 1 == 44
+    llama_budget = 7_500_000_000 - DENSE - KV - (512 << 20)   # the same dense bytes and f16 KV
     gpu_layers = llama_budget // (128 * EXPERT_Q4K)             # 17 whole layers fit
     assert p.llama_n_cpu_moe == 48 - gpu_layers == 31
     assert p.llama_flags == "-ngl 999 --n-cpu-moe 31"
@@ -202,7 +203,7 @@ def test_no_gpu_plan_puts_everything_on_cpu():
 
 def test_dense_and_kv_do_not_fit():
     facts = P.ModelFacts.from_geometry(QWEN3, "Q4_K")
-    p = P.make_plan(facts, GpuInfo(0, "small", 4_000_000_000, 3_000_000_000), 4096, 2)
+    p = P.make_plan(facts, GpuInfo(0, "small", 1_000_000_000, 800_000_000), 4096, 2)
     assert not p.fits and p.slots_per_layer == 0 and "smaller --ctx" in p.on_cpu[0]
     with pytest.raises(MoecliError):
         P.make_plan(facts, None, 0, 2)

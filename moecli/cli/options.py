@@ -8,7 +8,7 @@ of llama.cpp already type (`-c/--ctx-size`, `-t`, `-ngl`, `--cpu-moe`, `--n-cpu-
   CPU device (for tests and traces).
 - A GPU: Mixture-of-Experts models get HybriMoE with the expert slots of this host's profile, or, without one, the
   slots the plan estimates from the probe (what `moecli profile --estimate-only` prints), said in one line; a
-  dense model runs wholly on the GPU when its float32 weights and KV cache fit, else on the CPU, said in one line.
+  dense model runs wholly on the GPU when its weights (as stored) and f16 KV cache fit, else on the CPU, said in one line.
 """
 from __future__ import annotations
 
@@ -132,18 +132,19 @@ def _host_profile(path: Path, model_name: str | None) -> Path | None:
 
 
 def _dense_on_gpu(ckpt, device: str, n_ctx: int | None, say) -> dict:
-    """The torch engine on the GPU when float32 weights + KV cache fit in its free memory, else the CPU engine."""
+    """The torch engine on the GPU when its weights (kept as the file stores them: the device kernels read GGUF
+    bytes in place) and f16 KV cache fit in its free memory, else the CPU engine."""
     import torch
 
     from moecli import limits
 
     c = ckpt.config
-    weights = 4 * sum(t.n_elements for t in ckpt.tensors.values())
-    kv = limits.kv_bytes_per_token(c) * min(n_ctx or c.n_ctx_train, c.n_ctx_train)
+    weights = sum(t.nbytes for t in ckpt.tensors.values())
+    kv = limits.kv_bytes_per_token(c, elem_bytes=2) * min(n_ctx or c.n_ctx_train, c.n_ctx_train)
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     if weights + kv <= VRAM_SHARE * free:
         return {"device": device, "engine": "torch"}
-    say(f"note: this dense model needs {limits.fmt_gib(weights + kv)} on {device} (float32 weights + KV cache) "
+    say(f"note: this dense model needs {limits.fmt_gib(weights + kv)} on {device} (weights + f16 KV cache) "
         f"and {limits.fmt_gib(free)} is free: running it on the CPU")
     return {"device": "cpu"}
 

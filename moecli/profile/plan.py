@@ -2,9 +2,10 @@
 the closest llama.cpp flags, and the decode speed the cost model expects.
 
 Memory on the device (what `HybridExperts` allocates):
-- dense weights (attention, router, shared experts, norms, output head) dequantized to the executor's dtype
-  (float32 today: `TorchLinear`); token embeddings stay on the host (rows are fetched on use);
-- the KV cache for `ctx` tokens at the executor's dtype (`KVCache`, float32);
+- dense weights (attention, router, shared experts, norms, output head) as the file stores them: `TorchLinear`
+  keeps GGUF bytes on the device for the Triton kernels; token embeddings stay on the host (rows fetched on use);
+- the KV cache for `ctx` tokens: f16 on an accelerator (`layers.kv_dtype`, llama.cpp's default), float32 for
+  DeepSeek's MLA cache (`MLACache`);
 - expert slots: `DeviceExpertCache` keeps (slots + 1) quantized experts per MoE layer (the +1 is the scratch slot
   for one-off uses), plus one expert dequantized at a time;
 - a safety margin for the CUDA context, allocator fragmentation and activations.
@@ -23,7 +24,9 @@ from moecli.policy.geometry import ModelGeometry
 GB = 1e9
 MARGIN_MIN = 512 << 20      # bytes: CUDA context leftovers, cuBLAS workspace, activations of a prefill chunk
 MARGIN_FRACTION = 0.05      # of total VRAM: allocator fragmentation grows with the pool
-EXECUTOR_BYTES = 4          # the executor computes dense weights and the KV cache in float32
+EXECUTOR_BYTES = 4          # one expert dequantized for a one-off use (the transient workspace) is float32
+DEVICE_KV_BYTES = 2         # f16 KV cache on accelerators (layers.kv_dtype)
+MLA_KV_BYTES = 4            # DeepSeek's MLACache stays float32
 LLAMA_KV_BYTES = 2          # llama.cpp's default F16 KV cache
 
 # KV elements per token per layer (K and V together) for the geometry table, which has no attention shapes:
@@ -38,6 +41,7 @@ KV_PER_TOKEN_LAYER = {
     "deepseek-v2-lite": (27, 576),
     "deepseek-v3": (61, 576),
 }
+MLA_GEOMETRIES = {"deepseek-v2-lite", "deepseek-v3"}
 
 
 @dataclass
@@ -55,6 +59,7 @@ class ModelFacts:
     kv_elems_per_token: int        # K + V elements per token, all layers
     quant: str = ""
     geometry: ModelGeometry | None = None
+    kv_device_bytes: int = DEVICE_KV_BYTES  # bytes per KV element in the executor's device cache
 
     @classmethod
     def from_checkpoint(cls, ckpt, name: str, geometry: ModelGeometry | None = None, quant: str = "") -> "ModelFacts":
@@ -73,7 +78,8 @@ class ModelFacts:
             dense_bytes += t.nbytes
         return cls(name, layers, c.n_expert, c.n_expert_used, sum(p.nbytes for p in parts),
                    sum(p.n_elements for p in parts) * EXECUTOR_BYTES, dense_params, dense_bytes,
-                   2 * c.n_layer * c.n_head_kv * c.head_dim, quant, geometry)
+                   _kv_elems_per_token(c), quant, geometry,
+                   MLA_KV_BYTES if c.kv_lora_rank else DEVICE_KV_BYTES)
 
     @classmethod
     def from_geometry(cls, g: ModelGeometry, quant: str | None = None) -> "ModelFacts":
@@ -81,7 +87,17 @@ class ModelFacts:
         n_layer, kv = KV_PER_TOKEN_LAYER.get(g.name, (g.n_layers, 0))
         dense = g.n_layers * g.dense_params_per_layer + g.head_params
         return cls(g.name, list(range(n_layer - g.n_layers, n_layer)), g.n_experts, g.top_k, g.expert_bytes(q),
-                   g.expert_params * EXECUTOR_BYTES, dense, int(dense * 4.5 / 8), n_layer * kv, q, g)
+                   g.expert_params * EXECUTOR_BYTES, dense, int(dense * 4.5 / 8), n_layer * kv, q, g,
+                   MLA_KV_BYTES if g.name in MLA_GEOMETRIES else DEVICE_KV_BYTES)
+
+
+def _kv_elems_per_token(c) -> int:
+    """K + V elements one token takes over all layers, in the family's cache layout (MLA's latent or decompressed
+    heads included)."""
+    from moecli.models.loader import GGUF_ARCHS
+
+    kv_heads, k_dims, v_dims = GGUF_ARCHS[c.arch].kv_shape(c)
+    return c.n_layer * kv_heads * (k_dims + v_dims)
 
 
 @dataclass
@@ -92,7 +108,7 @@ class Plan:
     threads: int
     vram_free: int = 0
     vram_total: int = 0
-    dense_bytes: int = 0            # on the device, executor dtype
+    dense_bytes: int = 0            # on the device, as stored
     kv_bytes: int = 0
     margin_bytes: int = 0
     expert_budget: int = 0          # bytes left for expert slots
@@ -132,7 +148,7 @@ def slot_bytes(facts: ModelFacts, slots: int, slot_layers: int | None = None) ->
 def device_bytes(facts: ModelFacts, ctx: int, slots: int, vram_total: int, slot_layers: int | None = None) -> dict:
     """Everything the executor puts on the device, by part: dense weights, KV for `ctx` tokens, expert slots, and
     the workspace (one expert dequantized at a time + the margin for the CUDA context, allocator, activations)."""
-    d = {"dense": facts.dense_params * EXECUTOR_BYTES, "kv": facts.kv_elems_per_token * ctx * EXECUTOR_BYTES,
+    d = {"dense": facts.dense_file_bytes, "kv": facts.kv_elems_per_token * ctx * facts.kv_device_bytes,
          "slots": slot_bytes(facts, slots, slot_layers),
          "workspace": margin(vram_total) + facts.expert_dequant_bytes}
     d["total"] = sum(d.values())
