@@ -204,3 +204,26 @@ def llama_tokenize(gguf_path, text: str, add_special: bool = True, parse_special
         return list(buf[:n])
     finally:
         L.llama_model_free(model)
+
+
+def rel_diff(got, ref) -> float:
+    """max |got - ref| / std(ref): the logit tolerance measure the architecture tests use."""
+    return float(np.abs(got - ref).max() / ref.std())
+
+
+def logits_and_routing(path, text: str, engine: str):
+    """(ids, our logits, llama.cpp's logits, per-token mask: every MoE layer picked the same experts) for `text`."""
+    import moecli
+
+    m = moecli.load(path, engine=engine, flash_attn=False)
+    ids = m.tokenize(text)
+    picks = {}
+    m.transformer.on_router = lambda l, probs, i, w: picks.setdefault(l, i.clone())
+    got = m.logits(ids)
+    layers = range(m.config.n_dense_layers, m.config.n_layer)
+    ref, cap = run_llama(path, ids, capture=[f"ffn_moe_topk-{l}" for l in layers])
+    assert sorted(picks) == list(layers)  # dense layers route nothing, a NextN layer does not run
+    same = np.ones(len(ids), dtype=bool)
+    for l in layers:  # compared as sets: equal scores may come out in another order
+        same &= (np.sort(picks[l].numpy(), 1) == np.sort(cap[f"ffn_moe_topk-{l}"], 1)).all(1)
+    return ids, got, ref, same

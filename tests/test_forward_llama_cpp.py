@@ -130,7 +130,7 @@ def test_greedy_generation_token_identical(arch):
     assert list(m.generate(ids, max_tokens=24, stop_at_eog=False)) == greedy_tokens(path, ids, 24)
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "glm4moe"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "glm4moe", "smallthinker"])
 def test_kv_cache_decode_equals_fresh_forward(arch):
     """Decoding token by token through the KV cache gives the same logits as one forward over everything."""
     m = moecli.load(tiny_gguf(arch, "F32"), engine="torch")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_dims, tiny_gguf, tiny_hf
 from hf_fixtures import hf_logits
-from llama_oracle import greedy_tokens, run_llama
+from llama_oracle import greedy_tokens, logits_and_routing, rel_diff
 
 import moecli
 from moecli.synth import write_gguf
@@ -20,45 +20,25 @@ TEXT = "Experts route tokens; the router picks two of eight. The quick brown fox
 TOL_F32 = 1e-4  # max |Δlogit| / std(logits), F32 weights (measured ~3e-6)
 
 
-def _rel(got, ref):
-    return float(np.abs(got - ref).max() / ref.std())
-
-
-def _run(path, engine):
-    """(ids, our logits, llama.cpp logits, per-token all-layers-agree mask)."""
-    m = moecli.load(path, engine=engine, flash_attn=False)
-    ids = m.tokenize(TEXT)
-    picks = {}
-    m.transformer.on_router = lambda l, probs, i, w: picks.setdefault(l, i.clone())
-    got = m.logits(ids)
-    layers = range(m.config.n_dense_layers, m.config.n_layer)
-    ref, cap = run_llama(path, ids, capture=[f"ffn_moe_topk-{l}" for l in layers])
-    assert sorted(picks) == list(layers)  # the dense layer routes nothing, the NextN layer does not run
-    same = np.ones(len(ids), dtype=bool)
-    for l in layers:  # compared as sets: equal scores may come out in another order
-        same &= (np.sort(picks[l].numpy(), 1) == np.sort(cap[f"ffn_moe_topk-{l}"], 1)).all(1)
-    return ids, got, ref, same
-
-
 @pytest.mark.parametrize("engine", ["torch", "ggml"])
 def test_f32_logits_and_routing_match_llama_cpp(engine):
-    _, got, ref, same = _run(tiny_gguf("glm4moe", "F32"), engine)
+    _, got, ref, same = logits_and_routing(tiny_gguf("glm4moe", "F32"), TEXT, engine)
     assert same.all(), np.flatnonzero(~same)
-    assert _rel(got, ref) < TOL_F32, _rel(got, ref)
+    assert rel_diff(got, ref) < TOL_F32, rel_diff(got, ref)
 
 
 def test_q8_0_graph_bit_exact():
     """Same graph, shapes and kernels as llama.cpp's glm4moe: identical logits and routing."""
-    _, got, ref, same = _run(tiny_gguf("glm4moe", "Q8_0"), "ggml")
+    _, got, ref, same = logits_and_routing(tiny_gguf("glm4moe", "Q8_0"), TEXT, "ggml")
     assert same.all() and np.array_equal(got, ref)
 
 
 def test_q4_k_m_near_llama_cpp():
     """llama.cpp's own Q4_K_M mix: other kernel choices than llama.cpp's (issue #14's exact mode), so close but
     not bit for bit, as for every architecture."""
-    ids, got, ref, same = _run(tiny_gguf("glm4moe", "Q4_K_M"), "ggml")
+    ids, got, ref, same = logits_and_routing(tiny_gguf("glm4moe", "Q4_K_M"), TEXT, "ggml")
     first_flip = int(np.argmin(same)) if not same.all() else len(ids)
-    assert same.mean() >= 0.9 and first_flip and _rel(got[:first_flip], ref[:first_flip]) < 0.1
+    assert same.mean() >= 0.9 and first_flip and rel_diff(got[:first_flip], ref[:first_flip]) < 0.1
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
@@ -77,7 +57,7 @@ def test_every_placement_equals_the_reference(slots):
     ids = ref_model.tokenize(TEXT)
     ref = ref_model.logits(ids)
     m = moecli.load(path, placement="hybrimoe", expert_slots=slots)
-    assert _rel(m.logits(ids), ref) < TOL_F32
+    assert rel_diff(m.logits(ids), ref) < TOL_F32
     assert m.stats.active > 0 and m.stats.cpu_experts + m.stats.device_experts == m.stats.active
 
 
@@ -105,8 +85,8 @@ def test_qk_norm_variant_matches_llama_cpp(tmp_path):
     path = write_gguf(tmp_path / "glm-qk.gguf", "glm4moe", d, 1, "F32")
     assert moecli.load(path).config.qk_norm == "head"
     for engine in ("ggml", "torch"):
-        _, got, ref, same = _run(path, engine)
-        assert same.all() and _rel(got, ref) < TOL_F32
+        _, got, ref, same = logits_and_routing(path, TEXT, engine)
+        assert same.all() and rel_diff(got, ref) < TOL_F32
 
 
 @pytest.mark.parametrize("engine", ["torch", "ggml"])
@@ -116,7 +96,7 @@ def test_safetensors_match_transformers(engine):
     assert (m.config.arch, m.config.rope_dim, m.config.n_dense_layers) == ("glm4moe", 32, 1)
     ids = m.tokenize(TEXT)
     ref = hf_logits(path, ids)
-    assert _rel(m.logits(ids), ref) < 1e-4, _rel(m.logits(ids), ref)
+    assert rel_diff(m.logits(ids), ref) < 1e-4, rel_diff(m.logits(ids), ref)
 
 
 def test_glm_4_5_air_preset():
