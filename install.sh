@@ -1,18 +1,49 @@
 #!/usr/bin/env bash
-# One-step set-up: torch (CPU build unless CUDA is present), moecli with llama-cpp-python, the embedded default
-# model. `./install.sh --test` adds the test dependencies. Re-running is cheap: pip caches the llama.cpp build.
+# One-step set-up: torch (CPU build unless a GPU is present), moecli with llama-cpp-python (a CUDA build when a GPU
+# is present and nvcc can build it), the embedded default model. `./install.sh --test` adds the test dependencies;
+# `./install.sh --detect` only prints what it would build, and why. Re-running is cheap: pip caches the CPU build.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 pip() { "$PY" -m pip "$@"; }
 
+# A GPU is one `nvidia-smi -L` lists ("GPU 0: ..."). nvcc alone is no sign of one: CI machines have CUDA's nvcc and
+# no GPU, and must never start a CUDA build of llama.cpp.
+gpu_listed() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU [0-9]'; }
+# llama-cpp-python's backend: cuda when a GPU is listed and nvcc can build for it, else cpu (the reason on stderr).
+llama_backend() {
+  if ! gpu_listed; then
+    echo "llama-cpp-python: CPU build (nvidia-smi lists no GPU)" >&2; echo cpu
+  elif ! command -v nvcc >/dev/null 2>&1; then
+    echo "llama-cpp-python: CPU build (a GPU is listed but nvcc is not on the PATH: install the CUDA toolkit and" \
+         "re-run ./install.sh for llama.cpp's own GPU offload)" >&2; echo cpu
+  else
+    echo "llama-cpp-python: CUDA build (nvidia-smi lists a GPU, nvcc is $(command -v nvcc))" >&2; echo cuda
+  fi
+}
+LLAMA_PIN=$(sed -n 's/^ *"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+
+if [ "${1:-}" = "--detect" ]; then
+  echo "torch: $(gpu_listed && echo cuda || echo cpu)"
+  echo "llama-cpp-python: $(llama_backend) (${LLAMA_PIN})"
+  exit 0
+fi
+
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if gpu_listed; then
     pip install -q torch                      # CUDA build from PyPI
   else
     pip install -q torch==2.13.0              # CPU build (no multi-GB CUDA download)
   fi
+fi
+backend=$(llama_backend)
+if [ "$backend" = cuda ] && ! "$PY" -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())" \
+     2>/dev/null; then
+  # pip's wheel cache keys on the version, not on CMAKE_ARGS: a cached CPU wheel would be reused without these flags
+  echo "building llama-cpp-python ${LLAMA_PIN} with CUDA (10-20 minutes)..." >&2
+  CMAKE_ARGS="-DGGML_CUDA=on ${CMAKE_ARGS:-}" pip install -q --no-cache-dir --force-reinstall --no-deps \
+    "llama-cpp-python==${LLAMA_PIN}"
 fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
