@@ -172,7 +172,8 @@ def summary_lines(runs: list[dict], summaries: list[dict]) -> list[str]:
     for run, s in zip(runs, summaries):
         who = f"{run['engine']}, {run['threads']} thread{'s' * (run['threads'] != 1)}"
         if s.get("ratio"):
-            lines.append(f"moecli ({who}) / llama.cpp: " + ", ".join(f"{k.replace('_at_', ' @ ')} {v:.2f}x"
+            them = s.get("llama_cpp", {}).get("engine", "llama.cpp")
+            lines.append(f"moecli ({who}) / {them}: " + ", ".join(f"{k.replace('_at_', ' @ ')} {v:.2f}x"
                                                                      for k, v in s["ratio"].items()))
         kern = []
         for r in run["results"]:

@@ -55,6 +55,8 @@ class BenchSpec:
     device: str = "cpu"  # the hybrid path's device (placements), and llama.cpp's GPU offload when it has one
     expert_slots: int = 0  # device expert slots per layer (placements)
     llama_ngl: int = 0  # llama.cpp's -ngl (its GPU offload; 0 without a CUDA build)
+    llama_cpu_layers: list[int] | None = None  # with -ngl: layers whose experts llama.cpp keeps on the CPU (-ot)
+    llama_flags: str = ""  # the llama.cpp flags that configuration equals (its engine label in the report)
     seed: int = SEED
     flash_attn: bool = True  # False: both sides take llama.cpp's non-flash attention
 
@@ -459,12 +461,19 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
         threads = physical_cores()
     mp = L.llama_model_default_params()
     mp.n_gpu_layers = spec.llama_ngl
+    overrides = None
+    if spec.llama_cpu_layers:  # --n-cpu-moe / -ot: these layers' experts on the CPU, the rest where -ngl puts it
+        from moecli.bench.llama_hybrid import Overrides, cpu_layer_patterns
+
+        overrides = Overrides(cpu_layer_patterns(spec.llama_cpu_layers))
+        overrides.apply(mp)
     t0 = time.perf_counter()
     model = L.llama_model_load_from_file(str(spec.model).encode(), mp)
     if not model:
         raise MoecliError(f"llama.cpp could not load {spec.model} (set MOECLI_LLAMA_LOG=1 to see why)")
     load_s = time.perf_counter() - t0
-    _emit(_EVENT, {"loaded": dict(engine="llama.cpp", threads=threads, file_bytes=None, model_info=dict(
+    engine = f"llama.cpp {spec.llama_flags}" if spec.llama_flags else "llama.cpp"
+    _emit(_EVENT, {"loaded": dict(engine=engine, threads=threads, file_bytes=None, model_info=dict(
         name=Path(spec.model).name, params=int(L.llama_model_n_params(model))))})
     cp = L.llama_context_default_params()
     n_batch = max(512, spec.max_prompt)
@@ -522,12 +531,15 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
         results.append(dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n)))
         _emit(_ROW, results[-1])
     kv_bytes = L.llama_state_get_size(ctx)  # the KV cache dominates the state of a fresh-ish context
-    out = dict(engine="llama.cpp", threads=threads, model_info=dict(name=Path(spec.model).name), load_s=load_s, results=results, peak_rss_bytes=_peak_rss(),
+    out = dict(engine=engine, threads=threads, model_info=dict(name=Path(spec.model).name), load_s=load_s, results=results, peak_rss_bytes=_peak_rss(),
                n_ctx=spec.n_ctx, state_bytes=int(kv_bytes), model_size_bytes=int(L.llama_model_size(model)),
                params=int(L.llama_model_n_params(model)),
                settings=dict(n_batch=n_batch, n_ubatch=cp.n_ubatch, type_k="default (F16)",
                              flash_attn_type=int(cp.flash_attn_type), use_extra_bufts=bool(mp.use_extra_bufts),
-                             use_mmap="default", n_gpu_layers=0, llama_cpp_python=L.__version__))
+                             use_mmap="default", n_gpu_layers=spec.llama_ngl,
+                             cpu_moe_layers=list(spec.llama_cpu_layers or []), llama_cpp_python=L.__version__,
+                             gpu_offload=bool(L.llama_supports_gpu_offload())))
+    del overrides  # the loader has read the patterns
     L.llama_batch_free(batch)
     L.llama_free(ctx)
     L.llama_model_free(model)
@@ -595,22 +607,45 @@ def llama_cpp_has_gpu() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def llama_cpp_spec(spec: BenchSpec, device: str, placements: list[str], expert_slots: int, say) -> BenchSpec:
-    """llama.cpp's side of a hybrid comparison: -ngl 99 on the same GPU when its build has one; CPU-only (said in one
-    line) otherwise."""
+def llama_cpp_specs(spec: BenchSpec, device: str, placements: list[str], expert_slots: int,
+                    say) -> list[tuple[BenchSpec, list[str]]]:
+    """llama.cpp's side of a comparison, as (its spec, the placements it answers): on a GPU with a CUDA build, its
+    own hybrid (-ngl 99, --n-cpu-moe / -ot) with the same expert bytes on the device as each placement (one run per
+    distinct set of CPU layers); CPU-only (said in one line) otherwise: one run for all."""
     from dataclasses import replace
 
-    if device == "cpu":
-        return spec
+    if device == "cpu" or not placements:
+        return [(spec, placements)]
     if not llama_cpp_has_gpu():
-        say("llama.cpp: this llama-cpp-python has no GPU backend (built without CUDA): its run is CPU-only (-ngl 0), "
-            "not its -ngl 99 --n-cpu-moe hybrid")
-        return spec
-    if any(p != "n-cpu-moe=0" for p in placements):
-        raise MoecliError("--vs-llama-cpp on a GPU: llama.cpp's --n-cpu-moe (tensor buffer overrides through "
-                          "llama-cpp-python) is not wired yet; compare with --placement n-cpu-moe=0 (all experts on "
-                          "the GPU, -ngl 99)")
-    return replace(spec, llama_ngl=99)
+        say("llama.cpp: this llama-cpp-python has no GPU backend (built without CUDA; ./install.sh builds it with "
+            "CUDA when nvidia-smi lists a GPU and nvcc exists): its run is CPU-only (-ngl 0), not its -ngl 99 "
+            "--n-cpu-moe hybrid")
+        return [(spec, placements)]
+    return llama_hybrid_specs(spec, placements, expert_slots, say)
+
+
+def llama_hybrid_specs(spec: BenchSpec, placements: list[str], expert_slots: int,
+                       say) -> list[tuple[BenchSpec, list[str]]]:
+    """llama.cpp's -ngl 99 with the CPU layers that give it each placement's expert bytes on the device, one run per
+    distinct set of CPU layers, each said in one line."""
+    from dataclasses import replace
+
+    from moecli.bench.llama_hybrid import ALL_LAYERS_NGL, cpu_layers_for, flags
+    from moecli.models.loader import load_checkpoint
+
+    ckpt = load_checkpoint(Path(spec.model))  # metadata only: the weights stay memory-mapped
+    c = ckpt.config
+    moe = [l for l in range(c.n_layer) if f"blk.{l}.ffn_gate_exps" in ckpt.experts]
+    groups: dict[tuple, list[str]] = {}
+    for p in placements:
+        groups.setdefault(tuple(cpu_layers_for(p, moe, expert_slots, c.n_expert)), []).append(p)
+    out = []
+    for layers, ps in groups.items():
+        say(f"llama.cpp for {', '.join(ps)}: {flags(list(layers), len(moe))} (the same expert bytes on "
+            f"the device)")
+        out.append((replace(spec, llama_ngl=ALL_LAYERS_NGL, llama_cpu_layers=list(layers),
+                            llama_flags=flags(list(layers), len(moe))), ps))
+    return out
 
 
 def bench_llama_cpp(spec: BenchSpec, timeout: float | None = None, **callbacks) -> dict:
@@ -667,6 +702,7 @@ def compare(me: dict, ref: dict | None) -> dict:
         out["llama_cpp"] = lc
         out["llama_cpp"]["peak_rss_bytes"] = ref["peak_rss_bytes"]
         out["llama_cpp"]["settings"] = ref["settings"]
+        out["llama_cpp"]["engine"] = ref["engine"]
         out["ratio"] = {}
         for k, v in mo.items():
             if k.endswith("_tps") and lc.get(k):

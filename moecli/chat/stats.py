@@ -82,6 +82,7 @@ def dense_line(info: dict) -> str | None:
 
 # --- experts -------------------------------------------------------------------------------------------------------
 _COUNTERS = ("active", "hits", "cpu_experts", "device_experts")
+_HOT_PATH = ("syncs", "launches", "calls")  # host<->device synchronisations, device kernels, forward passes
 
 
 def snapshot(model) -> dict | None:
@@ -93,7 +94,7 @@ def snapshot(model) -> dict | None:
         s = s.as_dict()
     elif not isinstance(s, dict):
         s = vars(s)
-    return {k: s[k] for k in _COUNTERS if isinstance(s.get(k), (int, float))} or None
+    return {k: s[k] for k in _COUNTERS + _HOT_PATH if isinstance(s.get(k), (int, float))} or None
 
 
 def device_name(model) -> str:
@@ -104,17 +105,19 @@ def device_name(model) -> str:
 
 
 def format_experts(model, before: dict | None = None, after: dict | None = None) -> str:
-    """'expert cache hit rate 87.5% | 48%/52% CPU/GPU' for the counters between two snapshots, else '100% CPU'.
-    On torch's CPU device the split reads 'CPU/torch-cpu': the ggml CPU engine and torch's cpu device (no GPU)."""
+    """'expert cache hit rate 87.5% | 48%/52% CPU/GPU | 2.0 syncs, 36.0 launches per token' for the counters
+    between two snapshots, else '100% CPU'. On torch's CPU device the split reads 'CPU/torch-cpu': the ggml CPU
+    engine and torch's cpu device (no GPU). Syncs and launches are per forward pass: per token in decode (a
+    prompt is one pass too)."""
     after = after if after is not None else snapshot(model)
     dev = device_name(model)
     if not after:
         # No placement counters: the ggml engine runs everything on the CPU; the torch engine on its device.
         on_gpu = getattr(model, "engine", "ggml") == "torch" and dev == "GPU"
         return "100% GPU" if on_gpu else "100% CPU"
-    d = {k: after.get(k, 0) - (before or {}).get(k, 0) for k in _COUNTERS}
+    d = {k: after.get(k, 0) - (before or {}).get(k, 0) for k in _COUNTERS + _HOT_PATH}
     if d["cpu_experts"] + d["device_experts"] <= 0 and d["active"] <= 0:
-        d = {k: after.get(k, 0) for k in _COUNTERS}  # nothing ran in between: the cumulative picture
+        d = {k: after.get(k, 0) for k in _COUNTERS + _HOT_PATH}  # nothing ran in between: the cumulative picture
     parts = []
     if d["active"] > 0:
         parts.append(f"expert cache hit rate {100.0 * d['hits'] / d['active']:.1f}%")
@@ -124,4 +127,6 @@ def format_experts(model, before: dict | None = None, after: dict | None = None)
         cpu = round(100.0 * d["cpu_experts"] / n)
         parts.append(f"100% {host}" if cpu == 100 else f"100% {device}" if cpu == 0
                      else f"{cpu}%/{100 - cpu}% {host}/{device}")
+    if d["calls"] > 0 and "syncs" in after:
+        parts.append(f"{d['syncs'] / d['calls']:.1f} syncs, {d['launches'] / d['calls']:.1f} launches per token")
     return " | ".join(parts) or "100% CPU"

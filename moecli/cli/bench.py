@@ -205,14 +205,15 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
         specs = ([R.BenchSpec(**base, engine="hybrid", placement=p, device=device, expert_slots=expert_slots)
                   for p in placements] if placements else [R.BenchSpec(**base, engine=e) for e in engines])
         mine = [R.bench_moecli(s, **callbacks) for s in specs]
-        ref = None
+        answers: dict[str, dict] = {}  # placement (or engine) -> the llama.cpp run it is compared with
         if vs_llama_cpp:
-            ref_spec = R.llama_cpp_spec(R.BenchSpec(**base), device, placements, expert_slots,
-                                        lambda m: typer.echo(m, err=True))
-            ref = R.bench_llama_cpp(ref_spec, **callbacks)
+            for ref_spec, ps in R.llama_cpp_specs(R.BenchSpec(**base), device, placements, expert_slots,
+                                                  lambda m: typer.echo(m, err=True)):
+                ref = R.bench_llama_cpp(ref_spec, **callbacks)
+                refs.append(ref)
+                answers.update({p: ref for p in ps} if ps else {s.engine: ref for s in specs})
         runs += mine
-        refs += [ref] if ref else []
-        summaries += [R.compare(r, ref) for r in mine]
+        summaries += [R.compare(r, answers.get(s.placement or s.engine)) for s, r in zip(specs, mine)]
     rep.finish(runs, summaries, refs, dict(reps=reps, n_prompt=prompts, n_gen=gens, depths=dlist, seed=R.SEED))
 
 
