@@ -6,6 +6,8 @@ numpy shapes are ggml `ne` reversed: a ggml {n_embd, ff, E} expert tensor is num
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import ctypes
 import dataclasses
 import functools
@@ -14,6 +16,7 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -142,6 +145,45 @@ def _plan(arch: str, d) -> list[tuple[str, tuple[int, ...], str]]:
 _CHUNK = 1 << 24  # elements per generated slice (64 MiB of float32)
 
 
+def _slices(name: str, shape: tuple[int, ...]) -> list[tuple[list[int], tuple[int, ...]]]:
+    """(seed suffix, numpy shape) of each slice of a tensor: one expert of a 3-D stack, blocks of rows of a big 2-D
+    tensor (embeddings, output), else the whole tensor. Slices are whole rows, so each quantizes on its own."""
+    if len(shape) == 3:
+        return [([e], shape[1:]) for e in range(shape[0])]
+    if len(shape) == 2 and shape[0] * shape[1] > _CHUNK:
+        rows = max(1, _CHUNK // shape[1])
+        return [([1 << 20, b], (min(rows, shape[0] - r), shape[1])) for b, r in enumerate(range(0, shape[0], rows))]
+    return [([], shape)]
+
+
+def _slice_data(seed: int, name: str, shape: tuple[int, ...], kind: str, sub: list[int],
+                shp: tuple[int, ...]) -> np.ndarray:
+    """Random float32 data of one slice of a tensor (see `_chunks`)."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())] + sub)
+    x = rng.standard_normal(shp, dtype=np.float32)
+    if kind == "norm":
+        x = 1.0 + 0.1 * x
+    elif kind == "bias":
+        x *= 0.1
+    elif kind == "router":
+        x *= 3.0 / np.sqrt(shp[-1])
+    elif kind == "shgate":
+        x *= 1.0 / np.sqrt(shp[-1])
+    elif kind == "w":
+        x *= 1.0 / np.sqrt(shp[-1])
+    elif kind == "out":
+        x *= 3.0 / np.sqrt(shp[-1])
+    elif kind == "embd_tied":
+        x *= 0.1
+    elif kind == "wk_b":  # deepseek2 k_b decompresses the latent: its fan-in is the middle dim
+        x *= 1.0 / np.sqrt(shape[1])
+    elif kind == "exp_bias":  # deepseek2 selection bias, comparable to the sigmoid scores' spread
+        x *= 0.05
+    elif kind == "w_oai":  # gpt-oss expert gate/up: wide enough that the +-7 clamps of its SwiGLU bite
+        x *= 4.0 / np.sqrt(shp[-1])
+    return x
+
+
 def _chunks(seed: int, name: str, shape: tuple[int, ...], kind: str):
     """Random float32 data of one tensor, yielded in slices (one expert, or blocks of rows) to bound RAM.
 
@@ -151,38 +193,8 @@ def _chunks(seed: int, name: str, shape: tuple[int, ...], kind: str):
     or the model only echoes its input token (tied logits std ≈ 1.6). output.weight is N(0, 9/n_embd) so
     logits are peaked (std ≈ 3). The router's N(0, 9/n_embd) makes routing decisive.
     """
-    key = zlib.crc32(name.encode())
-    if len(shape) == 3:
-        slices = [([e], shape[1:]) for e in range(shape[0])]
-    elif len(shape) == 2 and shape[0] * shape[1] > _CHUNK:  # big embeddings / output: blocks of rows
-        rows = max(1, _CHUNK // shape[1])
-        slices = [([1 << 20, b], (min(rows, shape[0] - r), shape[1])) for b, r in enumerate(range(0, shape[0], rows))]
-    else:
-        slices = [([], shape)]
-    for sub, shp in slices:
-        rng = np.random.default_rng([seed, key] + sub)
-        x = rng.standard_normal(shp, dtype=np.float32)
-        if kind == "norm":
-            x = 1.0 + 0.1 * x
-        elif kind == "bias":
-            x *= 0.1
-        elif kind == "router":
-            x *= 3.0 / np.sqrt(shp[-1])
-        elif kind == "shgate":
-            x *= 1.0 / np.sqrt(shp[-1])
-        elif kind == "w":
-            x *= 1.0 / np.sqrt(shp[-1])
-        elif kind == "out":
-            x *= 3.0 / np.sqrt(shp[-1])
-        elif kind == "embd_tied":
-            x *= 0.1
-        elif kind == "wk_b":  # deepseek2 k_b decompresses the latent: its fan-in is the middle dim
-            x *= 1.0 / np.sqrt(shape[1])
-        elif kind == "exp_bias":  # deepseek2 selection bias, comparable to the sigmoid scores' spread
-            x *= 0.05
-        elif kind == "w_oai":  # gpt-oss expert gate/up: wide enough that the +-7 clamps of its SwiGLU bite
-            x *= 4.0 / np.sqrt(shp[-1])
-        yield x
+    for sub, shp in _slices(name, shape):
+        yield _slice_data(seed, name, shape, kind, sub, shp)
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -244,55 +256,144 @@ def _add_tokenizer(w, n_vocab: int, specials: tuple[str, ...] = SPECIAL_TOKENS, 
 
 # ---------------------------------------------------------------------------------------------- writing
 
-# ftypes written directly from numpy (gguf.quants); everything else goes through llama.cpp's quantizer.
-_DIRECT = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "MXFP4_MOE": "Q8_0"}
-# Uniform types: llama_model_quantize with pure=True and this LLAMA_FTYPE (default type == the name).
-_PURE = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K": "Q3_K_M",
-         "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS"}
-# llama.cpp's own mixes (per-tensor type chosen by llama.cpp).
-_MIX = ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
-FTYPES = tuple(_DIRECT) + tuple(_PURE) + _MIX
+# Every ftype is written in one pass, slice by slice (no F32 temporary). F16, BF16, Q8_0 and MXFP4_MOE go through
+# gguf.quants (numpy); the other types through ggml's quantizer (ggml_quantize_chunk, what llama_model_quantize
+# calls) with llama.cpp's per-tensor type choice (`tensor_types`), so a file equals, tensor by tensor, what
+# llama_model_quantize makes of the F32 one (tests/test_synth_presets.py checks it).
+_NUMPY = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "MXFP4_MOE": "Q8_0"}
+# Uniform types (llama_model_quantize with pure=True): the type each quantizable tensor gets.
+_PURE = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K": "Q3_K",
+         "Q4_K": "Q4_K", "Q5_K": "Q5_K", "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS"}
+# llama.cpp's mixes: the default type, which `_mix_type` raises for some roles.
+_MIX = {"Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
+        "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K"}
+FTYPES = tuple(_NUMPY) + tuple(_PURE) + tuple(_MIX)
+# general.file_type (llama.cpp's LLAMA_FTYPE_*); the uniform K types as llama_model_quantize labels them
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+             "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+             "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32, "MXFP4_MOE": 38, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17}
+# A type whose block does not divide a tensor's rows falls back to a 32-block one (llama.cpp's rule), else F16.
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
-def _keep_f32(name: str, shape: tuple[int, ...]) -> bool:
-    # Same rule as llama.cpp's quantizer: 1-D tensors (norms), biases (gpt-oss's expert biases are 2-D) and the
-    # router stay F32.
-    return len(shape) < 2 or "ffn_gate_inp" in name or not name.endswith("weight")
+def _quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    # llama.cpp's quantizer rule for the tensors these families have: 1-D tensors (norms), biases (gpt-oss's expert
+    # biases are 2-D), norms, the router and DeltaNet's short convolution stay F32.
+    return (len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+            and "ffn_gate_inp.weight" not in name and "ssm_conv1d" not in name)
 
 
-def write_gguf(path, arch: str, dims: SynthDims, seed: int = 0, ftype: str = "F32") -> Path:
-    """Write a random-weight GGUF model of `arch` with `dims`; returns the path. Streams tensor by tensor."""
-    path, ftype = Path(path), ftype.upper()
-    if ftype in _DIRECT:
-        _write_direct(path, arch, dims, seed, ftype)
-    elif ftype in _PURE or ftype in _MIX:
-        fd, tmp = tempfile.mkstemp(suffix=".f32.gguf", dir=path.parent)
-        os.close(fd)
-        try:
-            _write_direct(Path(tmp), arch, dims, seed, "F32")
-            llama_quantize(tmp, path, _PURE.get(ftype, ftype), pure=ftype in _PURE)
-        finally:
-            os.unlink(tmp)
-    else:
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's "use more bits" layers: the first and last eighth, and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+_ATTN_V = ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")  # llama.cpp's attention-v-like roles
+
+
+def _mix_type(name: str, ftype: str, base: str, n_expert: int, n_layer: int, i_v: int, n_v: int) -> str:
+    """The type llama.cpp's K-quant mix `ftype` gives one tensor (llama_tensor_get_type_impl, for the roles these
+    families have; the output head and a tied embedding are decided by the caller). i_v / n_v: this tensor's rank
+    among the attention-v-like tensors in llama.cpp's order, and their count; n_layer: block_count."""
+    if name == "token_embd.weight":
+        return base
+    if any(k in name for k in _ATTN_V):
+        t = base
+        if ftype == "Q3_K_M":
+            t = "Q5_K" if i_v < 2 else "Q4_K"
+        elif ftype == "Q3_K_L":
+            t = "Q5_K"
+        elif ftype in ("Q4_K_M", "Q5_K_M") and _more_bits(i_v, n_v):
+            t = "Q6_K"
+        elif ftype == "Q4_K_S" and i_v < 4:
+            t = "Q5_K"
+        return "Q8_0" if n_expert == 8 else t
+    if "attn_k.weight" in name:
+        return "Q8_0" if n_expert == 8 else base
+    if "attn_output.weight" in name:
+        if n_expert == 8:
+            return "Q5_K" if ftype in ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else base
+        return {"Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, base)
+    if "ffn_down" in name and "ffn_up" not in name and "ffn_gate" not in name:
+        i = int(name.split(".")[1])
+        if ftype == "Q3_K_M":
+            return "Q5_K" if i < n_layer // 16 else "Q4_K"
+        if ftype == "Q3_K_L":
+            return "Q5_K"
+        if ftype in ("Q4_K_M", "Q5_K_M"):
+            return "Q6_K" if _more_bits(i, n_layer) else base
+        if ftype == "Q4_K_S":
+            return "Q5_K" if i < n_layer // 8 else base
+    return base
+
+
+def _llama_order(name: str) -> tuple[int, str]:
+    """llama.cpp's loader orders tensors by layer (globals first), then by name."""
+    return (int(name.split(".")[1]) if name.startswith("blk.") else -1, name)
+
+
+def tensor_types(arch: str, d, ftype: str) -> dict[str, str]:
+    """The GGML type of every tensor a synthetic file of `arch`/`d` in `ftype` holds (names as in `_plan`)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    ftype = ftype.upper()
+    if ftype not in FTYPES:
         raise ValueError(f"ftype must be one of {FTYPES}, got {ftype!r}")
-    return path
-
-
-def _write_direct(path: Path, arch: str, d: SynthDims, seed: int, ftype: str) -> None:
-    import gguf
-    from gguf.quants import quantize, quant_shape_to_byte_shape
-
-    qtype = gguf.GGMLQuantizationType[_DIRECT[ftype]]
-    ftype_id = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "MXFP4_MOE": 38}[ftype]
     plan = _plan(arch, d)
-    w = gguf.GGUFWriter(path, arch)
-    _metadata(w, arch, d, ftype_id)
-    types = {}
+    base = _NUMPY.get(ftype) or _PURE.get(ftype) or _MIX[ftype]
+    meta = _family(arch).to_gguf(config(arch, d))
+    n_expert, n_layer = int(meta.get("expert_count", 0)), int(meta["block_count"])
+    tied = not any(name == "output.weight" for name, _, _ in plan)
+    attn_v = [n for n in sorted((n for n, _, _ in plan), key=_llama_order) if any(k in n for k in _ATTN_V)]
+    out = {}
     for name, shape, _ in plan:
-        t = gguf.GGMLQuantizationType.F32 if _keep_f32(name, shape) else qtype
-        if ftype == "MXFP4_MOE" and name.endswith("_exps.weight"):  # as gpt-oss ships: MXFP4 experts
-            t = gguf.GGMLQuantizationType.MXFP4
-        types[name] = t
+        if ftype == "F32" or not _quantizable(name, shape):
+            out[name] = "F32"
+            continue
+        if ftype in _NUMPY:
+            out[name] = "MXFP4" if ftype == "MXFP4_MOE" and name.endswith("_exps.weight") else base
+            continue
+        t = base
+        if ftype in _MIX and (name == "output.weight" or tied and name == "token_embd.weight"):
+            t = "Q8_0" if shape[-1] % GGML_QUANT_SIZES[Q[base]][0] else "Q6_K"  # the head: more bits
+        elif ftype in _MIX:
+            i_v = attn_v.index(name) if name in attn_v else 0
+            t = _mix_type(name, ftype, base, n_expert, n_layer, i_v, len(attn_v))
+        if shape[-1] % GGML_QUANT_SIZES[Q[t]][0]:
+            t = _FALLBACK.get(t, t)
+            if shape[-1] % GGML_QUANT_SIZES[Q[t]][0]:
+                t = "F16"
+        out[name] = t
+    return out
+
+
+def tensor_bytes(arch: str, d, ftype: str) -> int:
+    """Bytes of tensor data a synthetic file holds (the file is this plus metadata and padding)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    types = tensor_types(arch, d, ftype)
+    total = 0
+    for name, shape, _ in _plan(arch, d):
+        block, size = GGML_QUANT_SIZES[Q[types[name]]]
+        total += int(np.prod(shape)) // block * size
+    return total
+
+
+def write_gguf(path, arch: str, dims: SynthDims, seed: int = 0, ftype: str = "F32",
+               progress: Callable[[int], None] | None = None, threads: int | None = None) -> Path:
+    """Write a random-weight GGUF model of `arch` with `dims` in `ftype`; returns the path. Streams slice by slice
+    (RAM stays at a few slices whatever the model's size); `progress(n)` gets each slice's bytes as it is written;
+    `threads` generate and quantize slices in parallel (numpy and ggml release the GIL)."""
+    import gguf
+    from gguf.quants import quant_shape_to_byte_shape
+
+    path, ftype = Path(path), ftype.upper()
+    types = tensor_types(arch, dims, ftype)
+    plan = _plan(arch, dims)
+    w = gguf.GGUFWriter(path, arch)
+    _metadata(w, arch, dims, FILE_TYPE[ftype])
+    for name, shape, _ in plan:
+        t = gguf.GGMLQuantizationType[types[name]]
         if t == gguf.GGMLQuantizationType.F32:
             w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
         else:
@@ -302,18 +403,58 @@ def _write_direct(path: Path, arch: str, d: SynthDims, seed: int, ftype: str) ->
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     fout = w.fout[0]
-    for name, shape, kind in plan:
-        # Stream each tensor's slices straight to the file (GGUFWriter.write_tensor_data wants a whole array).
-        ti = w.tensors[0].pop(name)
-        w.write_padding(fout, fout.tell())
-        n = 0
-        for x in _chunks(seed, name, shape, kind):
-            y = x if types[name] == gguf.GGMLQuantizationType.F32 else quantize(x, types[name])
-            y.tofile(fout)
-            n += y.nbytes
-        assert n == ti.nbytes, (name, n, ti.nbytes)
-        w.write_padding(fout, n)
+    encode = _encode_numpy if ftype in _NUMPY else _encode_ggml
+    n_threads = max(1, threads or min(4, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(n_threads) as pool:
+        for name, shape, kind in plan:
+            # each tensor's slices straight to the file (GGUFWriter.write_tensor_data wants a whole array)
+            ti = w.tensors[0].pop(name)
+            w.write_padding(fout, fout.tell())
+            t = gguf.GGMLQuantizationType[types[name]]
+            n = _write_tensor(pool, fout, seed, name, shape, kind, t, encode, 2 * n_threads, progress)
+            assert n == ti.nbytes, (name, n, ti.nbytes)
+            w.write_padding(fout, n)
     w.close()
+    return path
+
+
+def _write_tensor(pool, fout, seed, name, shape, kind, t, encode, window: int, progress) -> int:
+    """Generate, encode and write one tensor's slices in order, at most `window` of them in flight."""
+    pending: collections.deque = collections.deque()
+    n = 0
+
+    def job(sub, shp):
+        return encode(_slice_data(seed, name, shape, kind, sub, shp), t)
+
+    def drain_one():
+        nonlocal n
+        y = pending.popleft().result()
+        y.tofile(fout)
+        n += y.nbytes
+        if progress is not None:
+            progress(y.nbytes)
+
+    for sub, shp in _slices(name, shape):
+        if len(pending) >= window:
+            drain_one()
+        pending.append(pool.submit(job, sub, shp))
+    while pending:
+        drain_one()
+    return n
+
+
+def _encode_numpy(x: np.ndarray, t) -> np.ndarray:
+    from gguf.quants import quantize
+
+    return x if t.name == "F32" else quantize(x, t)
+
+
+def _encode_ggml(x: np.ndarray, t) -> np.ndarray:
+    if t.name == "F32":
+        return x
+    from moecli.kernels import ggml
+
+    return ggml.quantize(x, int(t))
 
 
 def _lib():
