@@ -113,6 +113,37 @@ class QuantWeight:
         return self.raw.numel()
 
 
+# Each Triton launch is one torch.library custom op: the dispatcher sees one op per kernel (as a profiler sees one
+# launch), the interpreter's own tensor traffic stays below it, and CUDA graph capture records it like any op.
+@torch.library.custom_op("moecli::linear_q", mutates_args=("y",))
+def _linear_op(x: torch.Tensor, w: torch.Tensor, lut: torch.Tensor, bias: torch.Tensor, y: torch.Tensor, m: int,
+               n: int, k: int, row_bytes: int, sxm: int, sym: int, ttype: int, has_bias: bool, bm: int, bn: int,
+               bk: int, dot: bool) -> None:
+    _kernels().linear_kernel[(_cdiv(n, bn), _cdiv(m, bm))](x, w, lut, bias, y, m, n, k, row_bytes, sxm, sym,
+                                                          TYPE=ttype, HAS_BIAS=has_bias, BM=bm, BN=bn, BK=bk, DOT=dot)
+
+
+@torch.library.custom_op("moecli::gate_up", mutates_args=("h",))
+def _gate_up_op(x: torch.Tensor, sxm: int, pair_tok: torch.Tensor, blk_expert: torch.Tensor, blk_pairs: torch.Tensor,
+                slot_table: torch.Tensor, n_expert: int, storage: torch.Tensor, slot_bytes: int, og: int, ou: int,
+                lut: torch.Tensor, bg: torch.Tensor, bu: torch.Tensor, h: torch.Tensor, ff: int, d: int, rbg: int,
+                rbu: int, tg: int, tu: int, has_bias: bool, oai: bool, relu: bool, bm: int, bn: int, bk: int,
+                dot: bool) -> None:
+    _kernels().gate_up_kernel[(_cdiv(ff, bn), blk_expert.numel())](
+        x, sxm, pair_tok, blk_expert, blk_pairs, slot_table, n_expert, storage, slot_bytes, og, ou, lut, bg, bu, h,
+        ff, d, rbg, rbu, TYPE_G=tg, TYPE_U=tu, HAS_BIAS=has_bias, OAI=oai, RELU=relu, BM=bm, BN=bn, BK=bk, DOT=dot)
+
+
+@torch.library.custom_op("moecli::down", mutates_args=("y",))
+def _down_op(h: torch.Tensor, pair_w: torch.Tensor, blk_expert: torch.Tensor, blk_pairs: torch.Tensor,
+             slot_table: torch.Tensor, n_expert: int, storage: torch.Tensor, slot_bytes: int, od: int,
+             lut: torch.Tensor, bd: torch.Tensor, y: torch.Tensor, d: int, ff: int, rbd: int, td: int, has_bias: bool,
+             bm: int, bn: int, bk: int, dot: bool) -> None:
+    _kernels().down_kernel[(_cdiv(d, bn), blk_expert.numel())](
+        h, pair_w, blk_expert, blk_pairs, slot_table, n_expert, storage, slot_bytes, od, lut, bd, y, d, ff, rbd,
+        TYPE=td, HAS_BIAS=has_bias, BM=bm, BN=bn, BK=bk, DOT=dot)
+
+
 def linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """x[m, k] (any float dtype, rows contiguous) @ W^T (+ bias) -> float32 [m, n], W read in its quantized form."""
     K = w.shape[1]
@@ -122,10 +153,8 @@ def linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, ou
     n = w.shape[0]
     y = out if out is not None else torch.empty((m, n), dtype=torch.float32, device=x.device)
     bm, bn, bk, dot = _tiles(m, n, K)
-    grid = (_cdiv(n, bn), _cdiv(m, bm))
-    _kernels().linear_kernel[grid](x, w.raw, _lut(x.device), bias if bias is not None else y, y, m, n, K,
-                                   w.row_bytes, x.stride(0), y.stride(0), TYPE=int(w.type),
-                                   HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, DOT=dot)
+    _linear_op(x, w.raw, _lut(x.device), bias if bias is not None else y, y, m, n, K, w.row_bytes, x.stride(0),
+               y.stride(0), int(w.type), bias is not None, bm, bn, bk, dot)
     return y
 
 
@@ -160,38 +189,75 @@ class ExpertLayout:
         self.ff, self.d = self.gate[1]
 
 
+class GroupedWorkspace:
+    """grouped_experts' buffers for calls of up to `max_rows` tokens (decode), allocated once: the pair -> token
+    map, the one-pair blocks, the gate/up activations, the per-pair outputs and the result. A CUDA graph captures
+    the call over these addresses; a larger call (a prompt) allocates its own."""
+
+    def __init__(self, device, k: int, ff: int, d: int, max_rows: int = 1):
+        self.device, self.k, self.max_rows = torch.device(device), k, max_rows
+        P = max_rows * k
+        self.h = torch.empty((P, ff), dtype=torch.float32, device=self.device)
+        self.y = torch.zeros((P, d), dtype=torch.float32, device=self.device)
+        self.zero = torch.zeros((max_rows, d), dtype=torch.float32, device=self.device)  # never written
+        self.out = torch.zeros((max_rows, d), dtype=torch.float32, device=self.device)
+        self._views: dict[tuple[int, int], tuple] = {}
+
+    def views(self, n: int, bm: int) -> tuple:
+        """(pair_tok, blk_pairs, h, y, zero, out) for n rows, blocks of bm: slices made once per shape."""
+        v = self._views.get((n, bm))
+        if v is None:
+            P = n * self.k
+            pair_tok = torch.arange(n, dtype=torch.int32).repeat_interleave(self.k).to(self.device)
+            blk = torch.full((P, bm), -1, dtype=torch.int32)
+            blk[:, 0] = torch.arange(P, dtype=torch.int32)  # block p: pair p alone
+            v = self._views[(n, bm)] = (pair_tok, blk.to(self.device), self.h[:P], self.y[:P], self.zero[:n],
+                                        self.out[:n])
+        return v
+
+
 def grouped_experts(x: torch.Tensor, pair_tok: torch.Tensor, pair_exp: torch.Tensor, pair_w: torch.Tensor,
                     slot_table: torch.Tensor, storage: torch.Tensor, layout: ExpertLayout, biases=None,
-                    act: str = "swiglu") -> torch.Tensor:
+                    act: str = "swiglu", ws: GroupedWorkspace | None = None) -> torch.Tensor:
     """sum over pairs p of pair_w[p] * expert_{pair_exp[p]}(x[pair_tok[p]]) -> float32 [len(x), d], for the experts
     whose slot_table entry is >= 0 (their weights are storage[slot], laid out as `layout`); other pairs add
-    nothing. Two launches (gate+up+GLU, down+weights) and one index_add; `biases` = ([E, ff], [E, ff], [E, d])."""
+    nothing. Two launches (gate+up+GLU, down+weights) and one index_add; `biases` = ([E, ff], [E, ff], [E, d]).
+
+    With `ws` and one token (decode), every pair is its own block (a token's experts are distinct, so grouping
+    would share no weight reads): no sorting, and every buffer, `pair_tok` included, is the workspace's; the
+    result is then ws's output buffer, valid until the next call."""
     n_expert = slot_table.numel()
     P = pair_exp.numel()
     dev = x.device
-    out = torch.zeros((x.shape[0], layout.d), dtype=torch.float32, device=dev)
-    if P == 0:
-        return out
     if x.stride(-1) != 1:
         x = x.contiguous()
-    lut = _lut(dev)
-    kern = _kernels()
     ff, d = layout.ff, layout.d
-    bm, bn, bk, dot = _tiles(min(x.shape[0], P), ff, d)
-    blk_expert, blk_pairs = pair_blocks(pair_exp, n_expert, bm)
-    pair_tok = pair_tok.reshape(-1).to(torch.int32)
-    h = torch.empty((P, ff), dtype=torch.float32, device=dev)
+    n = x.shape[0]
+    bm, bn, bk, dot = _tiles(min(n, P), ff, d)
+    if ws is not None and n == 1 and P == ws.k:
+        pair_tok, blk_pairs, h, y, zero, out = ws.views(1, bm)
+        blk_expert = pair_exp
+        y.zero_()  # pairs of experts not on the device leave their rows untouched
+    else:
+        out = torch.zeros((n, d), dtype=torch.float32, device=dev)
+        if P == 0:
+            return out
+        blk_expert, blk_pairs = pair_blocks(pair_exp, n_expert, bm)
+        pair_tok = pair_tok.reshape(-1).to(torch.int32)
+        h = torch.empty((P, ff), dtype=torch.float32, device=dev)
+        y = torch.zeros((P, d), dtype=torch.float32, device=dev)
+        zero = None
+    lut = _lut(dev)
     (tg, _, og), (tu, _, ou), (td, _, od) = layout.gate, layout.up, layout.down
-    bg, bu, bd = biases if biases is not None else (out, out, out)
-    nb = blk_expert.numel()
-    kern.gate_up_kernel[(_cdiv(ff, bn), nb)](
-        x, x.stride(0), pair_tok, blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes, og, ou,
-        lut, bg, bu, h, ff, d, row_bytes(tg, d), row_bytes(tu, d), TYPE_G=int(tg), TYPE_U=int(tu),
-        HAS_BIAS=biases is not None, OAI=act == "swiglu_oai", RELU=act == "reglu", BM=bm, BN=bn, BK=bk, DOT=dot)
-    y = torch.zeros((P, d), dtype=torch.float32, device=dev)
-    _, bn2, bk2, _ = _tiles(min(x.shape[0], P), d, ff)
-    kern.down_kernel[(_cdiv(d, bn2), nb)](
-        h, pair_w.reshape(-1).float(), blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes, od,
-        lut, bd, y, d, ff, row_bytes(td, ff), TYPE=int(td), HAS_BIAS=biases is not None, BM=bm, BN=bn2, BK=bk2,
-        DOT=dot)
+    bg, bu, bd = biases if biases is not None else (y, y, y)
+    _gate_up_op(x, x.stride(0), pair_tok, blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes,
+                og, ou, lut, bg, bu, h, ff, d, row_bytes(tg, d), row_bytes(tu, d), int(tg), int(tu),
+                biases is not None, act == "swiglu_oai", act == "reglu", bm, bn, bk, dot)
+    _, bn2, bk2, _ = _tiles(min(n, P), d, ff)
+    if pair_w.dtype != torch.float32 or pair_w.dim() != 1:
+        pair_w = pair_w.reshape(-1).float()
+    _down_op(h, pair_w, blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes, od, lut, bd, y, d,
+             ff, row_bytes(td, ff), int(td), biases is not None, bm, bn2, bk2, dot)
+    if zero is not None:
+        return torch.index_add(zero, 0, pair_tok, y, out=out)
     return out.index_add_(0, pair_tok.long(), y)

@@ -61,6 +61,16 @@ class TorchLinear:
         return y + self.bias if self.bias is not None else y
 
 
+def dense_weight(lin: TorchLinear) -> torch.Tensor:
+    """A TorchLinear's weight as a float32 tensor [out, in] on its device (the quantized form dequantized)."""
+    if lin.weight is not None:
+        return lin.weight.float()
+    from moecli.kernels import torch_dequant
+
+    q = lin.qweight
+    return torch_dequant.dequantize(q.raw, q.type, q.shape, dtype=torch.float32)
+
+
 def dense_bytes(model) -> tuple[int, int]:
     """(device bytes, file bytes) of the TorchLinear weights of a model (its layers, tuples of them): what `chat -v`
     and `bench` print, to show that dense weights sit on the device at about their size in the file."""

@@ -147,7 +147,10 @@ class DeviceExpertCache:
         E = c.n_expert
         self._tables = torch.full((max(n, 1), E), -1, dtype=torch.int32, pin_memory=self.copy_engine.cuda)
         self._dev_tables = self._tables.to(self.device) if self.copy_engine.cuda else self._tables
+        self._tables_np = self._tables.numpy()
         self._scratch_table = torch.full((E,), -1, dtype=torch.int32, device=self.device)
+        self.top_k = c.n_expert_used
+        self._workspaces: dict[tuple[int, int], device_ops.GroupedWorkspace] = {}
         # gpt-oss: every expert's biases stay on the device (a few KB per expert), and its clamped SwiGLU
         self.act = c.expert_act
         bias_dtype = torch.float32 if self.triton else dtype
@@ -212,13 +215,14 @@ class DeviceExpertCache:
             scratch: set[int] = frozenset()) -> torch.Tensor:
         """sum_k weights[:, k] * expert_{ids[:, k]}(x) over the pairs whose expert is in `experts` (resident, or in
         `scratch`: brought into the scratch slot for this one use) -> float32 [n, d]. Pairs of other experts (the
-        CPU's) add nothing; no host sync, no loop over pairs."""
+        CPU's) add nothing; no host sync, no loop over pairs. In decode the result may be a workspace buffer,
+        valid until the next call."""
         resident = {e: self.resident[layer][e] for e in experts if e not in scratch}
         out = self._compute(layer, x, ids, weights, resident)
         for e in experts:
             if e in scratch:  # one scratch slot per layer: one expert at a time
                 self.load_scratch(layer, e)
-                out += self._compute(layer, x, ids, weights, {e: self.slots}, scratch=True)
+                out = out + self._compute(layer, x, ids, weights, {e: self.slots}, scratch=True)
         return out
 
     def launches(self, n_experts: int, n_scratch: int) -> int:
@@ -227,9 +231,20 @@ class DeviceExpertCache:
             return n_experts
         return 2 * (n_experts > n_scratch) + 2 * n_scratch
 
+    def workspace(self, layer: int) -> device_ops.GroupedWorkspace:
+        """The decode buffers of the grouped kernels, one per expert shape (shared by the layers: one call at a
+        time), allocated on first use."""
+        lay = self.layouts[layer]
+        ws = self._workspaces.get((lay.ff, lay.d))
+        if ws is None:
+            ws = self._workspaces[(lay.ff, lay.d)] = device_ops.GroupedWorkspace(self.device, self.top_k, lay.ff,
+                                                                                 lay.d)
+        return ws
+
     def _compute(self, layer, x, ids, weights, slot_of: dict[int, int], scratch: bool = False) -> torch.Tensor:
-        for e in slot_of:
-            self.copy_engine.wait(self.pending.pop((layer, -1) if scratch else (layer, e), None))
+        if self.pending:  # each expert waits for its own copy only (an event wait on CUDA, never the host)
+            for e in slot_of:
+                self.copy_engine.wait(self.pending.pop((layer, -1) if scratch else (layer, e), None))
         if not slot_of or not self.triton:
             out = torch.zeros((x.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)  # experts map d -> d
             for e in slot_of:  # the torch fallback: one expert at a time
@@ -243,16 +258,19 @@ class DeviceExpertCache:
             table = self._scratch_table.fill_(-1)
             table[e] = self.slots
         else:
-            host = self._tables[i].numpy()
+            host = self._tables_np[i]
             host.fill(-1)
             host[list(slot_of)] = list(slot_of.values())
             table = self._dev_tables[i]
-            if table.data_ptr() != self._tables[i].data_ptr():
+            if self.copy_engine.cuda:
                 table.copy_(self._tables[i], non_blocking=True)
         n, k = ids.shape
-        pair_tok = torch.arange(n, device=x.device, dtype=torch.int32).repeat_interleave(k)
+        ws = None if scratch else self.workspace(layer)  # scratch adds to the resident result: its own buffers
+        pair_tok = None if ws is not None and n == 1 else \
+            torch.arange(n, device=x.device, dtype=torch.int32).repeat_interleave(k)
         return device_ops.grouped_experts(x, pair_tok, ids.reshape(-1), weights.reshape(-1), table,
-                                          self.storage[i], self.layouts[layer], self.biases.get(layer), self.act)
+                                          self.storage[i], self.layouts[layer], self.biases.get(layer), self.act,
+                                          ws=ws)
 
     def evict(self, layer: int, e: int) -> None:
         self.resident[layer].pop(e, None)

@@ -26,6 +26,7 @@ from moecli.policy.placement import Placement, get_placement
 from moecli.policy.refit import CostRefit
 from moecli.runtime.cpu_backend import GgmlExperts
 from moecli.runtime.device_cache import DeviceExpertCache
+from moecli.runtime.host_link import HostLink
 
 PREFETCH_DISTANCE = 3  # layers ahead whose experts are predicted from the current hidden state
 
@@ -115,7 +116,8 @@ class HybridExperts:
             self.dev = DeviceExpertCache(ckpt, self.device, self.slots, dtype)
         self.refit = CostRefit(self.costs) if refit else None
         self.stats = Stats()
-        self.routers = None  # set by attach(): layer -> callable(hidden) -> router logits, for prediction
+        self._pred_gates: dict = {}  # set by attach(): layer -> the next layers' stacked gates, for prediction
+        self.link = HostLink(self.device)  # the one device->host read and the one host->device write per layer
         self.recorder = None  # callable(layer, ids, weights, scores, predictions, clock, costs) for --record-trace
         self._epoch = time.perf_counter()
         self._copy_free = 0.0  # ms on this executor's clock: when the copy engine drains (CUDA: predicted)
@@ -126,7 +128,7 @@ class HybridExperts:
             self._load(l, e, None)
 
     def attach(self, transformer) -> None:
-        self.routers = {l: transformer.layers[l].router for l in self.layers}
+        self._pred_gates = stacked_gates(transformer, self.layers)
 
     def _now(self) -> float:
         return (time.perf_counter() - self._epoch) * 1e3
@@ -143,12 +145,17 @@ class HybridExperts:
             self._new_pass(n, now)
         elif self._left is not None and self.refit is not None:
             self.refit.dense(n, now - self._left)
-        ids_np = ids.reshape(-1).cpu().numpy()
+        syncs0 = self.link.syncs
+        t_pf = time.perf_counter()
+        predict = core.prefetcher is not None or self.recorder is not None
+        pred_ids = self._predict(layer, hidden) if predict else None  # on the device, read with the routing
+        predict_s = time.perf_counter() - t_pf
+        r = self._read(layer, hidden, ids, weights, scores, pred_ids)  # sync 1: everything the host needs
+        ids_np = r.ids.reshape(-1)
         counts = np.bincount(ids_np, minlength=self.n_expert)
         active = np.flatnonzero(counts)
         tokens = dict(zip(active.tolist(), counts[active].tolist()))
-        sc = self._score_dict(scores, ids_np, weights, n)
-        st.syncs += 1 + (scores is not None)
+        sc = mean_scores(r.scores) if r.scores is not None else self._score_dict(ids_np, r.weights, n)
         copy_free = self._copy_free_at(now)
         d = core.plan_layer(layer, tokens, sc, n, now, copy_free, now)
         self._copy_free = max(self._copy_free, d.copy_end)
@@ -159,10 +166,8 @@ class HybridExperts:
         if d.cpu:  # CPU first so it overlaps everything below; pairs stay token-major (llama.cpp's order)
             mask = np.isin(ids_np, np.asarray(d.cpu, dtype=np.int64))
             tok = np.repeat(np.arange(n, dtype=np.int32), k)[mask]
-            w = weights.reshape(-1).float().cpu().numpy()[mask]
-            h = hidden.float().cpu().contiguous()
-            st.syncs += 1
-            fut = self.cpu.engine.submit(layer, h, tok, ids_np[mask].astype(np.int32), w)
+            fut = self.cpu.engine.submit(layer, r.hidden, tok, ids_np[mask].astype(np.int32),
+                                         r.weights.reshape(-1)[mask])
             if self.refit is not None:  # timed on the worker as it finishes; fitted on this thread next call
                 m, N = len(d.cpu), int(mask.sum())
                 fut.add_done_callback(lambda f: self._cpu_times.append((m, N, (time.perf_counter() - t_cpu) * 1e3)))
@@ -182,8 +187,8 @@ class HybridExperts:
                            (time.perf_counter() - t_dev) * 1e3 - scratch_ms)
 
         t_pf = time.perf_counter()
-        predictions = self._predict(layer, hidden) if (core.prefetcher is not None or self.recorder) else {}
-        predict_s = time.perf_counter() - t_pf
+        predictions = self._unpack_predictions(layer, r.pred)
+        predict_s += time.perf_counter() - t_pf
         after_now = self._now()
         after_copy = self._copy_free_at(after_now)
         a = core.after_layer(layer, d.tokens, d.cpu, sc, n, after_now, after_copy,
@@ -200,20 +205,44 @@ class HybridExperts:
         st.decision_ms[layer] = st.decision_ms.get(layer, 0.0) + (d.decision_s + a.decision_s) * 1e3
         if self.log is not None:
             self.log.append(core_record(layer, d, a))
-        if self.recorder is not None:
+        if self.recorder is not None:  # host copies of what was read (the packed buffer is reused next layer)
             clock = {"now": now, "copy": copy_free, "cpu": now, "after_now": after_now, "after_copy": after_copy}
-            self.recorder(layer, ids, weights, scores, self._pred.pop(layer, {}), clock,
-                          core.costs.as_dict() if layer == self.layers[0] else None)
+            self.recorder(layer, torch.from_numpy(r.ids.copy()), torch.from_numpy(r.weights.copy()),
+                          None if r.scores is None else torch.from_numpy(r.scores.copy()),
+                          self._pred.pop(layer, {}), clock, core.costs.as_dict() if layer == self.layers[0] else None)
             for target, pred in predictions.items():
                 self._pred.setdefault(target[0], {})[target[1]] = pred
         if fut is not None:
-            out += fut.result().to(self.device)
-            st.syncs += 1
+            out += self.link.write(fut.result())  # sync 2: joined on the device, in stream order
+        st.syncs += self.link.syncs - syncs0
         end = self._now()
         st.layer_ms[layer] = st.layer_ms.get(layer, 0.0) + end - now
         st.predicted_ms[layer] = st.predicted_ms.get(layer, 0.0) + d.makespan - now
         self._left = end
-        return out.to(hidden.dtype)
+        return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
+
+    def _read(self, layer: int, hidden, ids, weights, scores, pred_ids) -> "_HostView":
+        """One packed device->host copy of the layer's routing, scores, CPU input and predictions, unpacked into
+        numpy views (valid until the next layer's read)."""
+        n, k = ids.shape
+        parts = [ids, weights, hidden] + ([scores] if scores is not None else []) \
+            + ([pred_ids] if pred_ids is not None else [])
+        buf = self.link.read(parts)
+        o = 0
+
+        def take(shape):
+            nonlocal o
+            size = int(np.prod(shape))
+            v = buf[o:o + size].reshape(shape)
+            o += size
+            return v
+
+        r = _HostView(take((n, k)).astype(np.int64), take((n, k)), take(tuple(hidden.shape)))
+        if scores is not None:
+            r.scores = take(tuple(scores.shape))
+        if pred_ids is not None:
+            r.pred = take(tuple(pred_ids.shape)).astype(np.int64)
+        return r
 
     def _device_experts(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                         experts: list[int], scratch: set[int]) -> torch.Tensor:
@@ -247,11 +276,9 @@ class HybridExperts:
         if n and self.refit is not None and not self.dev.copy_engine.cuda:
             self.refit.copy(n, (time.perf_counter() - t0) * 1e3)
 
-    def _score_dict(self, scores, ids_np, weights, n) -> dict[int, float]:
-        """Mean router probabilities over the tokens (the selected weights when the model gives no scores)."""
-        if scores is not None:
-            return mean_scores(scores.float().cpu().numpy())
-        w = np.bincount(ids_np, weights=weights.reshape(-1).double().cpu().numpy(), minlength=self.n_expert) / n
+    def _score_dict(self, ids_np, weights_np, n) -> dict[int, float]:
+        """The selected weights averaged over the tokens, when the model gives no router scores."""
+        w = np.bincount(ids_np, weights=weights_np.reshape(-1).astype(np.float64), minlength=self.n_expert) / n
         return {int(e): float(w[e]) for e in np.flatnonzero(w)}
 
     def _load(self, layer: int, e: int, victim: int | None) -> None:
@@ -262,17 +289,52 @@ class HybridExperts:
         self.stats.copied_experts += 1
         self.stats.bytes_copied = self.dev.copy_engine.bytes_copied
 
-    def _predict(self, layer: int, hidden: torch.Tensor) -> dict[tuple[int, int], list[list[int]]]:
-        """Layers l+1..l+3's experts predicted from this hidden state through their gates: (target, distance) ->
-        per-token ids."""
-        if self.routers is None:
+    def _predict(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Layers l+1..l+3's experts predicted from this hidden state through their gates, on the device: one
+        matmul over their stacked router weights, one top-k -> ids [n, targets, k] (None at the last layer)."""
+        p = self._pred_gates.get(layer)
+        if p is None:
+            return None
+        wt, bias, n_targets = p
+        logits = torch.mm(hidden, wt) if bias is None else torch.addmm(bias, hidden, wt)
+        return torch.topk(logits.view(hidden.shape[0], n_targets, self.n_expert), self.top_k, dim=-1).indices
+
+    def _unpack_predictions(self, layer: int, pred: np.ndarray | None) -> dict[tuple[int, int], list[list[int]]]:
+        """(target, distance) -> per-token predicted ids, from the host copy of `_predict`'s result."""
+        if pred is None:
             return {}
         i = self.layers.index(layer)
-        out = {}
-        for d, target in enumerate(self.layers[i + 1:i + 1 + PREFETCH_DISTANCE], start=1):
-            out[(target, d)] = torch.topk(self.routers[target](hidden), self.top_k, dim=-1).indices.tolist()
-            self.stats.syncs += 1
-        return out
+        return {(target, d): pred[:, d - 1].tolist()
+                for d, target in enumerate(self.layers[i + 1:i + 1 + pred.shape[1]], start=1)}
+
+
+@dataclass
+class _HostView:
+    ids: np.ndarray  # [n, k] int64
+    weights: np.ndarray  # [n, k] float32
+    hidden: np.ndarray  # [n, d] float32: the CPU experts' input
+    scores: np.ndarray | None = None  # [n, E]
+    pred: np.ndarray | None = None  # [n, targets, k] int64
+
+
+def stacked_gates(transformer, layers: list[int], horizon: int = PREFETCH_DISTANCE) -> dict:
+    """Per MoE layer, the router weights of the next `horizon` MoE layers as one [d, targets * E] view (and their
+    biases), over one stack of every router: prediction is one matmul, no copy per step."""
+    from moecli.models.layers import dense_weight
+
+    routers = [transformer.layers[l].router for l in layers]
+    if not routers:
+        return {}
+    w = torch.stack([dense_weight(r) for r in routers])  # [L, E, d]
+    has_bias = any(r.bias is not None for r in routers)
+    b = torch.stack([r.bias if r.bias is not None else torch.zeros(w.shape[1], device=w.device)
+                     for r in routers]).to(w.dtype) if has_bias else None
+    out = {}
+    for i, l in enumerate(layers):
+        j = min(i + 1 + horizon, len(layers))
+        if j > i + 1:
+            out[l] = (w[i + 1:j].reshape(-1, w.shape[-1]).t(), None if b is None else b[i + 1:j].reshape(-1), j - i - 1)
+    return out
 
 
 def core_record(layer: int, d, a) -> tuple:

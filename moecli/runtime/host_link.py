@@ -1,0 +1,73 @@
+"""The hybrid executor's only traffic between the device and the host in a step, two crossings per MoE layer:
+
+  `read(parts)`  every device tensor the host needs for a layer's decisions (routing ids, weights, scores, the
+                 CPU experts' input, the predicted experts of the next layers) packed on the device into one float32
+                 buffer by one op, then ONE copy into pinned memory and one wait for it: sync 1;
+  `write(array)` the CPU experts' result through a pinned buffer to the device, non-blocking: the device joins it
+                 in stream order, the host does not wait for the device: sync 2.
+
+On the CPU device there is nothing to cross: the packed buffer is read in place. `reads` and `writes` count the
+calls; the executor's `Stats.syncs` is their sum, and tests check that nothing else reads device memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class HostLink:
+    def __init__(self, device, floats: int = 1 << 12, rows: int = 1, width: int = 1):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.reads = self.writes = 0
+        self._grow_read(floats)
+        self._out = None
+        self._grow_write(rows * width)
+        self._written = torch.cuda.Event() if self.cuda else None  # the last write's copy left the pinned buffer
+
+    def _grow_read(self, n: int) -> None:
+        self._dev = torch.empty(n, dtype=torch.float32, device=self.device)
+        if self.cuda:
+            self._host = torch.empty(n, dtype=torch.float32, pin_memory=True)
+            self._done = torch.cuda.Event()
+        else:
+            self._host = self._dev
+        self._host_np = self._host.numpy()
+
+    def _grow_write(self, n: int) -> None:
+        if self.cuda:
+            self._out = torch.empty(n, dtype=torch.float32, pin_memory=True)
+            self._out_np = self._out.numpy()
+
+    def read(self, parts: list[torch.Tensor]) -> np.ndarray:
+        """The concatenation of `parts` (flattened, as float32: ids up to 2^24 are exact) on the host, as a numpy
+        view valid until the next `read`."""
+        n = sum(p.numel() for p in parts)
+        if n > self._dev.numel():  # a longer prompt than any before: grows once per new size, never in decode
+            self._grow_read(max(n, 2 * self._dev.numel()))
+        torch.cat([p.reshape(-1) for p in parts], out=self._dev[:n])
+        if self.cuda:
+            self._host[:n].copy_(self._dev[:n], non_blocking=True)
+            self._done.record()
+            self._done.synchronize()
+        self.reads += 1
+        return self._host_np[:n]
+
+    def write(self, y: np.ndarray) -> torch.Tensor:
+        """`y` (float32, host) as a device tensor, ordered after everything queued on the current stream; the
+        host returns at once. Valid until the next `write`'s copy is queued."""
+        self.writes += 1
+        if not self.cuda:
+            return torch.from_numpy(y)
+        n = y.size
+        self._written.synchronize()  # the previous write has left the pinned buffer (long done: a layer ago)
+        if n > self._out.numel():
+            self._grow_write(n)
+        self._out_np[:n] = y.reshape(-1)
+        dev = self._out[:n].view(y.shape).to(self.device, non_blocking=True)
+        self._written.record()
+        return dev
+
+    @property
+    def syncs(self) -> int:
+        return self.reads + self.writes

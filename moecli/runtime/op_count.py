@@ -1,0 +1,119 @@
+"""Host overhead of a decode step, counted: torch ops dispatched per MoE layer, and device->host reads.
+
+`count_decode_ops(model)` runs one decode step of a loaded hybrid (or torch) model under a TorchDispatchMode and
+attributes every dispatched aten op to the layer whose attention block or FFN was running (the rest: embedding,
+head). A Triton launcher registered as a torch.library custom op counts once, as one kernel launch would; views
+count too (each is a Python->C++ dispatch on the host).
+
+`HostReads` is a TorchFunctionMode that records every way a tensor's values can reach the host as Python data
+(`item`, `tolist`, `numpy`, `nonzero`, `__bool__`...): the hot-path test runs a decode step under it and allows
+only the executor's one sanctioned transfer (moecli.runtime.executor.to_host).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import Counter
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "unique", "_unique2",
+             "masked_select"}  # ops whose output size or value the host must wait for
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.where = "outside"  # the layer running now ("outside": embedding, head, sampling)
+        self.ops: dict[object, Counter] = {}
+        self._owner = threading.get_ident()  # ggml worker threads dispatch nothing; only this thread counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if threading.get_ident() == self._owner:
+            name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+            self.ops.setdefault(self.where, Counter())[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _attributed(transformer, counter: _OpCounter):
+    """Tag the counter with the layer whose attention block / FFN runs (instance attributes, removed after)."""
+    attn, ffn = transformer.attention_block, transformer.ffn
+
+    def attention_block(l, *a, **k):
+        counter.where = l
+        try:
+            return attn(l, *a, **k)
+        finally:
+            counter.where = "outside"
+
+    def ffn_(l, *a, **k):
+        counter.where = l
+        try:
+            return ffn(l, *a, **k)
+        finally:
+            counter.where = "outside"
+
+    transformer.attention_block, transformer.ffn = attention_block, ffn_
+    try:
+        yield
+    finally:
+        del transformer.attention_block, transformer.ffn
+
+
+def count_decode_ops(model, prompt: list[int] | None = None) -> dict:
+    """One decode step of `model` (a moecli.api.Model on the torch or hybrid engine) after a short prompt, ops
+    counted. Returns {"per_moe_layer": mean ops of an MoE layer, "per_layer": {layer: ops}, "outside": ops,
+    "top": the most dispatched ops of one MoE layer, "syncs_per_moe_layer": the executor's device->host reads}."""
+    tr = model.transformer
+    if tr.fused_forward is not None:
+        raise ValueError("the ggml engine dispatches no torch ops: count the torch or hybrid engine")
+    prompt = prompt or list(range(1, 9))
+    cache = tr.new_cache(len(prompt) + 2)
+    tr.forward(prompt, cache)  # prefill (eager, not counted)
+    tr.forward([prompt[-1]], cache)  # one decode step to warm lazily built state (embedding rows, graphs)
+    st = getattr(tr.experts, "stats", None)
+    syncs0 = st.syncs if st is not None else 0
+    counter = _OpCounter()
+    with _attributed(tr, counter), counter:
+        tr.forward([prompt[0]], cache, all_logits=False)
+    moe = [l for l in range(tr.config.n_layer) if tr.layers[l].router is not None]
+    per_layer = {l: sum(c.values()) for l, c in counter.ops.items() if l != "outside"}
+    top = Counter()
+    for l in moe:
+        top.update(counter.ops.get(l, Counter()))
+    n = max(len(moe), 1)
+    return {"per_moe_layer": sum(per_layer.get(l, 0) for l in moe) / n, "per_layer": per_layer,
+            "outside": sum(counter.ops.get("outside", Counter()).values()),
+            "top": {k: v / n for k, v in top.most_common(12)},
+            "sync_ops_per_moe_layer": sum(top[o] for o in _SYNC_OPS) / n,
+            "syncs_per_moe_layer": ((st.syncs - syncs0) / n) if st is not None else None}
+
+
+class HostReads(TorchFunctionMode):
+    """Records every read of tensor values by the host (`item`, `tolist`, `numpy`, `nonzero`, truth tests...),
+    except inside `allowed()` (the executor's one transfer). `reads` lists their names in order."""
+
+    NAMES = {"item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__", "cpu",
+             "unique", "equal", "any", "all"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+        self._allowed = 0
+
+    @contextlib.contextmanager
+    def allowed(self):
+        self._allowed += 1
+        try:
+            yield
+        finally:
+            self._allowed -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES and not self._allowed and threading.current_thread() is threading.main_thread():
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
