@@ -51,6 +51,7 @@ def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
 
 class Transformer:
     fused_forward = None  # the ggml engine's whole forward as one graph (moecli.runtime.ggml_forward)
+    decode = None  # moecli.models.decode.DecodeBlock: the one-token step on the device kernels
     LAYER = Layer  # a family's own layer class (gpt-oss: sinks, window)
 
     def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
@@ -69,6 +70,9 @@ class Transformer:
         self.rope, self.kq_scale = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
         self._no_sinks = None  # -inf per head, for sliding-window layers without sinks
+        from moecli.models.decode import DecodeBlock
+
+        self.decode = DecodeBlock.build(self)  # one-token steps on the device kernels (None: torch)
 
     def new_cache(self, n_ctx: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache for n_ctx tokens; `dtype` None: f16 on an accelerator, float32 on the CPU device."""
@@ -113,6 +117,8 @@ class Transformer:
 
     def attention_block(self, l, layer, x, pos, cache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """attn_norm -> attention -> residual -> ffn_norm: (residual stream, FFN input)."""
+        if self.decode is not None and x.shape[0] == 1 and self.decode.attends(l):
+            return self.decode.attention_block(l, layer, x, pos, cache)
         eps = self.config.rms_eps
         x = x + self.attention(l, layer, rms_norm(x, layer.attn_norm, eps), pos, cache, start)
         return x, rms_norm(x, layer.ffn_norm, eps)
@@ -153,10 +159,15 @@ class Transformer:
 
     def moe(self, l, layer: Layer, h) -> torch.Tensor:
         c = self.config
-        probs, ids, weights = route(c, layer.router(self.layer_input if c.router_input == "layer" else h),
-                                    layer.exp_bias)
-        if self.on_router is not None:
-            self.on_router(l, probs, ids, weights)
+        inp = self.layer_input if c.router_input == "layer" else h
+        if self.decode is not None and h.shape[0] == 1 and self.decode.routing:
+            probs, ids, weights = self.decode.route(layer, inp)  # buffers reused by the next layer
+            if self.on_router is not None:
+                self.on_router(l, probs.clone(), ids.long(), weights.clone())
+        else:
+            probs, ids, weights = route(c, layer.router(inp), layer.exp_bias)
+            if self.on_router is not None:
+                self.on_router(l, probs, ids, weights)
         out = self.experts(l, h, ids, weights, probs)
         if layer.shared is not None:
             s = swiglu(h, *layer.shared)
