@@ -92,6 +92,7 @@ class Transformer:
         x = self.embed(tokens)
         for l, layer in enumerate(self.layers):
             self.layer_input = x  # what a SmallThinker router reads
+            self._early = self.route_early(l, layer, x)
             x, h = self.attention_block(l, layer, x, pos, cache, start)
             x = x + self.ffn(l, layer, h)
         cache.pos = start + n
@@ -151,10 +152,22 @@ class Transformer:
         return attend_sinks(q, cache.k[l, k0:end], cache.v[l, k0:end], start, k0, self._no_sinks, self.kq_scale,
                             window)
 
+    def route_early(self, l, layer: Layer, x):
+        """A router on the layer input (SmallThinker) routes before attention: the executor is told at once
+        (`experts.known`), so it can copy the layer's experts while attention runs. None for other routers."""
+        if self.config.router_input != "layer" or layer.router is None:
+            return None
+        r = route(self.config, layer.router(x), layer.exp_bias)
+        known = getattr(self.experts, "known", None)
+        if known is not None:
+            known(l, r[1])
+        return r
+
     def moe(self, l, layer: Layer, h) -> torch.Tensor:
         c = self.config
-        probs, ids, weights = route(c, layer.router(self.layer_input if c.router_input == "layer" else h),
-                                    layer.exp_bias)
+        early, self._early = getattr(self, "_early", None), None
+        probs, ids, weights = early or route(c, layer.router(self.layer_input if c.router_input == "layer" else h),
+                                             layer.exp_bias)
         if self.on_router is not None:
             self.on_router(l, probs, ids, weights)
         out = self.experts(l, h, ids, weights, probs)
