@@ -96,6 +96,7 @@ class Transformer:
         x = self.embed(tokens)
         for l, layer in enumerate(self.layers):
             self.layer_input = x  # what a SmallThinker router reads
+            self._early = self.route_early(l, layer, x)
             x, h = self.attention_block(l, layer, x, pos, cache, start)
             x = x + self.ffn(l, layer, h)
         cache.pos = start + n
@@ -157,16 +158,31 @@ class Transformer:
         return attend_sinks(q, cache.k[l, k0:end], cache.v[l, k0:end], start, k0, self._no_sinks, self.kq_scale,
                             window)
 
+    def route_early(self, l, layer: Layer, x):
+        """A router on the layer input (SmallThinker) routes before attention: the executor is told at once
+        (`experts.known`), so it can copy the layer's experts while attention runs. None for other routers."""
+        if self.config.router_input != "layer" or layer.router is None:
+            return None
+        r = self._route(layer, x)
+        known = getattr(self.experts, "known", None)
+        if known is not None:
+            known(l, r[1])
+        return r
+
+    def _route(self, layer: Layer, inp):
+        """(scores, ids, weights) of the layer's router on `inp`: one token through the decode kernels."""
+        if self.decode is not None and inp.shape[0] == 1 and self.decode.routing:
+            return self.decode.route(layer, inp)
+        return route(self.config, layer.router(inp), layer.exp_bias)
+
     def moe(self, l, layer: Layer, h) -> torch.Tensor:
         c = self.config
-        inp = self.layer_input if c.router_input == "layer" else h
-        if self.decode is not None and h.shape[0] == 1 and self.decode.routing:
-            probs, ids, weights = self.decode.route(layer, inp)  # buffers reused by the next layer
-            if self.on_router is not None:
+        early, self._early = getattr(self, "_early", None), None
+        probs, ids, weights = early or self._route(layer, self.layer_input if c.router_input == "layer" else h)
+        if self.on_router is not None:
+            if self.decode is not None and h.shape[0] == 1 and self.decode.routing:  # buffers the next layer reuses
                 self.on_router(l, probs.clone(), ids.long(), weights.clone())
-        else:
-            probs, ids, weights = route(c, layer.router(inp), layer.exp_bias)
-            if self.on_router is not None:
+            else:
                 self.on_router(l, probs, ids, weights)
         out = self.experts(l, h, ids, weights, probs)
         if layer.shared is not None:
