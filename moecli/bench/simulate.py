@@ -119,6 +119,7 @@ def run_sweep(trace_path: str | Path, profile_path: str | Path, geometry: str, r
             entry = {"tbt_ms": d.mean_ms, "hit_rate": d.hit_rate, "copied_bytes": d.copied_bytes,
                      "copied_bytes_per_token": d.copied_bytes / max(1, len(decode)),
                      "prefetch_copies": d.prefetch_copies, "prefetch_accuracy": d.prefetch_accuracy(),
+                     "known_prefetch_copies": sum(v[1] for (_, src), v in d.prefetch_judged.items() if src == "known"),
                      "cpu_share": d.cpu_share, "decision_us_decode": d.decision_us, "prefetch_us_decode": d.prefetch_us}
             if prefill:
                 sim = Simulator(pl, costs, L, geom.n_experts, slots, counts, predictor_accuracy,
