@@ -15,6 +15,7 @@ import torch
 
 from moecli.kernels import decode_ops as K
 from moecli.kernels import device_ops
+from moecli.runtime.step_graphs import StepGraphs
 
 
 class _Buffers:
@@ -36,6 +37,10 @@ class DecodeBlock:
         self.tr, self.c = transformer, transformer.config
         self.attention, self.routing = attention, routing
         self.buf = _Buffers(self.c, transformer.device)
+        self.graphs = StepGraphs(transformer.device)  # CUDA: each layer's segment one graph replay
+        self.x_in = torch.zeros((1, self.c.n_embd), device=transformer.device)  # the graphs' static input
+        self.pos = torch.zeros(1, dtype=torch.long, device=transformer.device)
+        self._pos_src = None  # the forward pass's position tensor last copied into self.pos (held: no id reuse)
 
     @classmethod
     def build(cls, tr) -> "DecodeBlock | None":
@@ -63,7 +68,29 @@ class DecodeBlock:
         return staging(1) if staging is not None else None
 
     def attention_block(self, l: int, layer, x: torch.Tensor, pos: torch.Tensor, cache):
-        """Transformer.attention_block for one token at device position `pos`: (residual stream, FFN input)."""
+        """Transformer.attention_block for one token at device position `pos`: (residual stream, FFN input), one
+        segment with the layer's routing when the router reads the FFN input (the result left in tr._early)."""
+        st = self._staged()
+        hidden = st.hidden if st is not None else self.buf.hidden
+        routes = self.routing and layer.router is not None and self.c.router_input != "layer"
+        if self.graphs.active:  # the graph reads its input and position from fixed addresses
+            if pos is not self._pos_src:
+                self.pos.copy_(pos)
+                self._pos_src = pos
+            self.x_in.copy_(x)
+            x, pos = self.x_in, self.pos
+
+        def segment():
+            self._attention(l, layer, x, pos, cache, hidden)
+            return self.route(layer, hidden) if routes else None
+
+        r = self.graphs.run(("attn", l), segment, tag=(cache.k.data_ptr(), hidden.data_ptr()),
+                            check=(self.buf.x, hidden))
+        if routes:
+            self.tr._early = r
+        return self.buf.x, hidden
+
+    def _attention(self, l: int, layer, x, pos, cache, hidden) -> None:
         c, B, eps = self.c, self.buf, self.c.rms_eps
         K.add_rms_norm(x, layer.attn_norm, eps, out_h=B.h)
         for lin, out in ((layer.q, B.q), (layer.k, B.k), (layer.v, B.v)):
@@ -76,10 +103,7 @@ class DecodeBlock:
                         layer.k_norm if head else None, eps, l not in c.nope_layers)
         K.decode_attn(B.qr, cache, l, pos, B.att)
         device_ops.linear(B.att, layer.o.qweight, layer.o.bias, out=B.o)
-        st = self._staged()
-        hidden = st.hidden if st is not None else B.hidden
         K.add_rms_norm(x, layer.ffn_norm, eps, out_h=hidden, res=B.o, out_x=B.x)
-        return B.x, hidden
 
     def route(self, layer, inp: torch.Tensor):
         """models.layers.route(router(inp)) for one token: (scores, ids int32, weights), the staged ones when the
