@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -122,6 +123,7 @@ class HybridExperts:
         self.stats = Stats()
         self._pred_gates: dict = {}  # set by attach(): layer -> the next layers' stacked gates, for prediction
         self.link = HostLink(self.device)  # the one device->host read and the one host->device write per layer
+        self.n_embd = c.n_embd
         self.recorder = None  # callable(layer, ids, weights, scores, predictions, clock, costs) for --record-trace
         self._epoch = time.perf_counter()
         self._copy_free = 0.0  # ms on this executor's clock: when the copy engine drains (CUDA: predicted)
@@ -138,6 +140,13 @@ class HybridExperts:
 
     def _now(self) -> float:
         return (time.perf_counter() - self._epoch) * 1e3
+
+    def staging(self, n: int) -> "_Staged | None":
+        """Where the dense decode kernels put a layer's routing ids (float32), weights, FFN input and scores: the
+        head of the packed buffer `_read` sends to the host, in its order (one token; None for prompts)."""
+        if n != 1:
+            return None
+        return _Staged(*self.link.staged(((1, self.top_k), (1, self.top_k), (1, self.n_embd), (1, self.n_expert))))
 
     # -- the experts seam ---------------------------------------------------------------------------------------
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -262,6 +271,12 @@ class HybridExperts:
         """One packed device->host copy of the layer's routing, scores, CPU input and predictions, unpacked into
         numpy views (valid until the next layer's read)."""
         n, k = ids.shape
+        if n == 1 and ids.dtype == torch.int32:  # the decode kernels' ids: their float32 copy lies in the buffer
+            st = self.staging(1)
+            if weights is st.weights and scores is st.scores:
+                if hidden is not st.hidden:  # a layer whose attention took the torch path
+                    st.hidden.copy_(hidden)
+                ids, hidden = st.ids, st.hidden
         parts = [ids, weights, hidden] + ([scores] if scores is not None else []) \
             + ([pred_ids] if pred_ids is not None else [])
         buf = self.link.read(parts)
@@ -343,6 +358,13 @@ class HybridExperts:
         i = self.layers.index(layer)
         return {(target, d): pred[:, d - 1].tolist()
                 for d, target in enumerate(self.layers[i + 1:i + 1 + pred.shape[1]], start=1)}
+
+
+class _Staged(NamedTuple):
+    ids: torch.Tensor  # [1, k] float32
+    weights: torch.Tensor  # [1, k]
+    hidden: torch.Tensor  # [1, d]
+    scores: torch.Tensor  # [1, E]
 
 
 @dataclass
