@@ -113,6 +113,24 @@ def test_executor_prefetches_known_routing_before_attention_and_replays(tmp_path
     Simulator(get_placement("hybrimoe"), CostModel.from_dict(passes[0].costs), trace.layers, trace.n_experts, 2,
               {}, initial={}, recorded_clock=True, log=replay_log, known=trace.known_early).run(passes)
     assert replay_log == executor_log
+    from moecli.bench.replay import compare
+
+    assert compare(out)["replay"]["hit_rate"] == pytest.approx(m.stats.hit_rate)  # bench --replay: the same
+
+
+@pytest.mark.parametrize("placement,slots,reads", [("hybrimoe", 2, 2), ("lru", 2, 1), ("llama-cpp", 0, 1)])
+def test_known_routing_costs_one_read_per_layer_only_where_it_is_used(placement, slots, reads):
+    """With a prefetcher the ids cross once more per layer, before attention; without one nothing changes."""
+    m = moecli.load(tiny_gguf("smallthinker", "F32"), placement=placement, expert_slots=slots)
+    ex = m.transformer.experts
+    tr = m.transformer
+    cache = tr.new_cache(16)
+    tr.forward(m.tokenize(TEXT)[:8], cache)
+    link = ex.link
+    r0, w0, s0 = link.reads, link.writes, ex.stats.syncs
+    tr.forward([5], cache)
+    assert link.reads - r0 == reads * len(ex.layers)
+    assert ex.stats.syncs - s0 == link.reads - r0 + link.writes - w0  # Stats.syncs counts it
 
 
 def test_known_routing_prefetches_with_certainty_and_no_slower_on_a_recorded_trace(tmp_path):
@@ -164,3 +182,14 @@ def test_known_routing_prefetches_with_certainty_and_no_slower_on_a_recorded_tra
     assert row["hybrimoe/pred"]["prefetch_accuracy"] < 0.9 and row["lru"]["prefetch_accuracy"] is None
     r = subprocess.run(cmd + ["--routing", "sure"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.startswith("error:") and "--routing" in r.stderr
+
+
+def test_executor_keeps_predicting_known_layers_without_a_recorder():
+    """routing "both" (the executor's): layers l+1..l+3 are still predicted from the gates and prefetched, then
+    topped up with certainty; nothing about it depends on whether a trace is being recorded."""
+    m = moecli.load(tiny_gguf("smallthinker", "F32"), placement="hybrimoe", expert_slots=2)
+    ex = _fixed_costs(m)
+    ex.core.log = log = []
+    list(m.generate(m.tokenize(TEXT)[:8], max_tokens=6, stop_at_eog=False))
+    assert not ex.core.known_only
+    assert any(r[4] for r in log if r[0] == "after") and any(r[4] for r in log if r[0] == "known")

@@ -163,8 +163,10 @@ class HybridExperts:
             self.refit.dense(n, now - held - self._left)
         syncs0 = self.link.syncs
         t_pf = time.perf_counter()
-        # predictions serve prefetch for layers not known early, and a recorded trace (the simulator's comparison)
-        predict = self.recorder is not None or (core.prefetcher is not None and len(core.known) < len(self.layers))
+        # predictions serve prefetch (unless every layer's routing is known early and the core takes only that)
+        # and a recorded trace (the simulator's comparison)
+        predict = self.recorder is not None or (core.prefetcher is not None
+                                                and not (core.known_only and core.known >= set(self.layers)))
         pred_ids = self._predict(layer, hidden) if predict else None  # on the device, read with the routing
         predict_s = time.perf_counter() - t_pf
         r = self._read(layer, hidden, ids, weights, scores, pred_ids)  # sync 1: everything the host needs

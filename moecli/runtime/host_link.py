@@ -5,6 +5,8 @@
                  buffer by one op, then ONE copy into pinned memory and one wait for it: sync 1;
   `write(array)` the CPU experts' result through a pinned buffer to the device, non-blocking: the device joins it
                  in stream order, the host does not wait for the device: sync 2.
+A layer whose router reads the layer input (SmallThinker) reads its ids once more, before attention, when the
+executor prefetches on them (`HybridExperts.known`): three crossings on those layers.
 
 The dense decode kernels can write their results straight into the packed buffer (`staged`): `read` then finds
 those parts already in place and copies only what is not (nothing, in decode without prefetch).
