@@ -1,7 +1,7 @@
 """The dense decode block (moecli.models.decode: one-token steps through the decode kernels, results staged in the
 executor's packed buffer) gives the torch path's logits, step after step, for every shared-decoder variant: per-head
 q/k norm (Qwen3), whole-projection q/k norm (OLMoE), q/k/v biases + shared expert (Qwen2-MoE), NoPE and
-sliding-window layers (SmallThinker: the window layers fall back to torch); an F16 cache (OLMoE)."""
+sliding-window layers (SmallThinker), sinks and windows that bite (gpt-oss, window 8); an F16 cache (OLMoE)."""
 import copy
 
 import numpy as np
@@ -14,12 +14,12 @@ from conftest import tiny_gguf
 pytest.importorskip("triton")
 
 
-def _decode_both_ways(m, n_steps=2, dtype=None):
+def _decode_both_ways(m, n_steps=2, dtype=None, prompt=(1, 2, 3)):
     """Logits of `n_steps` decode steps after one prompt, through the decode block and through the torch path,
     each from its own copy of the same prefilled cache."""
     tr = m.transformer
-    cache = tr.new_cache(8, dtype=dtype)
-    tr.forward([1, 2, 3], cache)
+    cache = tr.new_cache(len(prompt) + n_steps, dtype=dtype)
+    tr.forward(list(prompt), cache)
     out = []
     for d in (tr.decode, None):
         c = copy.deepcopy(cache)
@@ -29,14 +29,15 @@ def _decode_both_ways(m, n_steps=2, dtype=None):
 
 
 @pytest.mark.parametrize("arch,placement", [("qwen3moe", "n-cpu-moe=0"), ("olmoe", "torch"), ("qwen2moe", "torch"),
-                                            ("smallthinker", "n-cpu-moe=0")])
+                                            ("smallthinker", "n-cpu-moe=0"), ("gpt-oss", "torch")])
 def test_decode_block_matches_the_torch_path(monkeypatch, arch, placement):
     monkeypatch.setenv("MOECLI_CPU_DENSE_KERNELS", "1")
     opts = dict(engine="torch") if placement == "torch" else dict(placement=placement, expert_slots=8)
     m = moecli.load(tiny_gguf(arch, "Q4_K"), **opts)
     d = m.transformer.decode
     assert d is not None and d.attention and d.routing
-    got, want = _decode_both_ways(m, dtype=torch.float16 if arch == "olmoe" else None)
+    got, want = _decode_both_ways(m, dtype=torch.float16 if arch == "olmoe" else None,
+                                  prompt=range(1, 11) if arch == "gpt-oss" else (1, 2, 3))  # past its window of 8
     assert np.abs(got - want).max() / want.std() < (2e-3 if arch == "olmoe" else 1e-4)
     if placement == "n-cpu-moe=0":  # the routing went to the host from where the kernels wrote it
         ex = m.transformer.experts

@@ -75,6 +75,24 @@ def test_decode_attention(pos, dtype):
     torch.testing.assert_close(out.view(1, -1), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("pos,window,sinks", [(70, 8, True), (70, 40, False), (3, 8, True), (50, 0, True)])
+def test_decode_attention_window_and_sinks(pos, window, sinks):
+    """gpt-oss (sinks, windows) and SmallThinker (windows) as their torch paths compute them (attend_sinks)."""
+    H, Hkv, Dh = 4, 2, 16
+    cache = KVCache(1, 80, Hkv, Dh, "cpu")
+    cache.k.copy_(rnd(*cache.k.shape))
+    cache.v.copy_(rnd(*cache.v.shape))
+    q, out, s = rnd(H * Dh), torch.empty(H * Dh), (rnd(H) if sinks else None)
+    p = torch.tensor([pos])
+    K.decode_attn(q, cache, 0, p, out, 0.3, window, s)
+    want = K.decode_attn_ref(q, cache, 0, p, 0.3, window, s)
+    torch.testing.assert_close(out.view(1, -1), want, rtol=2e-6, atol=2e-6)
+    if window:  # keys outside the window do not count
+        cache.k[0, :max(0, pos - window + 1)] = 1e3
+        K.decode_attn(q, cache, 0, p, out, 0.3, window, s)
+        torch.testing.assert_close(out.view(1, -1), want, rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("gating,bias,norm,scale", [("softmax", False, True, 0.0), ("softmax", False, False, 0.0),
                                                     ("sigmoid", True, True, 2.5), ("softmax_weight", False, False, 1.0)])
 def test_route(gating, bias, norm, scale):

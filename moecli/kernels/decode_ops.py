@@ -86,21 +86,33 @@ def qk_rope_store_ref(q, k, v, pos, rope, cache, l: int, qn=None, kn=None, eps: 
 
 @torch.library.custom_op("moecli::decode_attn", mutates_args=("out",))
 def _decode_attn_op(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cache_off: int, pos: torch.Tensor,
-                    out: torch.Tensor, scale: float, n_head: int, n_head_kv: int, head_dim: int) -> None:
-    _k().decode_attn_kernel[(n_head,)](q, kc, vc, cache_off, pos, out, scale, n_head_kv, n_head // n_head_kv,
-                                       D=head_dim, BD=_np2(head_dim), BN=32)
+                    out: torch.Tensor, scale: float, n_head: int, n_head_kv: int, head_dim: int, sinks: torch.Tensor,
+                    window: int, has_sinks: bool) -> None:
+    _k().decode_attn_kernel[(n_head,)](q, kc, vc, cache_off, pos, out, scale, n_head_kv, n_head // n_head_kv, sinks,
+                                       window, HAS_SINKS=has_sinks, D=head_dim, BD=_np2(head_dim), BN=32)
 
 
-def decode_attn(q, cache, l: int, pos, out) -> None:
-    """out [H*D] = causal GQA attention of one query q [H*D] at device position `pos` over layer l's cache."""
+def decode_attn(q, cache, l: int, pos, out, scale: float | None = None, window: int = 0, sinks=None) -> None:
+    """out [H*D] = causal GQA attention of one query q [H*D] at device position `pos` over layer l's cache (its
+    last `window` positions if > 0; a sink logit per head if `sinks`); scale 1/sqrt(D) unless given."""
     Hkv, D = cache.k.shape[2], cache.k.shape[-1]
-    _decode_attn_op(q, cache.k, cache.v, l * cache.k.stride(0), pos, out, D ** -0.5, q.numel() // D, Hkv, D)
+    _decode_attn_op(q, cache.k, cache.v, l * cache.k.stride(0), pos, out, D ** -0.5 if scale is None else scale,
+                    q.numel() // D, Hkv, D, sinks if sinks is not None else q, window, sinks is not None)
 
 
-def decode_attn_ref(q, cache, l: int, pos):
+def decode_attn_ref(q, cache, l: int, pos, scale=None, window: int = 0, sinks=None):
+    """The torch engine's attention for one query: models.layers.attend, or gpt-oss's attend_sinks."""
     D = cache.k.shape[-1]
     p = int(pos[0])
-    return attend(q.view(1, -1, D), cache.k[l, :p + 1], cache.v[l, :p + 1], p)
+    if sinks is None and not window:
+        return attend(q.view(1, -1, D), cache.k[l, :p + 1], cache.v[l, :p + 1], p)
+    from moecli.models.gpt_oss import attend_sinks
+
+    k0 = max(0, p - window + 1) if window else 0
+    if sinks is None:
+        sinks = torch.full((q.numel() // D,), float("-inf"))
+    return attend_sinks(q.view(1, -1, D), cache.k[l, k0:p + 1], cache.v[l, k0:p + 1], p, k0, sinks,
+                        D ** -0.5 if scale is None else scale, window)
 
 
 # -------------------------------------------------------------------------------------------------- routing

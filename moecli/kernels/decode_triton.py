@@ -4,7 +4,7 @@
 - `qk_rope_store_kernel`: per head, the Qwen3 q/k head RMSNorm, RoPE (NEOX or NORM layout, partial rotary) on q
   and k, and k, v stored into the static KV cache at the position read from the device;
 - `decode_attn_kernel`: GQA attention of one query per head over the cache (F16 or F32), online softmax, the
-  length read from the device (a CUDA graph replays it at every position);
+  length read from the device (a CUDA graph replays it at every position), a sliding window and attention sinks;
 - `route_kernel`: softmax / sigmoid / softmax-over-top-k scores, a selection-only bias, top-k, renormalisation and
   scale in one program per token, ids written as int32 (for the expert kernels) and as float32 (the HostLink's
   packed buffer the host reads).
@@ -84,12 +84,14 @@ def qk_rope_store_kernel(q, k, v, qn, kn, cos, sin, pos_ptr, q_out, kc, vc, cach
 
 
 @triton.jit
-def decode_attn_kernel(q, kc, vc, cache_off, pos_ptr, out, scale, HKV, G,
-                       D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
-    """out[h] = softmax(q[h] K^T * scale) V over cache positions 0..pos of KV head h // G."""
+def decode_attn_kernel(q, kc, vc, cache_off, pos_ptr, out, scale, HKV, G, sinks, window,
+                       HAS_SINKS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """out[h] = softmax(q[h] K^T * scale) V over cache positions 0..pos (the last `window` of them if > 0) of KV
+    head h // G; with a sink logit per head in the denominator (gpt-oss)."""
     h = tl.program_id(0)
     kvh = h // G
     L = tl.load(pos_ptr).to(tl.int64) + 1
+    lo = tl.maximum(L - tl.where(window > 0, window, L), 0)
     d = tl.arange(0, BD)
     md = d < D
     qv = tl.load(q + h * D + d, mask=md, other=0.0).to(tl.float32)
@@ -97,7 +99,7 @@ def decode_attn_kernel(q, kc, vc, cache_off, pos_ptr, out, scale, HKV, G,
     m_i = tl.max(tl.full((BN,), float("-inf"), tl.float32), axis=0)
     l_i = tl.sum(tl.zeros((BN,), tl.float32), axis=0)
     acc = tl.zeros((BD,), tl.float32)
-    for start in range(0, L, BN):
+    for start in range(lo, L, BN):
         n = start + tl.arange(0, BN)
         mn = n < L
         off = base + n[:, None].to(tl.int64) * (HKV * D) + d[None, :]
@@ -111,6 +113,12 @@ def decode_attn_kernel(q, kc, vc, cache_off, pos_ptr, out, scale, HKV, G,
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         m_i = m_new
+    if HAS_SINKS:  # one more logit in the denominator, no value
+        sink = tl.load(sinks + h)
+        m = tl.maximum(m_i, sink)
+        alpha = tl.exp(m_i - m)
+        l_i = l_i * alpha + tl.exp(sink - m)
+        acc = acc * alpha
     tl.store(out + h * D + d, acc / l_i, mask=md)
 
 

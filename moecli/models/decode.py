@@ -6,8 +6,8 @@ result lands in a buffer allocated once (the same addresses at every step and la
 over); the FFN input, routing ids (as float32), weights and scores land directly in the executor's packed
 device->host buffer when the experts offer one (`experts.staging(1)`), so its one read per layer copies them as
 they lie. Active where the dense weights go through the kernels (CUDA; the CPU device with
-MOECLI_CPU_DENSE_KERNELS=1 under Triton's interpreter); prompts (n > 1) and the layers it does not cover
-(sliding-window layers, families with their own attention) take the torch path.
+MOECLI_CPU_DENSE_KERNELS=1 under Triton's interpreter), for the shared decoder (sliding windows too) and gpt-oss
+(sinks); prompts (n > 1) and DeepSeek's MLA take the torch path.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ class DecodeBlock:
     @classmethod
     def build(cls, tr) -> "DecodeBlock | None":
         """The decode block of transformer `tr`, or None where the kernels do not run its dense weights."""
+        from moecli.models.gpt_oss import GptOssTransformer
         from moecli.models.transformer import Transformer
 
         if not device_ops.use_triton(tr.device.type):
@@ -54,14 +55,16 @@ class DecodeBlock:
         def on_kernels(*lins):
             return all(getattr(lin, "qweight", None) is not None for lin in lins)
 
-        attention = (type(tr).attention is Transformer.attention and type(tr).attention_block is
+        # the attentions decode_attn computes: the shared one (+ sliding windows), gpt-oss's (sinks, windows)
+        attention = (type(tr).attention in (Transformer.attention, GptOssTransformer.attention) and
+                     type(tr).attention_block is
                      Transformer.attention_block and all(on_kernels(l.q, l.k, l.v, l.o) for l in L))
         routers = [l.router for l in L if getattr(l, "router", None) is not None]
         routing = bool(routers) and K.routable(c) and on_kernels(*routers) and type(tr).moe is Transformer.moe
         return cls(tr, attention, routing) if attention or routing else None
 
     def attends(self, l: int) -> bool:
-        return self.attention and l not in self.c.swa_layers
+        return self.attention
 
     def _staged(self):
         staging = getattr(self.tr.experts, "staging", None)
@@ -84,8 +87,9 @@ class DecodeBlock:
             self._attention(l, layer, x, pos, cache, hidden)
             return self.route(layer, hidden) if routes else None
 
-        r = self.graphs.run(("attn", l), segment, tag=(cache.k.data_ptr(), hidden.data_ptr()),
-                            check=(self.buf.x, hidden))
+        # the layer offsets baked into a graph follow the cache's shape: a new cache at an old address recaptures
+        tag = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), cache.k.dtype, hidden.data_ptr())
+        r = self.graphs.run(("attn", l), segment, tag=tag, check=(self.buf.x, hidden))
         if routes:
             self.tr._early = r
         return self.buf.x, hidden
@@ -101,7 +105,9 @@ class DecodeBlock:
             K.add_rms_norm(B.k, layer.k_norm, eps, out_h=B.k)
         K.qk_rope_store(B.q, B.k, B.v, pos, self.tr.rope, cache, l, B.qr, layer.q_norm if head else None,
                         layer.k_norm if head else None, eps, l not in c.nope_layers)
-        K.decode_attn(B.qr, cache, l, pos, B.att)
+        window, sinks = (c.sliding_window if l in c.swa_layers else 0), getattr(layer, "sinks", None)
+        scale = self.tr.kq_scale if window or sinks is not None else None  # as the torch paths scale
+        K.decode_attn(B.qr, cache, l, pos, B.att, scale, window, sinks)
         device_ops.linear(B.att, layer.o.qweight, layer.o.bias, out=B.o)
         K.add_rms_norm(x, layer.ffn_norm, eps, out_h=hidden, res=B.o, out_x=B.x)
 

@@ -39,28 +39,26 @@ class _OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _attributed(transformer, counter: _OpCounter):
-    """Tag the counter with the layer whose attention block / FFN runs (instance attributes, removed after)."""
-    attn, ffn = transformer.attention_block, transformer.ffn
+    """Tag the counter with the layer whose attention block / FFN / early router (SmallThinker's, before attention)
+    runs (instance attributes, removed after)."""
+    names = [n for n in ("route_early", "attention_block", "ffn") if hasattr(transformer, n)]
 
-    def attention_block(l, *a, **k):
-        counter.where = l
-        try:
-            return attn(l, *a, **k)
-        finally:
-            counter.where = "outside"
+    def wrap(fn):
+        def tagged(l, *a, **k):
+            counter.where = l
+            try:
+                return fn(l, *a, **k)
+            finally:
+                counter.where = "outside"
+        return tagged
 
-    def ffn_(l, *a, **k):
-        counter.where = l
-        try:
-            return ffn(l, *a, **k)
-        finally:
-            counter.where = "outside"
-
-    transformer.attention_block, transformer.ffn = attention_block, ffn_
+    for n in names:
+        setattr(transformer, n, wrap(getattr(transformer, n)))
     try:
         yield
     finally:
-        del transformer.attention_block, transformer.ffn
+        for n in names:
+            delattr(transformer, n)
 
 
 def count_decode_ops(model, prompt: list[int] | None = None) -> dict:
