@@ -56,6 +56,7 @@ class DecodeBlock:
 
         # the attentions decode_attn computes: the shared one (+ sliding windows), gpt-oss's (sinks, windows)
         attention = (type(tr).attention in (Transformer.attention, GptOssTransformer.attention) and
+                     c.qk_norm in (None, "head", "full") and
                      type(tr).attention_block is
                      Transformer.attention_block and all(cls.on_kernels((l.q, l.k, l.v, l.o)) for l in L))
         routers = [l.router for l in L if getattr(l, "router", None) is not None]
