@@ -59,6 +59,7 @@ class BenchSpec:
     llama_flags: str = ""  # the llama.cpp flags that configuration equals (its engine label in the report)
     seed: int = SEED
     flash_attn: bool = True  # False: both sides take llama.cpp's non-flash attention
+    exact: bool = False  # moecli in exact mode; llama.cpp with the settings its logits match (F32 KV, no flash)
 
     def __post_init__(self):
         self.n_prompt = [self.n_prompt] if isinstance(self.n_prompt, int) else list(self.n_prompt)
@@ -172,6 +173,8 @@ def run_moecli(spec: BenchSpec) -> dict:
 
     rss_before = _rss_now()
     opts = dict(n_ctx=spec.n_ctx, threads=spec.threads, flash_attn=spec.flash_attn)
+    if spec.exact:
+        opts["exact"] = True
     if spec.placement:
         opts.update(placement=spec.placement, device=spec.device, expert_slots=spec.expert_slots)
     else:
@@ -185,7 +188,7 @@ def run_moecli(spec: BenchSpec) -> dict:
     if m.engine == "torch" and spec.threads:
         torch.set_num_threads(spec.threads)
         threads = spec.threads
-    engine = m.engine if not spec.placement else f"hybrid:{spec.placement}"
+    engine = (m.engine if not spec.placement else f"hybrid:{spec.placement}") + (" --exact" if spec.exact else "")
     info = _model_info(m)
     _emit(_EVENT, {"loaded": dict(engine=engine, threads=threads, model_info=info,
                                   file_bytes=int(m.checkpoint.file_bytes))})
@@ -473,14 +476,18 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
         raise MoecliError(f"llama.cpp could not load {spec.model} (set MOECLI_LLAMA_LOG=1 to see why)")
     load_s = time.perf_counter() - t0
     engine = f"llama.cpp {spec.llama_flags}" if spec.llama_flags else "llama.cpp"
+    if spec.exact:
+        engine += " -fa off -ctk f32 -ctv f32"
     _emit(_EVENT, {"loaded": dict(engine=engine, threads=threads, file_bytes=None, model_info=dict(
         name=Path(spec.model).name, params=int(L.llama_model_n_params(model))))})
     cp = L.llama_context_default_params()
     n_batch = max(512, spec.max_prompt)
     cp.n_ctx, cp.n_batch, cp.n_ubatch = spec.n_ctx, n_batch, min(n_batch, 512)
     cp.n_threads = cp.n_threads_batch = threads
-    if not spec.flash_attn:
+    if not spec.flash_attn or spec.exact:
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    if spec.exact:  # the KV cache moecli keeps (and exact comparisons use)
+        cp.type_k = cp.type_v = L.GGML_TYPE_F32
     cp.no_perf = True
     ctx = L.llama_init_from_model(model, cp)
     if not ctx:
@@ -534,7 +541,7 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
     out = dict(engine=engine, threads=threads, model_info=dict(name=Path(spec.model).name), load_s=load_s, results=results, peak_rss_bytes=_peak_rss(),
                n_ctx=spec.n_ctx, state_bytes=int(kv_bytes), model_size_bytes=int(L.llama_model_size(model)),
                params=int(L.llama_model_n_params(model)),
-               settings=dict(n_batch=n_batch, n_ubatch=cp.n_ubatch, type_k="default (F16)",
+               settings=dict(n_batch=n_batch, n_ubatch=cp.n_ubatch, type_k="F32" if spec.exact else "default (F16)",
                              flash_attn_type=int(cp.flash_attn_type), use_extra_bufts=bool(mp.use_extra_bufts),
                              use_mmap="default", n_gpu_layers=spec.llama_ngl,
                              cpu_moe_layers=list(spec.llama_cpu_layers or []), llama_cpp_python=L.__version__,

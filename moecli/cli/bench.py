@@ -60,6 +60,9 @@ def bench(
     requests: int = typer.Option(2, "--requests", help="--serve: requests per stream."),
     kernels: bool = typer.Option(False, "--kernels", help="Benchmark the device kernels per GGUF type and weight "
                                                           "shape (Triton vs the torch fallback; --quant: types)."),
+    exact: bool = typer.Option(False, "--exact", help="moecli in exact mode (llama.cpp's kernel choices, logits "
+                                                      "bit-identical); llama.cpp with an F32 KV cache and flash "
+                                                      "attention off, the settings those logits match."),
 ) -> None:
     """Benchmark a model like llama-bench (pp/tg tokens/s, optionally vs llama.cpp), or with --simulate predict
     hybrid CPU/GPU speed on a host profile."""
@@ -97,7 +100,7 @@ def bench(
         if plot is not None:
             raise MoecliError("--plot draws --simulate's results (the real benchmark prints rows: -o csv for a plot)")
         _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic,
-                    layers, quant, output or "md", flash_attn, device, expert_slots)
+                    layers, quant, output or "md", flash_attn, device, expert_slots, exact)
         return
     _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output or "table",
               plot)
@@ -153,7 +156,7 @@ def int_list(text: str, flag: str, least: int = 0) -> list[int]:
 
 
 def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic, layers,
-                quant, output, flash_attn=True, device="cpu", expert_slots=0) -> None:
+                quant, output, flash_attn=True, device="cpu", expert_slots=0, exact=False) -> None:
     from moecli.bench import report, run as R
     from moecli.bench.synthetic import synthetic_model
     from moecli.resolve import PULL_HINT, resolve_model
@@ -176,6 +179,8 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
     placements = [p.strip() for p in placement.split(",") if p.strip()] if placement else []
     if placement is not None and not placements:
         raise MoecliError("--placement needs at least one name")
+    if exact and (placements or engines != ["ggml"]):
+        raise MoecliError("--exact benchmarks the ggml CPU engine: use it without --placement or --engine torch")
     if synthetic is not None:
         if model is not None:
             raise MoecliError("give either MODEL or --synthetic GEOMETRY, not both")
@@ -201,7 +206,7 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
     runs, refs, summaries = [], [], []
     for t in thread_list:  # as llama-bench: every engine at one thread count, then the next count
         base = dict(model=str(path), n_prompt=prompts, n_gen=gens, depths=dlist, reps=reps, threads=t,
-                    flash_attn=flash_attn)
+                    flash_attn=flash_attn and not exact, exact=exact)
         specs = ([R.BenchSpec(**base, engine="hybrid", placement=p, device=device, expert_slots=expert_slots)
                   for p in placements] if placements else [R.BenchSpec(**base, engine=e) for e in engines])
         mine = [R.bench_moecli(s, **callbacks) for s in specs]
