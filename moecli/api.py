@@ -145,7 +145,8 @@ class Model:
         if not hasattr(experts, "recorder"):
             raise MoecliError("trace recording needs a placement (the hybrid executor): load with placement=...")
         rec = TraceRecorder(self.path.name, self.config.n_expert, self.config.n_expert_used, experts.layers,
-                            {"placement": experts.p.name, "slots": experts.slots, "device": self.device.type})
+                            {"placement": experts.p.name, "slots": experts.slots, "device": self.device.type},
+                            experts.known_layers)
         experts.recorder = rec
         try:
             yield rec

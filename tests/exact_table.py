@@ -2,8 +2,9 @@
 fast default: `PYTHONPATH=. python3 tests/exact_table.py [FAMILY ...]`. tests/test_exact_mode.py asserts the exact
 column is 0 (bit-identical) on the same cases.
 
-The run: a 67-token prompt (the default picks its per-expert kernels from 64 pairs... and the repacked gemm's 4-row
-blocks leave a remainder for its gemv), then three decode steps of 1, 1 and 3 tokens, every token's logits compared.
+The run: a 67-token prompt (big enough for the default's per-expert kernels, and not a multiple of the repacked
+gemm's 4-row blocks: the remainder goes through its gemv), then decode steps of 1, 1 and 3 tokens, every token's
+logits compared.
 """
 from __future__ import annotations
 

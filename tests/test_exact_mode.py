@@ -3,9 +3,6 @@ llama.cpp-quantized mix included — gives llama.cpp's logits bit for bit over a
 default keeps its own choices on Q4_K_M (and differs); `--exact` on chat and bench. The table of these numbers:
 tests/exact_table.py."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +13,6 @@ from llama_oracle import rel_diff
 
 import moecli
 from moecli.errors import MoecliError
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.mark.parametrize("ftype", TYPES)
 @pytest.mark.parametrize("family", list(TINY))
@@ -57,28 +51,40 @@ def test_exact_refuses_other_engines():
         moecli.load(tiny_gguf("qwen3moe", "F32"), exact=True, placement="lru")
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "moecli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=180)
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """`moecli ARGS` in this process (its bench workers are processes of their own): (status, stdout, stderr)."""
+    from moecli.cli.main import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        rc = 0
+    except SystemExit as e:
+        rc = e.code or 0
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
-def test_chat_exact_answers_as_llama_cpp():
+def test_chat_exact_answers_as_llama_cpp(capsys):
     from llama_oracle import greedy_tokens
 
     path = tiny_gguf("qwen3moe", "Q4_K_M")
-    r = _cli("chat", path, "-p", "hello", "--exact", "-n", "6", "--temp", "0", "--repeat-penalty", "1")
-    assert r.returncode == 0, r.stderr
+    rc, out, err = _cli(capsys, "chat", path, "-p", "hello", "--exact", "-n", "6", "--temp", "0",
+                        "--repeat-penalty", "1")
+    assert rc == 0, err
     m = moecli.load(path, exact=True)
     prompt = m.tokenize(m.chat_prompt([{"role": "user", "content": "hello"}]))
     want = m.detokenize(greedy_tokens(path, prompt, 6, stop_at_eog=True), special=False)
-    assert r.stdout.strip() == want.strip()
+    assert out.strip() == want.strip()
+    rc, out, err = _cli(capsys, "chat", path, "-p", "hello", "--exact", "--placement", "lru")
+    assert rc != 0 and err.count("\n") == 1 and "--exact" in err
 
 
-def test_bench_exact_both_sides():
-    r = _cli("bench", tiny_gguf("qwen3moe", "Q4_K_M"), "--exact", "-p", "16", "-n", "2", "-r", "1", "-t", "1",
-             "--vs-llama-cpp", "-o", "json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+def test_bench_exact_both_sides(capsys):
+    rc, out, err = _cli(capsys, "bench", tiny_gguf("qwen3moe", "Q4_K_M"), "--exact", "-p", "16", "-n", "2", "-r", "1",
+                        "-t", "1", "--vs-llama-cpp", "-o", "json")
+    assert rc == 0, err
+    out = json.loads(out)
     assert out["engine"].endswith("--exact") and out["ratio"]["pp16"] > 0 and out["ratio"]["tg2"] > 0
     s = out["llama_cpp"]["settings"]
     assert s["flash_attn_type"] == 0 and s["type_k"] == "F32"

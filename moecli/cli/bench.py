@@ -46,6 +46,10 @@ def bench(
                                                               "--simulate: expert quant type."),
     predictor_accuracy: float = typer.Option(0.9, "--predictor-accuracy",
                                              help="Next-layer prediction accuracy when the trace has none."),
+    routing: str = typer.Option("both", "--routing", help="--simulate, layers a trace marks routed early "
+                                "(SmallThinker): both (certain prefetch before attention, and predictions), known "
+                                "(certain prefetch only), predicted (as any layer); several, comma-separated: "
+                                "the later ones as NAME/known, NAME/pred."),
     output: Optional[str] = typer.Option(
         None, "-o", "--output", help="md (a markdown table, the default), csv, json or jsonl (one record per test, "
         "as it finishes); --simulate: table (the default: one table within 80 columns), md, csv or json.",
@@ -103,10 +107,11 @@ def bench(
                     layers, quant, output or "md", flash_attn, device, expert_slots, exact)
         return
     _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output or "table",
-              plot)
+              plot, routing)
 
 
-def _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output, plot) -> None:
+def _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output, plot,
+              routing="both") -> None:
     from moecli.bench import simulate as S
     from moecli.policy.geometry import get_geometry
     from moecli.profile import store
@@ -121,6 +126,7 @@ def _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, pred
         raise MoecliError("--simulate needs --model-geometry NAME (e.g. mixtral-8x7b)")
     if not 0.0 <= predictor_accuracy <= 1.0:
         raise MoecliError("--predictor-accuracy must be within [0, 1]")
+    S.parse_routing(routing)
     geometry = get_geometry(model_geometry)
     ratios = S.parse_ratios(cache_ratio)
     if plot is not None and plot != "-" and not plot.lower().endswith(".png"):
@@ -130,7 +136,7 @@ def _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, pred
     elif not trace.exists():
         raise MoecliError(f"trace not found: {trace}")
     pols = [p for p in policies.split(",") if p.strip()] if policies else None
-    out = S.run_sweep(trace, profile, model_geometry, ratios, pols, quant, predictor_accuracy)
+    out = S.run_sweep(trace, profile, model_geometry, ratios, pols, quant, predictor_accuracy, routing=routing)
     for line in S.coverage_warnings(out, geometry):
         typer.echo(line, err=True)
     typer.echo(S.render(out, output), nl=False)
