@@ -184,6 +184,8 @@ def _slice_data(seed: int, name: str, shape: tuple[int, ...], kind: str, sub: li
         x *= 0.05
     elif kind == "ssm_a":  # DeltaNet's -exp(A_log): negative decay rates around -1
         x = -np.exp(0.5 * x)
+    elif kind == "rope_freqs":  # llama3/4-style long-context factors: 1 and above
+        x = 1.0 + 3.0 * np.abs(x)
     elif kind == "w_oai":  # gpt-oss expert gate/up: wide enough that the +-7 clamps of its SwiGLU bite
         x *= 4.0 / np.sqrt(shp[-1])
     return x
