@@ -179,6 +179,8 @@ def _slice_data(seed: int, name: str, shape: tuple[int, ...], kind: str, sub: li
         x *= 1.0 / np.sqrt(shape[1])
     elif kind == "exp_bias":  # deepseek2 selection bias, comparable to the sigmoid scores' spread
         x *= 0.05
+    elif kind == "rope_freqs":  # llama3/4-style long-context factors: 1 and above
+        x = 1.0 + 3.0 * np.abs(x)
     elif kind == "w_oai":  # gpt-oss expert gate/up: wide enough that the +-7 clamps of its SwiGLU bite
         x *= 4.0 / np.sqrt(shp[-1])
     return x

@@ -128,8 +128,9 @@ def _route_op(logits: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, ids_f
 
 
 def routable(c) -> bool:
-    """Whether route_kernel implements `c`'s routing (grouped selection, DeepSeek's n_group, does not)."""
-    return c.gating in GATING and c.n_group <= 1
+    """Whether route_kernel implements `c`'s routing (grouped selection, DeepSeek's n_group, and llama4's pick by
+    the logits do not)."""
+    return c.gating in GATING and c.n_group <= 1 and not c.select_logits
 
 
 def route(c, logits, bias, ids, weights, probs, ids_f=None) -> None:

@@ -50,13 +50,20 @@ class GraphBuilder:
         self.pos = np.zeros(self.n, dtype=np.int32)
         self.tok_t = ctx.tensor(G.GGML_TYPE_I32, self.n, data=self.tokens.ctypes.data)
         self.pos_t = ctx.tensor(G.GGML_TYPE_I32, self.n, data=self.pos.ctypes.data)
+        self.rope_factors = self.rope_factors_t = self.attn_scale = self.attn_scale_t = None
+        if c.rope_factors:  # rope_freqs.weight, as llama.cpp passes it to every ggml_rope_ext
+            self.rope_factors = np.asarray(c.rope_factors, dtype=np.float32)
+            self.rope_factors_t = ctx.tensor(T.F32, len(self.rope_factors), data=self.rope_factors.ctypes.data)
+        if c.attn_temp_scale:  # llama4's per-token query scale on NoPE layers [1, 1, n], written per run
+            self.attn_scale = np.ones(self.n, dtype=np.float32)
+            self.attn_scale_t = ctx.tensor(T.F32, 1, 1, self.n, data=self.attn_scale.ctypes.data)
         # per sequence: its mask(s) [n_i, n_kv_i], its cache's K and V, its rows' offset in the batch
         Hkv, hd, dv = kv_shape
         self.masks, self.masks_swa, self.att_seqs = [], [], []
         for (cache, n_i, n_kv_i), off in zip(seqs, offsets):
             cap = cache.capacity
             mask = np.zeros((n_i, n_kv_i), dtype=mask_dtype)
-            swa = np.zeros((n_i, n_kv_i), dtype=mask_dtype) if c.sliding_window else None
+            swa = np.zeros((n_i, n_kv_i), dtype=mask_dtype) if c.sliding_window or c.attn_chunk else None
             self.masks.append(mask)
             self.masks_swa.append(swa)
             self.att_seqs.append(dict(
@@ -93,7 +100,7 @@ class GraphBuilder:
         return G.ggml_reshape_3d(self.p, a, head_dim, n_heads, self.n)
 
     def rope_heads(self, a, n_dims: int | None = None):
-        return self.rope(self.p, a, self.pos_t, n_dims)
+        return self.rope(self.p, a, self.pos_t, n_dims, self.rope_factors_t)
 
     def embed(self, token_embd):
         # the file's layout: get_rows cannot read a repacked copy (exact mode repacks a tied output head's)
@@ -225,7 +232,7 @@ class GraphBuilder:
             w = G.ggml_get_rows(p, G.ggml_reshape_3d(p, logits, 1, E, m), sel)
             w = G.ggml_reshape_3d(p, G.ggml_soft_max(p, G.ggml_reshape_2d(p, w, k, m)), 1, k, m)
         else:
-            sel = G.ggml_argsort_top_k(p, self._selection(L, probs), k)  # [k, m]
+            sel = G.ggml_argsort_top_k(p, logits if c.select_logits else self._selection(L, probs), k)  # [k, m]
             w = G.ggml_get_rows(p, G.ggml_reshape_3d(p, probs, 1, E, m), sel)  # [1, k, m]
         if c.norm_topk:
             w2 = G.ggml_reshape_2d(p, w, k, m)
@@ -241,6 +248,8 @@ class GraphBuilder:
         gate, up, down = L["experts"]
         bg, bu, bd = (W(b) for b in L.get("expert_biases", (None,) * 3))
         x3 = G.ggml_reshape_3d(p, h, d, 1, m)
+        if c.weight_input:  # llama4: each slot's expert reads the input times its weight
+            x3 = G.ggml_mul(p, G.ggml_repeat_4d(p, x3, d, k, m, 1), w)
         ids = sel
         if L.get("slot") is not None:  # experts stored out of id order (safetensors' name order)
             table = self.ctx.tensor(G.GGML_TYPE_I32, 1, E, data=L["slot"].ctypes.data)
@@ -253,7 +262,8 @@ class GraphBuilder:
         y = G.ggml_mul_mat_id(p, down, a, ids)
         if bd is not None:
             y = G.ggml_add_id(p, y, bd, sel)
-        y = G.ggml_mul(p, y, w)  # [d, k, m]
+        if not c.weight_input:
+            y = G.ggml_mul(p, y, w)  # [d, k, m]
         nb1, nb2 = d * 4, d * k * 4
         out = G.ggml_view_2d(p, y, d, m, nb2, 0)
         for i in range(1, k):  # the k expert outputs added in slot order

@@ -180,6 +180,8 @@ def route(c, logits: torch.Tensor, bias: torch.Tensor | None = None):
     else:
         probs = torch.softmax(logits, -1) if c.gating == "softmax" else torch.sigmoid(logits)
         sel = probs + bias if bias is not None else probs  # the bias picks experts; weights come from probs
+        if c.select_logits:  # llama4: picked by the logits themselves
+            sel = logits
         if c.n_group > 1:
             n = sel.shape[0]
             groups = sel.view(n, c.n_group, c.n_expert // c.n_group)

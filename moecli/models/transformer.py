@@ -184,12 +184,27 @@ class Transformer:
                 self.on_router(l, probs.clone(), ids.long(), weights.clone())
             else:
                 self.on_router(l, probs, ids, weights)
-        out = self.experts(l, h, ids, weights, probs)
+        if c.weight_input:
+            out = self._weighted_inputs(l, h, ids, weights, probs)
+        else:
+            out = self.experts(l, h, ids, weights, probs)
         if layer.shared is not None:
             s = swiglu(h, *layer.shared)
             if layer.shared_gate is not None:
                 s = s * torch.sigmoid(h @ layer.shared_gate)[:, None]
             out = out + s
+        return out
+
+    def _weighted_inputs(self, l, h, ids, weights, probs) -> torch.Tensor:
+        """llama4: each (token, slot) pair's expert reads the token's row times its weight: one row per pair
+        through the experts seam (weight 1, exact), the slots added in order."""
+        n, k = ids.shape
+        hw = (h[:, None, :] * weights[:, :, None]).reshape(n * k, -1)
+        y = self.experts(l, hw, ids.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1),
+                         probs.repeat_interleave(k, 0)).view(n, k, -1)
+        out = y[:, 0]
+        for i in range(1, k):
+            out = out + y[:, i]
         return out
 
 

@@ -33,7 +33,7 @@ from moecli.kernels import ggml as G
 from moecli.models.config import Checkpoint
 from moecli.models.graph import SEGMENT_NODES, GraphBuilder
 from moecli.models.loader import GGUF_ARCHS
-from moecli.models.rope import ggml_rope
+from moecli.models.rope import attn_temperature, ggml_rope
 from moecli.models.spec import layer_tensors
 from moecli.runtime.exact import DEFAULT, Kernels
 
@@ -143,9 +143,10 @@ class _Step:
             # causal: token start+i sees its own sequence's keys 0..start+i; the padding keys beyond are masked too
             kpos = np.arange(mask.shape[1])[None, :]
             np.copyto(mask, np.where(kpos <= qpos[:, None], 0.0, -np.inf))
-            if mask_swa is not None:  # and within the window (llama.cpp's LLAMA_SWA_TYPE_STANDARD)
-                window = self.fwd.config.sliding_window
-                np.copyto(mask_swa, np.where((kpos <= qpos[:, None]) & (qpos[:, None] - kpos < window), 0.0, -np.inf))
+            if mask_swa is not None:
+                np.copyto(mask_swa, np.where(swa_visible(self.fwd.config, qpos[:, None], kpos), 0.0, -np.inf))
+            if g.attn_scale is not None:
+                g.attn_scale[row - n:row] = attn_temperature(self.fwd.config, qpos)
         for dst, store, base, stride, seq in self.stores:  # a cpy writes through its result, a view of dst
             dst.contents.data = store.contents.data = base + starts[seq] * stride
         if self.split:
@@ -174,7 +175,14 @@ class _Step:
             ids = _read(sel, (m, k), np.int32).reshape(-1).copy()
             wt = _read(w, (m, k), np.float32, row_dim=2).reshape(-1).copy()
             h = _read(seg["h"], (m, d), np.float32)
-            out = engine.run(l, np.ascontiguousarray(h), np.repeat(np.arange(m, dtype=np.int32), k), ids, wt)
+            if c.weight_input:  # llama4: each pair's expert reads its token's row times its weight
+                hw = np.ascontiguousarray((h[:, None, :] * wt.reshape(m, k, 1)).reshape(m * k, d))
+                y = engine.run(l, hw, np.arange(m * k, dtype=np.int32), ids, np.ones_like(wt)).reshape(m, k, d)
+                out = y[:, 0].copy()
+                for i in range(1, k):  # in slot order, as the graph adds them
+                    out += y[:, i]
+            else:
+                out = engine.run(l, np.ascontiguousarray(h), np.repeat(np.arange(m, dtype=np.int32), k), ids, wt)
             if seg["shared"] is not None:  # the order of llama.cpp's adds: (experts + shared) + residual
                 out += _read(seg["shared"], (m, d), np.float32)
             np.add(out, _read(seg["ffn_inp"], (m, d), np.float32), out=seg["next_x"])
@@ -191,6 +199,15 @@ class _Step:
         if getattr(self, "galloc", None) and self.owns_galloc and G.ggml_gallocr_free is not None:
             G.ggml_gallocr_free(self.galloc)
             self.galloc = None
+
+
+def swa_visible(c, qpos, kpos):
+    """Causal, and within the sliding window (llama.cpp's LLAMA_SWA_TYPE_STANDARD) or the query's own chunk
+    (LLAMA_SWA_TYPE_CHUNKED: llama4)."""
+    causal = kpos <= qpos
+    if c.attn_chunk:
+        return causal & (kpos >= qpos // c.attn_chunk * c.attn_chunk)
+    return causal & (qpos - kpos < c.sliding_window)
 
 
 def _read(t, shape, dtype, row_dim: int = 1) -> np.ndarray:
