@@ -128,3 +128,17 @@ def test_minimax_m2_preset():
     assert (c.n_ff_exp, c.qk_norm, c.gating, c.expert_bias, c.tie_embeddings) == (1536, "full", "sigmoid", True, False)
     g = GEOMETRIES["minimax-m2"]
     assert (g.n_layers, g.expert_ffn, g.n_experts, g.top_k, g.n_shared) == (62, 1536, 256, 8, 0)
+
+
+@pytest.mark.parametrize("engine", ["torch", "ggml"])
+def test_safetensors_match_transformers(engine):
+    from conftest import tiny_hf
+    from hf_fixtures import hf_logits
+
+    path = tiny_hf("minimax-m2")
+    m = moecli.load(path, engine=engine)
+    assert (m.config.arch, m.config.rope_dim, m.config.qk_norm, m.config.expert_bias) == ("minimax-m2", 32, "full",
+                                                                                        True)
+    ids = m.tokenize(TEXT)
+    ref = hf_logits(path, ids)
+    assert rel_diff(m.logits(ids), ref) < 1e-4, rel_diff(m.logits(ids), ref)
