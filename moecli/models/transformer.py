@@ -125,7 +125,12 @@ class Transformer:
         return x, rms_norm(x, layer.ffn_norm, eps)
 
     def ffn(self, l, layer: Layer, h) -> torch.Tensor:
-        return swiglu(h, *layer.ffn) if layer.ffn is not None else self.moe(l, layer, h)
+        return self._swiglu(layer.ffn, h) if layer.ffn is not None else self.moe(l, layer, h)
+
+    def _swiglu(self, lins, h):
+        if self.decode is not None and h.shape[0] == 1 and self.decode.on_kernels(lins):
+            return self.decode.swiglu(lins, h)
+        return swiglu(h, *lins)
 
     def attention(self, l, layer: Layer, h, pos, cache: KVCache, start: int) -> torch.Tensor:
         c, n = self.config, h.shape[0]
@@ -189,7 +194,9 @@ class Transformer:
         else:
             out = self.experts(l, h, ids, weights, probs)
         if layer.shared is not None:
-            s = swiglu(h, *layer.shared)
+            s = self._swiglu(layer.shared, h)
+            if self.decode is not None and h.shape[0] == 1 and self.decode.combines(out, layer.shared):
+                return self.decode.shared_add(out, s, h, layer.shared_gate)
             if layer.shared_gate is not None:
                 s = s * torch.sigmoid(h @ layer.shared_gate)[:, None]
             out = out + s
