@@ -81,6 +81,7 @@ class AfterLayer:
     prefetch: list[tuple[int, int, int | None]] = field(default_factory=list)
     admits: list[tuple[int, int | None]] = field(default_factory=list)
     copy_free: float = 0.0
+    need_by: dict[int, float] = field(default_factory=dict)  # target layer -> its estimated start (prefetch)
     prefetch_s: float = 0.0
     decision_s: float = 0.0
 
@@ -225,6 +226,15 @@ class DecisionCore:
         self.cache.cached(layer).update(hot)
         d.loads += [(e, None) for e in hot]
 
+    def cancel_admission(self, layer: int, e: int, victim: int | None) -> None:
+        """The copy engine refused a prefetch admitted by `after_layer` (back-pressure): the cache forgets `e` and
+        keeps `victim`, as before the admission."""
+        s = self.cache.cached(layer)
+        s.discard(e)
+        if victim is not None:
+            s.add(victim)
+        self.inflight.pop((layer, e), None)
+
     def _arrive(self, layer: int, e: int, victim: int | None, at: float) -> None:
         if victim is not None:
             self.inflight.pop((layer, victim), None)
@@ -246,6 +256,7 @@ class DecisionCore:
             room = self.slots - sum(1 for e in pred if e in cached)
             targets.append(Target(l, pred, set(cached), ready, start, room,
                                   cache.victims(l, pred, max(0, room)), conf))
+            a.need_by[l] = start
             start += self._plan_span.plan(l, pred, cached, c, 0.0, 0.0, 0.0,
                                           {e: r - start for e, r in ready.items()}).makespan
         cf = max(copy_free, now)
