@@ -19,12 +19,7 @@ from moecli.runtime.sampling import Sampler, SamplingParams
 from moecli.tokenizer import GGUFTokenizer, HFTokenizer, TextStream
 
 
-# Expert types repacked in place for llama.cpp's interleaved kernels. Measured on an AVX-512 host (qwen3-30b-a3b
-# layer, 2 threads): repacked MXFP4 1.35-1.6x faster at 1..512 tokens; repacked Q4_K 1.6x faster in decode and, run
-# per expert (its gemm) from 8 tokens per expert, as fast as the file's layout on prompts (mul_mat_id on repacked
-# Q4_K runs a gemv per row: 1.8x slower there). Dense weights keep the file's layout for prompts; the one-graph
-# forward gives them repacked copies for decode.
-DEFAULT_REPACK = "MXFP4,Q4_K"
+from moecli.runtime.exact import DEFAULT_REPACK, Kernels  # noqa: F401 (DEFAULT_REPACK: its old home)
 
 
 class Session:
@@ -60,7 +55,7 @@ class Session:
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", n_ctx: int | None = None, engine: str = "auto",
                  threads: int | None = None, placement: str | None = None, expert_slots: int = 0, costs=None,
-                 flash_attn: bool = True, host_profile: str | Path | None = None):
+                 flash_attn: bool = True, host_profile: str | Path | None = None, exact: bool = False):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path)
         self.config = self.checkpoint.config
@@ -72,8 +67,12 @@ class Model:
         if engine not in ("ggml", "torch", "hybrid"):
             raise MoecliError(f"unknown engine {engine!r} (ggml, torch, hybrid)")
         self.engine = engine
+        if exact and engine != "ggml":
+            raise MoecliError("exact mode runs llama.cpp's CPU kernels: it takes the CPU engine (no --placement, "
+                              f"no GPU), not the {engine} engine")
+        kernels = self.kernels = Kernels.choose(exact, flash_attn)
         ctx = _plan_context(self.checkpoint, n_ctx, self.device, engine)
-        self.n_ctx, self.notes = ctx.n_ctx, ctx.notes  # notes: one line each for the CLI to print
+        self.n_ctx, self.notes = ctx.n_ctx, list(ctx.notes)  # notes: one line each for the CLI to print
         n_ctx = ctx.n_ctx
         src = self.checkpoint.source
         self.tokenizer = HFTokenizer(self.path, src.config) if self.path.is_dir() else GGUFTokenizer(src)
@@ -88,11 +87,12 @@ class Model:
 
             # llama.cpp's interleaved layouts replace the experts' file bytes (no extra memory) for the types whose
             # repacked kernels win or tie at every batch size (see DEFAULT_REPACK); MOECLI_REPACK=... sets them
-            # ("none": every file byte stays as it is)
-            types = os.environ.get("MOECLI_REPACK", DEFAULT_REPACK)
-            repack_weights(self.checkpoint, [x for x in types.split(",") if x and x != "none"])
+            # ("none": every file byte stays as it is); exact mode repacks what llama.cpp repacks
+            if exact and os.environ.get("MOECLI_REPACK"):
+                self.notes.append("exact mode: MOECLI_REPACK ignored (llama.cpp's own repacking)")
+            repack_weights(self.checkpoint, kernels.expert_repack_types())
             linear = GgmlLinear
-            experts = GgmlExperts(self.checkpoint) if self.config.is_moe else None
+            experts = GgmlExperts(self.checkpoint, kernels.expert_kernel) if self.config.is_moe else None
         elif engine == "hybrid":
             # Experts split between the ggml CPU engine and a device cache; everything else on the device.
             from moecli.kernels import ggml
@@ -100,7 +100,12 @@ class Model:
 
             if not self.config.is_moe:
                 raise MoecliError("placements apply to Mixture-of-Experts models; this model is dense")
-            ggml.set_threads(threads)
+            from moecli.runtime.cpu_backend import hybrid_threads, repack_weights
+
+            ggml.set_threads(threads or hybrid_threads(self.device.type))
+            # the CPU experts as CPU-only mode has them: repacked for llama.cpp's interleaved kernels (the device
+            # cache copies the file's bytes, which the map still gives)
+            repack_weights(self.checkpoint, kernels.expert_repack_types())
             linear = None
             if self.device.type == "cuda":  # a plan that does not fit fails here, before anything is loaded
                 _check_device_memory(self.checkpoint, self.path, self.device, placement or "hybrimoe",
@@ -113,6 +118,7 @@ class Model:
                 source = "costs given by the caller"
             self.cost_source = source
             experts = HybridExperts(self.checkpoint, self.device, placement or "hybrimoe", expert_slots, costs)
+            experts.cpu.engine.warmup(self.config.n_expert_used)  # decode's graphs prebuilt, as CPU-only mode's
         else:
             linear = None
             experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None
@@ -123,7 +129,10 @@ class Model:
 
             if ggml_forward.supported(self.checkpoint, experts):  # the whole forward as one graph, as llama.cpp
                 self.transformer.fused_forward = ggml_forward.GgmlForward(self.checkpoint, experts,
-                                                                          self.transformer.max_ctx, flash_attn)
+                                                                          self.transformer.max_ctx, kernels)
+            elif exact:  # the layer-by-layer path attends in torch
+                raise MoecliError(f"exact mode: {self.path.name} runs on moecli's layer-by-layer path (its "
+                                  "attention is torch's), which cannot match llama.cpp bit for bit")
         if hasattr(experts, "attach"):
             experts.attach(self.transformer)
         self._finite_seen = False  # the first forward pass's logits were checked for NaN/inf
@@ -142,7 +151,8 @@ class Model:
         if not hasattr(experts, "recorder"):
             raise MoecliError("trace recording needs a placement (the hybrid executor): load with placement=...")
         rec = TraceRecorder(self.path.name, self.config.n_expert, self.config.n_expert_used, experts.layers,
-                            {"placement": experts.p.name, "slots": experts.slots, "device": self.device.type})
+                            {"placement": experts.p.name, "slots": experts.slots, "device": self.device.type},
+                            experts.known_layers)
         experts.recorder = rec
         try:
             yield rec
@@ -307,6 +317,8 @@ def load(path: str | Path, device: str = "cpu", **options) -> Model:
     experts split between the ggml CPU engine and an expert cache on `device`), expert_slots (cache slots per
     layer), costs (a policy.cost.CostModel; default: this host's profile for the model, `host_profile` a path or
     name to choose one, else defaults from the expert size; the executor refits it as it runs), flash_attn (ggml engine: prompts
-    attend through ggml's flash attention, as llama.cpp's default; False: its non-flash path everywhere).
+    attend through ggml's flash attention, as llama.cpp's default; False: its non-flash path everywhere), exact
+    (llama.cpp's own kernel choices, layouts and attention path: logits bit-identical to llama.cpp's CPU backend
+    with an F32 KV cache and flash attention off, for every type; runtime/exact.py).
     """
     return Model(path, device=device, **options)

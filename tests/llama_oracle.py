@@ -166,6 +166,20 @@ def run_llama(gguf_path, token_ids, capture=(), flash_attn: bool = False) -> tup
     return logits, captured
 
 
+def run_llama_chunks(gguf_path, chunks) -> np.ndarray:
+    """llama.cpp's logits of every token of `chunks` (lists of token ids) decoded one after another into the same
+    KV cache, as a prompt and then decode steps: float32 [total tokens, n_vocab]."""
+    chunks = [[int(t) for t in c] for c in chunks]
+    out, pos = [], 0
+    with _model(gguf_path) as model, _context(model, sum(map(len, chunks))) as ctx:
+        nv = _n_vocab(model)
+        for c in chunks:
+            _decode(ctx, c, pos, all_logits=True)
+            out += [_logits(ctx, i, nv) for i in range(len(c))]
+            pos += len(c)
+    return np.stack(out)
+
+
 def greedy_tokens(gguf_path, prompt_ids, n: int, stop_at_eog: bool = False) -> list[int]:
     """Greedy (argmax) continuation of `prompt_ids` by llama.cpp: the `n` new token ids (prompt excluded)."""
     prompt_ids = [int(t) for t in prompt_ids]

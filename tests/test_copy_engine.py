@@ -136,3 +136,30 @@ def test_prefetch_refused_by_back_pressure_leaves_cache_consistent():
     assert ex.stats.prefetch_refused > 0 and ex.stats.as_dict()["prefetch_refused"] == ex.stats.prefetch_refused
     for l in ex.layers:
         assert set(ex.dev.resident[l]) == ex.core.cache.cached(l), l
+
+
+def test_registered_spans_are_page_aligned_and_merged():
+    from moecli.runtime.copy_engine import page_spans
+
+    assert page_spans([(4096 * 3 + 10, 100), (100, 4000), (4096 + 5, 4096 * 2), (0, 0)]) == [(0, 4096 * 4)]
+    assert page_spans([(0, 4096), (4096 * 5, 1)]) == [(0, 4096), (4096 * 5, 4096 * 6)]
+
+
+def test_engine_choice_by_device():
+    from moecli.runtime.copy_engine import CudaCopyEngine, make_copy_engine
+
+    eng = make_copy_engine("cpu", 64)
+    assert type(eng) is CopyEngine and not eng.asynchronous
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the staging workers run only there")
+    cu = make_copy_engine("cuda", 64, copy_ms=1.0)  # on a GPU: the same scheduling, completion from events
+    assert isinstance(cu, CudaCopyEngine)
+    dst = torch.zeros((4, 64), dtype=torch.uint8, device="cuda")
+    jobs = [cu.submit((0, i), dst[i], [np.full(64, i + 1, np.uint8)], pr) for i, pr in
+            enumerate([BACKGROUND, PREFETCH, DEMAND, DEMAND])]
+    for j in jobs:
+        cu.wait(j)
+    torch.cuda.synchronize()
+    assert dst[:, 0].tolist() == [1, 2, 3, 4] and all(cu.ready(j) for j in jobs)
+    assert cu.take_times() and cu.copy_ms > 0
+    cu.close()

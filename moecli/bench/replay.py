@@ -36,7 +36,7 @@ def compare(path: str | Path) -> dict:
     for name, recorded in (("replay", True), ("predicted", False)):
         sim = Simulator(p, CostModel.from_dict(costs[0]) if recorded else final, trace.layers, trace.n_experts,
                         slots, {}, initial={}, recorded_clock=recorded, whole_layer_offload=False,
-                        sync_copies=trace.executor.get("device", "cpu") != "cuda")
+                        sync_copies=trace.executor.get("device", "cpu") != "cuda", known=trace.known_early)
         runs[name] = sim.run(passes)
     pred = runs["predicted"].pass_ms[: len(measured)]
     decode = [i for i, ps in enumerate(passes[: len(measured)]) if ps.kind == "decode"]

@@ -59,6 +59,7 @@ class BenchSpec:
     llama_flags: str = ""  # the llama.cpp flags that configuration equals (its engine label in the report)
     seed: int = SEED
     flash_attn: bool = True  # False: both sides take llama.cpp's non-flash attention
+    exact: bool = False  # moecli in exact mode; llama.cpp with the settings its logits match (F32 KV, no flash)
 
     def __post_init__(self):
         self.n_prompt = [self.n_prompt] if isinstance(self.n_prompt, int) else list(self.n_prompt)
@@ -172,6 +173,8 @@ def run_moecli(spec: BenchSpec) -> dict:
 
     rss_before = _rss_now()
     opts = dict(n_ctx=spec.n_ctx, threads=spec.threads, flash_attn=spec.flash_attn)
+    if spec.exact:
+        opts["exact"] = True
     if spec.placement:
         opts.update(placement=spec.placement, device=spec.device, expert_slots=spec.expert_slots)
     else:
@@ -185,7 +188,7 @@ def run_moecli(spec: BenchSpec) -> dict:
     if m.engine == "torch" and spec.threads:
         torch.set_num_threads(spec.threads)
         threads = spec.threads
-    engine = m.engine if not spec.placement else f"hybrid:{spec.placement}"
+    engine = (m.engine if not spec.placement else f"hybrid:{spec.placement}") + (" --exact" if spec.exact else "")
     info = _model_info(m)
     _emit(_EVENT, {"loaded": dict(engine=engine, threads=threads, model_info=info,
                                   file_bytes=int(m.checkpoint.file_bytes))})
@@ -208,6 +211,8 @@ def run_moecli(spec: BenchSpec) -> dict:
             tr.forward(_tokens(spec.seed, c.n_vocab, depth, 1), cache, all_logits=False)
         times, exp_s, exp_b, exp_p, routes = [], 0.0, 0, 0, {}
         placed = None
+        cpu_engine = getattr(getattr(tr.experts, "cpu", None), "engine", None) if spec.placement else None
+        cpu_calls = []
         for rep in range(spec.reps + 1):  # rep 0: warm-up
             _emit(_EVENT, {"test": test_name(kind, n, depth), "rep": rep, "reps": spec.reps})
             if rep == 1:
@@ -218,6 +223,8 @@ def run_moecli(spec: BenchSpec) -> dict:
                 tr.forward(toks[:1], cache, all_logits=False)  # the 1-token prompt, untimed
             if timer:
                 timer.reset()
+            if cpu_engine is not None and kind == "tg" and rep:
+                cpu_engine.log = cpu_calls  # the CPU experts' calls of the timed decode, with their times
             if kind == "pp" and rep == 0:  # the prompt's routing, replayed by the kernel probe below
                 tr.on_router = lambda l, probs, ids, w: routes.__setitem__(l, ids.reshape(-1).numpy().copy())
             t0 = time.perf_counter()
@@ -228,6 +235,8 @@ def run_moecli(spec: BenchSpec) -> dict:
                 for t in toks[1:]:
                     tr.forward([t], cache, all_logits=False)
             dt = time.perf_counter() - t0
+            if cpu_engine is not None:
+                cpu_engine.log = None
             if rep:
                 times.append(dt)
                 if timer:
@@ -241,6 +250,8 @@ def run_moecli(spec: BenchSpec) -> dict:
             r["experts_gbs"] = exp_b / exp_s / 1e9
             r["experts_gflops"] = 2 * 3 * c.n_embd * c.n_ff_exp * exp_p / exp_s / 1e9
         r.update(placement_figures(placed, hybrid_snapshot(m), n * len(times)))
+        if cpu_calls:
+            r.update(cpu_parity_figures(cpu_engine, cpu_calls))
         results.append(r)
         _emit(_ROW, {k: v for k, v in r.items() if k != "routes"})
     peak_rss = _peak_rss()  # before the kernel probe below, which allocates prompt-sized buffers of its own
@@ -260,6 +271,16 @@ def run_moecli(spec: BenchSpec) -> dict:
         file_bytes=int(m.checkpoint.file_bytes), kv_bytes=int(cache.nbytes), n_ctx=spec.n_ctx,
         model_info=info,
     )
+
+
+def cpu_parity_figures(engine, calls: list) -> dict:
+    """The CPU experts' ms per MoE layer as the hybrid executor ran them, and the same calls run again alone
+    through the same (repacked) kernels, as CPU-only mode runs them (issue #13: within 10 %)."""
+    from moecli.runtime.cpu_parity import replay
+
+    alone = replay(engine, calls)
+    return {"cpu_experts_ms": 1e3 * sum(c[-1] for c in calls) / len(calls),
+            "cpu_only_experts_ms": 1e3 * sum(alone) / len(alone)}
 
 
 def hybrid_snapshot(m) -> dict | None:
@@ -473,14 +494,18 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
         raise MoecliError(f"llama.cpp could not load {spec.model} (set MOECLI_LLAMA_LOG=1 to see why)")
     load_s = time.perf_counter() - t0
     engine = f"llama.cpp {spec.llama_flags}" if spec.llama_flags else "llama.cpp"
+    if spec.exact:
+        engine += " -fa off -ctk f32 -ctv f32"
     _emit(_EVENT, {"loaded": dict(engine=engine, threads=threads, file_bytes=None, model_info=dict(
         name=Path(spec.model).name, params=int(L.llama_model_n_params(model))))})
     cp = L.llama_context_default_params()
     n_batch = max(512, spec.max_prompt)
     cp.n_ctx, cp.n_batch, cp.n_ubatch = spec.n_ctx, n_batch, min(n_batch, 512)
     cp.n_threads = cp.n_threads_batch = threads
-    if not spec.flash_attn:
+    if not spec.flash_attn or spec.exact:
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    if spec.exact:  # the KV cache moecli keeps (and exact comparisons use)
+        cp.type_k = cp.type_v = L.GGML_TYPE_F32
     cp.no_perf = True
     ctx = L.llama_init_from_model(model, cp)
     if not ctx:
@@ -534,7 +559,7 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
     out = dict(engine=engine, threads=threads, model_info=dict(name=Path(spec.model).name), load_s=load_s, results=results, peak_rss_bytes=_peak_rss(),
                n_ctx=spec.n_ctx, state_bytes=int(kv_bytes), model_size_bytes=int(L.llama_model_size(model)),
                params=int(L.llama_model_n_params(model)),
-               settings=dict(n_batch=n_batch, n_ubatch=cp.n_ubatch, type_k="default (F16)",
+               settings=dict(n_batch=n_batch, n_ubatch=cp.n_ubatch, type_k="F32" if spec.exact else "default (F16)",
                              flash_attn_type=int(cp.flash_attn_type), use_extra_bufts=bool(mp.use_extra_bufts),
                              use_mmap="default", n_gpu_layers=spec.llama_ngl,
                              cpu_moe_layers=list(spec.llama_cpu_layers or []), llama_cpp_python=L.__version__,

@@ -4,6 +4,12 @@ Evaluation split (so static hot sets never see the evaluated tokens): with sever
 calibration set and the others are evaluated; with one, its first `calib_frac` decode steps calibrate and the rest
 are evaluated. Prefill uses the trace's prefill pass when there is one, else the evaluated sequence's decode tokens
 batched into one pass (a stand-in prompt). Every cache starts from the calibration hot set.
+
+`routing` (comma-separated modes) for the layers a trace marks known-early (SmallThinker: the router reads the layer
+input): "both" (the default: the decision core's certain prefetch before their attention, and predictions from
+earlier layers as for any layer), "known" (the certain prefetch only) or "predicted" (the mark ignored). Each
+prefetching placement runs once per mode, the first mode under its plain name, the others as NAME/both,
+NAME/known, NAME/pred. Prefetch accuracy: the share of prefetched experts their target layer then used.
 """
 from __future__ import annotations
 
@@ -68,14 +74,21 @@ def _scheduler_gap(records, costs) -> dict:
 
 def run_sweep(trace_path: str | Path, profile_path: str | Path, geometry: str, ratios: list[float],
               policies: list[str] | None = None, quant: str | None = None, predictor_accuracy: float = 0.9,
-              max_decode: int | None = None, prefill: bool = True) -> dict:
+              max_decode: int | None = None, prefill: bool = True, routing: str = "both") -> dict:
     geom = get_geometry(geometry)
     profile = load_profile(profile_path)
     trace = read_trace(trace_path)
     if trace.n_experts != geom.n_experts:
         raise MoecliError(f"trace has {trace.n_experts} experts per layer, geometry {geom.name} has {geom.n_experts}")
     costs = build_cost_model(profile, geom, quant)
+    modes = parse_routing(routing)
     pls = [get_placement(p) for p in (policies or DEFAULT_POLICIES)]
+    known = trace.known_early
+    runs = []  # (row name, placement, Simulator keywords)
+    for pl in pls:
+        for i, mode in enumerate(modes if pl.prefetch and known else modes[:1]):
+            kw = {"known": () if mode == "predicted" else known, "routing": "known" if mode == "known" else "both"}
+            runs.append((pl.name if i == 0 else f"{pl.name}/{ROUTING_SUFFIX[mode]}", pl, kw))
     calib, decode, pre = split_trace(trace, max_decode=max_decode)
     counts = calibration_counts(calib)
     L = trace.layers
@@ -84,7 +97,7 @@ def run_sweep(trace_path: str | Path, profile_path: str | Path, geometry: str, r
         "quant": (quant or geom.default_quant).upper(), "layers_simulated": len(L),
         "decode_tokens": len(decode), "prefill_tokens": pre.n_tokens, "calibration_passes": len(calib),
         "full_router_scores": trace.full_scores, "trace_predictions": trace.has_predictions,
-        "predictor_accuracy": predictor_accuracy,
+        "predictor_accuracy": predictor_accuracy, "known_early_layers": len(known), "routing": ",".join(modes),
         "costs_ms": {"cpu_a": costs.cpu_a, "cpu_b": costs.cpu_b, "cpu_first": costs.cpu_first,
                      "dev_g0": costs.dev_g0, "dev_g1": costs.dev_g1, "copy": costs.copy_ms,
                      "dense_fixed": costs.dense_fixed, "head": costs.head_ms},
@@ -99,26 +112,27 @@ def run_sweep(trace_path: str | Path, profile_path: str | Path, geometry: str, r
         init = {l: [e for e, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:slots]]
                 for l, c in counts.items()}
         out["cache_study"][key] = cache_study(decode, L, geom.n_experts, slots, init)
-        for pl in pls:
+        for name, pl, kw in runs:
             sim = Simulator(pl, costs, L, geom.n_experts, slots, counts, predictor_accuracy,
-                            record=pl.name == "hybrimoe")
+                            record=name == "hybrimoe", **kw)
             d = sim.run(decode)
             entry = {"tbt_ms": d.mean_ms, "hit_rate": d.hit_rate, "copied_bytes": d.copied_bytes,
                      "copied_bytes_per_token": d.copied_bytes / max(1, len(decode)),
-                     "prefetch_copies": d.prefetch_copies, "cpu_share": d.cpu_share,
-                     "decision_us_decode": d.decision_us, "prefetch_us_decode": d.prefetch_us}
+                     "prefetch_copies": d.prefetch_copies, "prefetch_accuracy": d.prefetch_accuracy(),
+                     "known_prefetch_copies": sum(v[1] for (_, src), v in d.prefetch_judged.items() if src == "known"),
+                     "cpu_share": d.cpu_share, "decision_us_decode": d.decision_us, "prefetch_us_decode": d.prefetch_us}
             if prefill:
                 sim = Simulator(pl, costs, L, geom.n_experts, slots, counts, predictor_accuracy,
-                                record=pl.name == "hybrimoe")
+                                record=name == "hybrimoe", **kw)
                 pr = sim.run([pre])
                 entry.update({"ttft_ms": pr.mean_ms, "prefill_hit_rate": pr.hit_rate,
                               "prefill_copied_bytes": pr.copied_bytes, "prefill_cpu_share": pr.cpu_share,
                               "decision_us_prefill": pr.decision_us, "prefetch_us_prefill": pr.prefetch_us})
-                if pl.name == "hybrimoe":
+                if name == "hybrimoe":
                     out["scheduler_gap"].setdefault(key, {})["prefill"] = _scheduler_gap(pr.records, costs)
-            if pl.name == "hybrimoe":
+            if name == "hybrimoe":
                 out["scheduler_gap"].setdefault(key, {})["decode"] = _scheduler_gap(d.records, costs)
-            row[pl.name] = entry
+            row[name] = entry
     out["summary"] = summarize(out)
     return out
 
@@ -156,6 +170,15 @@ def summarize(out: dict) -> dict:
 
 
 FORMATS = ("table", "md", "csv", "json")
+ROUTING_SUFFIX = {"both": "both", "known": "known", "predicted": "pred"}
+
+
+def parse_routing(text: str) -> list[str]:
+    modes = [m.strip() for m in str(text).split(",") if m.strip()]
+    bad = [m for m in modes if m not in ROUTING_SUFFIX]
+    if bad or not modes or len(set(modes)) != len(modes):
+        raise MoecliError(f"bad --routing {text!r}: one or more of {', '.join(ROUTING_SUFFIX)}, each once")
+    return modes
 WIDTH = 80
 POLICY_WIDTH = 17  # the longest placement name (hybrimoe-prefetch)
 
@@ -190,7 +213,8 @@ def _rows(out: dict) -> list[dict]:
         for name, e in row.items():
             rows.append({"cache_ratio": float(key), "policy": name, "tbt_ms": e["tbt_ms"],
                          "tok_s": 1000 / e["tbt_ms"] if e["tbt_ms"] else None, "ttft_ms": e.get("ttft_ms"),
-                         "hit_rate": e["hit_rate"], "mb_per_token": e["copied_bytes_per_token"] / 1e6,
+                         "hit_rate": e["hit_rate"], "prefetch_accuracy": e.get("prefetch_accuracy"),
+                         "mb_per_token": e["copied_bytes_per_token"] / 1e6,
                          "cpu_share": e["cpu_share"], "decision_us": e["decision_us_decode"],
                          "prefetch_us": e["prefetch_us_decode"]})
     return rows
@@ -198,6 +222,10 @@ def _rows(out: dict) -> list[dict]:
 
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _pct(v, fmt: str) -> str:
+    return "-" if v is None else format(100 * v, fmt)
 
 
 def render(out: dict, fmt: str) -> str:
@@ -217,13 +245,15 @@ def render(out: dict, fmt: str) -> str:
         w.writerows(rows)
         return buf.getvalue()
     if fmt == "md":
-        head = ["cache ratio", "policy", "TBT ms", "tok/s", "TTFT ms", "hit %", "MB/token", "CPU %", "µs/decision"]
+        head = ["cache ratio", "policy", "TBT ms", "tok/s", "TTFT ms", "hit %", "prefetch acc %", "MB/token", "CPU %",
+                "µs/decision"]
         lines = [_header(out), "", "| " + " | ".join(head) + " |",
                  "| " + " | ".join("---" if h == "policy" else "---:" for h in head) + " |"]
         for r in _rows(out):
             lines.append("| " + " | ".join([
                 f"{r['cache_ratio']:g}", r["policy"], f"{r['tbt_ms']:.2f}", _num(r["tok_s"], ".1f"),
-                _num(r["ttft_ms"], ".1f"), f"{100 * r['hit_rate']:.1f}", f"{r['mb_per_token']:.1f}",
+                _num(r["ttft_ms"], ".1f"), f"{100 * r['hit_rate']:.1f}", _pct(r["prefetch_accuracy"], ".1f"),
+                f"{r['mb_per_token']:.1f}",
                 f"{100 * r['cpu_share']:.0f}", f"{r['decision_us']:.0f}"]) + " |")
         return "\n".join(lines + [""] + summary_lines(out)) + "\n"
     return "\n".join([*_wrap(_header(out)), ""] + compact_table(out) + [""] + summary_lines(out)) + "\n"
@@ -234,7 +264,8 @@ def _header(out: dict) -> str:
     return (f"{out['model_geometry']} {out['quant']} on {out['profile']}: expert {out['expert_bytes'] / 1e6:.1f} MB, "
             f"CPU {c['cpu_a']:.3f}·n+{c['cpu_b']:.3f} ms, device {c['dev_g0']:.3f}+{c['dev_g1']:.4f}·n ms, copy "
             f"{c['copy']:.2f} ms; {out['layers_simulated']} layers, {out['decode_tokens']} decode tokens, prefill "
-            f"{out['prefill_tokens']} tokens")
+            f"{out['prefill_tokens']} tokens" + (f"; {out['known_early_layers']} layers routed early, "
+                                                 f"routing {out['routing']}" if out.get("known_early_layers") else ""))
 
 
 def _wrap(text: str) -> list[str]:
@@ -251,25 +282,28 @@ def compact_table(out: dict) -> list[str]:
     metrics = [("TBT ms", lambda e: _num(e["tbt_ms"], ".2f"), 6),
                ("TTFT ms", lambda e: _num(e.get("ttft_ms"), ".0f"), 6),
                ("hit %", lambda e: f"{100 * e['hit_rate']:.0f}", 4)]
-    blocks, block, width = [], [], POLICY_WIDTH
+    if any(e.get("prefetch_accuracy") is not None for row in out["results"].values() for e in row.values()):
+        metrics.append(("prefetch acc %", lambda e: _pct(e.get("prefetch_accuracy"), ".0f"), 4))
+    pw = max([POLICY_WIDTH] + [len(p) for p in policies])
+    blocks, block, width = [], [], pw
     for m in metrics:
         need = len(keys) * (m[2] + 1)
         if block and width + need > WIDTH:
             blocks.append(block)
-            block, width = [], POLICY_WIDTH
+            block, width = [], pw
         block.append(m)
         width += need
     blocks.append(block)
     lines = []
     for block in blocks:
-        top = " " * POLICY_WIDTH + "".join(f" {name:<{w * len(keys) + len(keys) - 1}}" for name, _, w in block)
-        sub = f"{'policy / cache':<{POLICY_WIDTH}}" + "".join(
+        top = " " * pw + "".join(f" {name:<{w * len(keys) + len(keys) - 1}}" for name, _, w in block)
+        sub = f"{'policy / cache':<{pw}}" + "".join(
             f" {f'{float(k):.0%}':>{w}}" for _, _, w in block for k in keys)
         lines += [top.rstrip(), sub]
         for p in policies:
             cells = "".join(f" {(fn(out['results'][k][p]) if p in out['results'][k] else '-'):>{w}}"
                             for _, fn, w in block for k in keys)
-            lines.append(f"{p:<{POLICY_WIDTH}}{cells}")
+            lines.append(f"{p:<{pw}}{cells}")
         lines.append("")
     return lines[:-1]
 

@@ -46,6 +46,10 @@ def bench(
                                                               "--simulate: expert quant type."),
     predictor_accuracy: float = typer.Option(0.9, "--predictor-accuracy",
                                              help="Next-layer prediction accuracy when the trace has none."),
+    routing: str = typer.Option("both", "--routing", help="--simulate, layers a trace marks routed early "
+                                "(SmallThinker): both (certain prefetch before attention, and predictions), known "
+                                "(certain prefetch only), predicted (as any layer); several, comma-separated: "
+                                "the later ones as NAME/known, NAME/pred."),
     output: Optional[str] = typer.Option(
         None, "-o", "--output", help="md (a markdown table, the default), csv, json or jsonl (one record per test, "
         "as it finishes); --simulate: table (the default: one table within 80 columns), md, csv or json.",
@@ -60,6 +64,9 @@ def bench(
     requests: int = typer.Option(2, "--requests", help="--serve: requests per stream."),
     kernels: bool = typer.Option(False, "--kernels", help="Benchmark the device kernels per GGUF type and weight "
                                                           "shape (Triton vs the torch fallback; --quant: types)."),
+    exact: bool = typer.Option(False, "--exact", help="moecli in exact mode (llama.cpp's kernel choices, logits "
+                                                      "bit-identical); llama.cpp with an F32 KV cache and flash "
+                                                      "attention off, the settings those logits match."),
 ) -> None:
     """Benchmark a model like llama-bench (pp/tg tokens/s, optionally vs llama.cpp), or with --simulate predict
     hybrid CPU/GPU speed on a host profile."""
@@ -97,13 +104,14 @@ def bench(
         if plot is not None:
             raise MoecliError("--plot draws --simulate's results (the real benchmark prints rows: -o csv for a plot)")
         _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic,
-                    layers, quant, output or "md", flash_attn, device, expert_slots)
+                    layers, quant, output or "md", flash_attn, device, expert_slots, exact)
         return
     _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output or "table",
-              plot)
+              plot, routing)
 
 
-def _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output, plot) -> None:
+def _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, predictor_accuracy, output, plot,
+              routing="both") -> None:
     from moecli.bench import simulate as S
     from moecli.policy.geometry import get_geometry
     from moecli.profile import store
@@ -118,6 +126,7 @@ def _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, pred
         raise MoecliError("--simulate needs --model-geometry NAME (e.g. mixtral-8x7b)")
     if not 0.0 <= predictor_accuracy <= 1.0:
         raise MoecliError("--predictor-accuracy must be within [0, 1]")
+    S.parse_routing(routing)
     geometry = get_geometry(model_geometry)
     ratios = S.parse_ratios(cache_ratio)
     if plot is not None and plot != "-" and not plot.lower().endswith(".png"):
@@ -127,7 +136,7 @@ def _simulate(trace, profile, model_geometry, cache_ratio, policies, quant, pred
     elif not trace.exists():
         raise MoecliError(f"trace not found: {trace}")
     pols = [p for p in policies.split(",") if p.strip()] if policies else None
-    out = S.run_sweep(trace, profile, model_geometry, ratios, pols, quant, predictor_accuracy)
+    out = S.run_sweep(trace, profile, model_geometry, ratios, pols, quant, predictor_accuracy, routing=routing)
     for line in S.coverage_warnings(out, geometry):
         typer.echo(line, err=True)
     typer.echo(S.render(out, output), nl=False)
@@ -153,7 +162,7 @@ def int_list(text: str, flag: str, least: int = 0) -> list[int]:
 
 
 def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, engine, placement, synthetic, layers,
-                quant, output, flash_attn=True, device="cpu", expert_slots=0) -> None:
+                quant, output, flash_attn=True, device="cpu", expert_slots=0, exact=False) -> None:
     from moecli.bench import report, run as R
     from moecli.bench.synthetic import synthetic_model
     from moecli.resolve import PULL_HINT, resolve_model
@@ -176,6 +185,8 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
     placements = [p.strip() for p in placement.split(",") if p.strip()] if placement else []
     if placement is not None and not placements:
         raise MoecliError("--placement needs at least one name")
+    if exact and (placements or engines != ["ggml"]):
+        raise MoecliError("--exact benchmarks the ggml CPU engine: use it without --placement or --engine torch")
     if synthetic is not None:
         if model is not None:
             raise MoecliError("give either MODEL or --synthetic GEOMETRY, not both")
@@ -201,7 +212,7 @@ def _bench_real(model, vs_llama_cpp, reps, threads, n_prompt, n_gen, depths, eng
     runs, refs, summaries = [], [], []
     for t in thread_list:  # as llama-bench: every engine at one thread count, then the next count
         base = dict(model=str(path), n_prompt=prompts, n_gen=gens, depths=dlist, reps=reps, threads=t,
-                    flash_attn=flash_attn)
+                    flash_attn=flash_attn and not exact, exact=exact)
         specs = ([R.BenchSpec(**base, engine="hybrid", placement=p, device=device, expert_slots=expert_slots)
                   for p in placements] if placements else [R.BenchSpec(**base, engine=e) for e in engines])
         mine = [R.bench_moecli(s, **callbacks) for s in specs]

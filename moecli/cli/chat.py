@@ -41,6 +41,7 @@ def chat(
         "predictions) to FILE in moecli's trace format, for `moecli bench --simulate --trace FILE`"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and rates after each answer"),
     flash_attn: bool = opt.FLASH_ATTN,
+    exact: bool = opt.EXACT,
 ) -> None:
     """Chat with a model (the embedded SmolLM2-135M when none is given). /? in the chat lists the commands."""
     from moecli.chat.repl import Settings
@@ -55,13 +56,14 @@ def chat(
         raise MoecliError("empty prompt")
     # Flags are checked before anything is pulled: a wrong --device never waits for a download.
     placement = opt.placement_from_flags(placement, cpu_moe, n_cpu_moe)
-    device = opt.device_from_flags(device, n_gpu_layers, say)
+    device = opt.device_from_flags(opt.exact_device(exact, device, n_gpu_layers), n_gpu_layers, say)
     if record_trace and placement is None:
         placement = "llama-cpp"  # recording lives in the executor; this placement keeps every expert on the CPU
     path = resolve_or_pull(model, say)
     if model is None:
         say(f"(embedded default model; for a real MoE: {PULL_HINT})")
-    m = opt.load_model(path, ctx, device, threads, placement, expert_slots, flash_attn, model_name=model, say=say)
+    m = opt.load_model(path, ctx, device, threads, placement, expert_slots, flash_attn, model_name=model, say=say,
+                       exact=exact)
     if verbose:
         from moecli.chat.stats import dense_line
 

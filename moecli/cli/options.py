@@ -45,6 +45,10 @@ FLASH_ATTN = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
                           help="Prompts attend through ggml's flash attention (ggml engine); off: "
                                "llama.cpp's non-flash path, logits bit-identical to it")
 
+EXACT = typer.Option(False, "--exact", help="llama.cpp's own kernel choices, layouts and non-flash attention: "
+                                            "logits bit-identical to llama.cpp's CPU backend (F32 KV, flash "
+                                            "attention off), every type; slower prompts")
+
 
 def _stderr(line: str) -> None:
     typer.echo(line, err=True)
@@ -53,18 +57,26 @@ def _stderr(line: str) -> None:
 def load_model(path, ctx: Optional[int], device: str, threads: Optional[int], placement: Optional[str],
                expert_slots: Optional[int], flash_attn: bool, *, n_gpu_layers: Optional[int] = None,
                cpu_moe: bool = False, n_cpu_moe: Optional[int] = None, model_name: Optional[str] = None,
-               say: Callable[[str], None] = _stderr):
+               say: Callable[[str], None] = _stderr, exact: bool = False):
     """moecli.load with every flag above resolved; what was chosen or risked is said in one line each."""
     import moecli
 
     placement = placement_from_flags(placement, cpu_moe, n_cpu_moe)
-    dev = device_from_flags(device, n_gpu_layers, say)
+    dev = device_from_flags(exact_device(exact, device, n_gpu_layers), n_gpu_layers, say)
     threads = threads or profile_threads(path, model_name)
-    m = moecli.load(path, n_ctx=ctx, threads=threads, flash_attn=flash_attn,
+    if exact and (placement is not None or expert_slots is not None or dev != "cpu"):
+        raise MoecliError("--exact runs llama.cpp's CPU kernels: use it without --placement, --cpu-moe, "
+                          "--n-cpu-moe, --expert-slots, a GPU device or -ngl N > 0")
+    m = moecli.load(path, n_ctx=ctx, threads=threads, flash_attn=flash_attn, exact=exact,
                     **load_options(Path(path), dev, ctx, placement, expert_slots, say, model_name))
     for note in m.notes:
         say(note)
     return m
+
+
+def exact_device(exact: bool, device: str, n_gpu_layers: int | None) -> str:
+    """--exact is llama.cpp's CPU backend: `auto` means the CPU there, GPU or not."""
+    return "cpu" if exact and device == "auto" and n_gpu_layers is None else device
 
 
 def placement_from_flags(placement: str | None, cpu_moe: bool, n_cpu_moe: int | None) -> str | None:

@@ -221,7 +221,7 @@ def grouped_experts(x: torch.Tensor, pair_tok: torch.Tensor, pair_exp: torch.Ten
                     act: str = "swiglu", ws: GroupedWorkspace | None = None) -> torch.Tensor:
     """sum over pairs p of pair_w[p] * expert_{pair_exp[p]}(x[pair_tok[p]]) -> float32 [len(x), d], for the experts
     whose slot_table entry is >= 0 (their weights are storage[slot], laid out as `layout`); other pairs add
-    nothing. Two launches (gate+up+GLU, down+weights) and one index_add; `biases` = ([E, ff], [E, ff], [E, d]).
+    nothing (the down kernel writes their rows as zeros). Two launches (gate+up+GLU, down+weights) and one index_add; `biases` = ([E, ff], [E, ff], [E, d]).
 
     With `ws` and one token (decode), every pair is its own block (a token's experts are distinct, so grouping
     would share no weight reads): no sorting, and every buffer, `pair_tok` included, is the workspace's; the
@@ -236,8 +236,7 @@ def grouped_experts(x: torch.Tensor, pair_tok: torch.Tensor, pair_exp: torch.Ten
     bm, bn, bk, dot = _tiles(min(n, P), ff, d)
     if ws is not None and n == 1 and P == ws.k:
         pair_tok, blk_pairs, h, y, zero, out = ws.views(1, bm)
-        blk_expert = pair_exp
-        y.zero_()  # pairs of experts not on the device leave their rows untouched
+        blk_expert = pair_exp if pair_exp.is_contiguous() else pair_exp.reshape(-1)  # the kernels index it flat
     else:
         out = torch.zeros((n, d), dtype=torch.float32, device=dev)
         if P == 0:
@@ -254,7 +253,7 @@ def grouped_experts(x: torch.Tensor, pair_tok: torch.Tensor, pair_exp: torch.Ten
                 og, ou, lut, bg, bu, h, ff, d, row_bytes(tg, d), row_bytes(tu, d), int(tg), int(tu),
                 biases is not None, act == "swiglu_oai", act == "reglu", bm, bn, bk, dot)
     _, bn2, bk2, _ = _tiles(min(n, P), d, ff)
-    if pair_w.dtype != torch.float32 or pair_w.dim() != 1:
+    if pair_w.dtype != torch.float32 or not pair_w.is_contiguous():
         pair_w = pair_w.reshape(-1).float()
     _down_op(h, pair_w, blk_expert, blk_pairs, slot_table, n_expert, storage, layout.slot_bytes, od, lut, bd, y, d,
              ff, row_bytes(td, ff), int(td), biases is not None, bm, bn2, bk2, dot)

@@ -245,12 +245,15 @@ def down_kernel(h, pair_w, blk_expert, blk_pairs, slot_table, E, storage, slot_b
                 N, K, row_bytes,
                 TYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
-    """y[pair, :N] = (h[pair] Wd^T + bd) * routing weight[pair] for the BM pairs of one block (one expert)."""
+    """y[pair, :N] = (h[pair] Wd^T + bd) * routing weight[pair] for the BM pairs of one block (one expert); zeros
+    for an expert not on the device (a reused decode buffer needs no clearing)."""
     e, slot, pairs = _block(blk_expert, blk_pairs, slot_table, E, BM)
-    if slot < 0:
-        return
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     valid = pairs >= 0
+    if slot < 0:
+        tl.store(y + pairs[:, None].to(tl.int64) * N + rn[None, :], tl.zeros((BM, BN), tl.float32),
+                 mask=valid[:, None] & (rn[None, :] < N))
+        return
     rows = storage + slot.to(tl.int64) * slot_bytes + down_off + rn[:, None].to(tl.int64) * row_bytes
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):

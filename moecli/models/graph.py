@@ -96,7 +96,8 @@ class GraphBuilder:
         return self.rope(self.p, a, self.pos_t, n_dims)
 
     def embed(self, token_embd):
-        return G.ggml_get_rows(self.p, self.W(token_embd), self.tok_t)
+        # the file's layout: get_rows cannot read a repacked copy (exact mode repacks a tied output head's)
+        return G.ggml_get_rows(self.p, G.weight_tensor(token_embd, repacked=False), self.tok_t)
 
     def output(self, x, output_norm, output):
         logits = G.ggml_mul_mat(self.p, self.W(output), self.build_norm(x, output_norm))

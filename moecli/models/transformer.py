@@ -51,6 +51,7 @@ def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
 
 class Transformer:
     fused_forward = None  # the ggml engine's whole forward as one graph (moecli.runtime.ggml_forward)
+    decode = None  # moecli.models.decode.DecodeBlock: the one-token step on the device kernels
     LAYER = Layer  # a family's own layer class (gpt-oss: sinks, window)
 
     def __init__(self, ckpt: Checkpoint, device, experts, linear=None, max_ctx: int | None = None):
@@ -69,6 +70,9 @@ class Transformer:
         self.rope, self.kq_scale = torch_rope(c, self.max_ctx, self.device)
         self.on_router = None  # optional hook(layer, probs, ids, weights): tests and traces read routing here
         self._no_sinks = None  # -inf per head, for sliding-window layers without sinks
+        from moecli.models.decode import DecodeBlock
+
+        self.decode = DecodeBlock.build(self)  # one-token steps on the device kernels (None: torch)
 
     def new_cache(self, n_ctx: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache for n_ctx tokens; `dtype` None: f16 on an accelerator, float32 on the CPU device."""
@@ -92,6 +96,7 @@ class Transformer:
         x = self.embed(tokens)
         for l, layer in enumerate(self.layers):
             self.layer_input = x  # what a SmallThinker router reads
+            self._early = self.route_early(l, layer, x)
             x, h = self.attention_block(l, layer, x, pos, cache, start)
             x = x + self.ffn(l, layer, h)
         cache.pos = start + n
@@ -113,6 +118,8 @@ class Transformer:
 
     def attention_block(self, l, layer, x, pos, cache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """attn_norm -> attention -> residual -> ffn_norm: (residual stream, FFN input)."""
+        if self.decode is not None and x.shape[0] == 1 and self.decode.attends(l):
+            return self.decode.attention_block(l, layer, x, pos, cache)
         eps = self.config.rms_eps
         x = x + self.attention(l, layer, rms_norm(x, layer.attn_norm, eps), pos, cache, start)
         return x, rms_norm(x, layer.ffn_norm, eps)
@@ -151,12 +158,32 @@ class Transformer:
         return attend_sinks(q, cache.k[l, k0:end], cache.v[l, k0:end], start, k0, self._no_sinks, self.kq_scale,
                             window)
 
+    def route_early(self, l, layer: Layer, x):
+        """A router on the layer input (SmallThinker) routes before attention: the executor is told at once
+        (`experts.known`), so it can copy the layer's experts while attention runs. None for other routers."""
+        if self.config.router_input != "layer" or layer.router is None:
+            return None
+        r = self._route(layer, x)
+        known = getattr(self.experts, "known", None)
+        if known is not None:
+            known(l, r[1])
+        return r
+
+    def _route(self, layer: Layer, inp):
+        """(scores, ids, weights) of the layer's router on `inp`: one token through the decode kernels."""
+        if self.decode is not None and inp.shape[0] == 1 and self.decode.routing:
+            return self.decode.route(layer, inp)
+        return route(self.config, layer.router(inp), layer.exp_bias)
+
     def moe(self, l, layer: Layer, h) -> torch.Tensor:
         c = self.config
-        probs, ids, weights = route(c, layer.router(self.layer_input if c.router_input == "layer" else h),
-                                    layer.exp_bias)
+        early, self._early = getattr(self, "_early", None), None
+        probs, ids, weights = early or self._route(layer, self.layer_input if c.router_input == "layer" else h)
         if self.on_router is not None:
-            self.on_router(l, probs, ids, weights)
+            if self.decode is not None and h.shape[0] == 1 and self.decode.routing:  # buffers the next layer reuses
+                self.on_router(l, probs.clone(), ids.long(), weights.clone())
+            else:
+                self.on_router(l, probs, ids, weights)
         out = self.experts(l, h, ids, weights, probs)
         if layer.shared is not None:
             s = swiglu(h, *layer.shared)

@@ -13,6 +13,17 @@ simulated by the simulator; nothing else differs):
         # admission of the missed expert with most tokens if the copy engine is idle: a.prefetch [(layer, e, victim)],
         # a.admits [(e, victim)], a.copy_free
 
+Routing known one block early (`known`: layers whose router reads the layer input, SmallThinker): before such a
+layer's dense part the driver calls
+
+    k = core.known_layer(layer, tokens, n_tokens, now, copy_free)
+        # a certain prefetch of the layer's own experts, issued now so the copies overlap its attention:
+        # k.prefetch [(layer, e, victim)], k.copy_free
+
+`routing` says what predictions do for known layers: "both" (the default) keeps them (l+1..l+3's prefetch starts
+a few layers earlier; the certain prefetch then adds what they missed), "known" ignores them (a known layer's
+experts are prefetched with certainty only: its prefetch accuracy is 1). Measured in docs/simulator.md.
+
 Initial contents are explicit (`initial`: layer -> experts; layer-split device layers are full). A static cache with
 no initial set calibrates on its first pass (the prompt). Layer-split: the first `cpu_layer_count()` MoE layers keep
 their experts on the CPU; with `whole_layer_offload` (llama.cpp's op offload, modelled by the simulator) a batch of
@@ -89,8 +100,12 @@ class AfterLayer:
 class DecisionCore:
     def __init__(self, placement: Placement, costs: CostModel, layers: list[int], n_experts: int, slots: int,
                  initial: dict[int, list[int]] | None = None, future: dict | None = None, horizon: int = 3,
-                 whole_layer_offload: bool = False, log: list | None = None):
+                 whole_layer_offload: bool = False, log: list | None = None, known=(), routing: str = "both"):
         self.p, self.costs, self.layers, self.E = placement, costs, list(layers), n_experts
+        self.known = frozenset()  # layers whose routing is known before their dense part (with a prefetcher)
+        if routing not in ("both", "known"):
+            raise ValueError(f"routing {routing!r}: both or known")
+        self.known_only = routing == "known"  # predictions never target known layers
         self.slots = min(slots, n_experts)
         self.horizon, self.whole_layer_offload, self.log = horizon, whole_layer_offload, log
         self._index = {l: i for i, l in enumerate(self.layers)}
@@ -111,6 +126,8 @@ class DecisionCore:
         self._calibrated = {l for l, v in init.items() if v}
         self.sched = SCHEDULERS[placement.scheduler]() if placement.scheduler and self.slots else None
         self.prefetcher = ImpactPrefetcher(costs) if placement.prefetch and self.slots else None
+        if self.prefetcher is not None:
+            self.known = frozenset(known) & set(self.layers)
         self._plan_span = OptimalScheduler()
 
     # -- state the drivers read ---------------------------------------------------------------------------------
@@ -206,6 +223,21 @@ class DecisionCore:
             self.log.append(("after", layer, now, copy_free, a.prefetch, a.admits))
         return a
 
+    def known_layer(self, layer: int, tokens: dict[int, int], n_tokens: int, now: float,
+                    copy_free: float) -> AfterLayer:
+        """The layer's routing, known before its dense part: the prefetcher picks its copies by impact with
+        confidence 1, for a layer starting after that dense part."""
+        a = AfterLayer(copy_free=copy_free)
+        if layer in self.known:
+            d0 = time.perf_counter()
+            tok = dict(sorted(tokens.items()))
+            a.copy_free = self._issue([self._target(layer, tok, 1.0, now, now + self.costs.dense(n_tokens))],
+                                      now, copy_free, a)
+            a.prefetch_s = time.perf_counter() - d0
+        if self.log is not None:
+            self.log.append(("known", layer, now, copy_free, a.prefetch))
+        return a
+
     # -- mechanics ----------------------------------------------------------------------------------------------
     def _plan_split(self, d: LayerDecision, n_tokens: int, copy0: float) -> None:
         tok = d.tokens
@@ -241,8 +273,9 @@ class DecisionCore:
         self.inflight[(layer, e)] = at
 
     def _prefetch(self, layer, n_tokens, now, copy_free, predictions, a: AfterLayer) -> float:
-        """Targets l+1..l+horizon with their predicted plans; the prefetcher picks copies by impact."""
-        c, L, cache = self.costs, self.layers, self.cache
+        """Targets l+1..l+horizon with their predicted plans (known layers excepted when `known_only`: their
+        routing comes with certainty before they start); the prefetcher picks copies by impact."""
+        c, L = self.costs, self.layers
         li = self._index[layer]
         targets, start = [], now
         for dist in range(1, self.horizon + 1):
@@ -250,23 +283,31 @@ class DecisionCore:
                 break
             l = L[li + dist]
             pred, conf = predictions[dist]
-            cached = cache.cached(l)
-            ready = {e: r for e in cached if (r := self.inflight.get((l, e), 0.0)) > now}
             start += c.dense(n_tokens)
-            room = self.slots - sum(1 for e in pred if e in cached)
-            targets.append(Target(l, pred, set(cached), ready, start, room,
-                                  cache.victims(l, pred, max(0, room)), conf))
-            a.need_by[l] = start
-            start += self._plan_span.plan(l, pred, cached, c, 0.0, 0.0, 0.0,
-                                          {e: r - start for e, r in ready.items()}).makespan
+            t = self._target(l, pred, conf, now, start)
+            if not (self.known_only and l in self.known):
+                targets.append(t)
+            start += self._plan_span.plan(l, pred, t.cached, c, 0.0, 0.0, 0.0,
+                                          {e: r - start for e, r in t.ready_at.items()}).makespan
+        return self._issue(targets, now, copy_free, a)
+
+    def _target(self, l: int, tokens: dict[int, int], conf: float, now: float, start: float) -> Target:
+        cached = self.cache.cached(l)
+        ready = {e: r for e in cached if (r := self.inflight.get((l, e), 0.0)) > now}
+        room = self.slots - sum(1 for e in tokens if e in cached)
+        return Target(l, tokens, set(cached), ready, start, room, self.cache.victims(l, tokens, max(0, room)), conf)
+
+    def _issue(self, targets: list[Target], now: float, copy_free: float, a: AfterLayer) -> float:
+        """The prefetcher's picks for `targets` admitted and queued on the copy engine: its new free time."""
         cf = max(copy_free, now)
         if not targets:
             return cf
+        a.need_by.update((t.layer, t.start_at) for t in targets)  # the copy engine's deadlines (back-pressure)
         for l, e in self.prefetcher.choose(targets, cf):
             pred = next(tg.tokens for tg in targets if tg.layer == l)
-            ok, victim = cache.admit(l, e, pred)
+            ok, victim = self.cache.admit(l, e, pred)
             if ok:
-                cf += c.copy_ms
+                cf += self.costs.copy_ms
                 self._arrive(l, e, victim, cf)
                 a.prefetch.append((l, e, victim))
         return cf

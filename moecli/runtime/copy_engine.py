@@ -388,9 +388,9 @@ class CudaCopyEngine(CopyEngine):
         return free if direct else ev
 
 
-def register_host(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Page-lock the (address, size) ranges of the memory map with the driver (read-only), merged and page-aligned:
-    the DMA engine then reads expert bytes in place. Returns the ranges registered (none if the driver refuses)."""
+def page_spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(address, size) ranges as page-aligned [lo, hi) spans, overlapping or touching ones merged (the driver refuses
+    to register a page twice)."""
     spans = sorted((a // _PAGE * _PAGE, -(-(a + n) // _PAGE) * _PAGE) for a, n in ranges if n)
     merged: list[list[int]] = []
     for lo, hi in spans:
@@ -398,6 +398,13 @@ def register_host(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
+    return [(lo, hi) for lo, hi in merged]
+
+
+def register_host(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Page-lock the (address, size) ranges of the memory map with the driver (read-only), merged and page-aligned:
+    the DMA engine then reads expert bytes in place. Returns the ranges registered (none if the driver refuses)."""
+    merged = page_spans(ranges)
     rt = torch.cuda.cudart()
     done = []
     for lo, hi in merged:

@@ -18,17 +18,27 @@ from moecli.runtime.cpu_experts import CpuExperts
 
 
 def repack_weights(ckpt: Checkpoint, types) -> int:
-    """Repack the expert stacks of these ggml types for llama.cpp's interleaved CPU kernels, in place of the file
-    pages they were read from (released). Returns the bytes repacked."""
+    """Repack the expert stacks of these ggml types (None: of every type ggml has an interleaved kernel for on this
+    CPU, as llama.cpp) for llama.cpp's interleaved CPU kernels, in place of the file pages they were read from
+    (released). Returns the bytes repacked."""
     try:
-        types = {T[n.strip().upper()] if isinstance(n, str) else n for n in types}
+        if types is not None:
+            types = {T[n.strip().upper()] if isinstance(n, str) else n for n in types}
     except KeyError as e:
         raise MoecliError(f"MOECLI_REPACK: unknown ggml type {e.args[0]} (e.g. Q4_K,MXFP4 or none)") from None
     done = 0
     for s in ckpt.experts.values():
-        if s.stacked is not None and s.stacked.type in types and ggml.repack(s.stacked):
+        if s.stacked is not None and (types is None or s.stacked.type in types) and ggml.repack(s.stacked):
             done += s.stacked.nbytes
     return done
+
+
+def hybrid_threads(device_type: str, cores: int | None = None) -> int:
+    """ggml threads in hybrid mode: every core on the CPU device (the main thread waits while ggml runs); with an
+    accelerator one core stays for the thread that launches its kernels and the copy engine's staging workers
+    (short memcpys), so ggml's spinning workers do not take turns with them."""
+    n = cores or ggml.physical_cores()
+    return n if device_type == "cpu" else max(1, n - 1)
 
 
 class GgmlLinear:

@@ -20,6 +20,7 @@ from moecli.kernels import device_ops
 from moecli.models.config import Checkpoint
 from moecli.runtime.copy_engine import DEMAND, make_copy_engine
 from moecli.runtime.experts import expert_biases, expert_ffn
+from moecli.runtime.step_graphs import StepGraphs
 
 log = logging.getLogger("moecli")
 T = GGMLQuantizationType
@@ -86,8 +87,10 @@ class DeviceExpertCache:
         self._dev_tables = self._tables.to(self.device) if self.copy_engine.cuda else self._tables
         self._tables_np = self._tables.numpy()
         self._scratch_table = torch.full((E,), -1, dtype=torch.int32, device=self.device)
+        self._rows = [(self._dev_tables[i], self.storage[i]) for i in range(n)]  # per layer, views made once
         self.top_k = c.n_expert_used
         self._workspaces: dict[tuple[int, int], device_ops.GroupedWorkspace] = {}
+        self.graphs = StepGraphs(self.device)  # CUDA: the decode expert group of a layer as one graph replay
         # gpt-oss: every expert's biases stay on the device (a few KB per expert), and its clamped SwiGLU
         self.act = c.expert_act
         bias_dtype = torch.float32 if self.triton else dtype
@@ -238,16 +241,23 @@ class DeviceExpertCache:
             host = self._tables_np[i]
             host.fill(-1)
             host[list(slot_of)] = list(slot_of.values())
-            table = self._dev_tables[i]
+            table = self._rows[i][0]
             if self.copy_engine.cuda:
                 table.copy_(self._tables[i], non_blocking=True)
         n, k = ids.shape
         ws = None if scratch else self.workspace(layer)  # scratch adds to the resident result: its own buffers
         pair_tok = None if ws is not None and n == 1 else \
             torch.arange(n, device=x.device, dtype=torch.int32).repeat_interleave(k)
-        out = device_ops.grouped_experts(x, pair_tok, ids.reshape(-1), weights.reshape(-1), table,
-                                         self.storage[i], self.layouts[layer], self.biases.get(layer), self.act,
-                                         ws=ws)
+
+        def group():
+            return device_ops.grouped_experts(x, pair_tok, ids, weights, table, self._rows[i][1],
+                                              self.layouts[layer], self.biases.get(layer), self.act, ws=ws)
+
+        if ws is None or n != 1:
+            out = group()
+        else:  # decode: one token, k pairs, the workspace's buffers: a CUDA graph (the slot table is read, not baked in)
+            out = self.graphs.run(("experts", layer), group, check=(ws.out,),
+                                  tag=(x.data_ptr(), x.stride(0), ids.data_ptr(), ids.dtype, weights.data_ptr()))
         self.mark_read(layer, {-1: self.slots} if scratch else slot_of)
         return out
 

@@ -4,16 +4,21 @@ Per MoE layer and step, `HybridExperts(layer, hidden, ids, weights, scores)`:
   1. tokens per expert -> the decision core: the cache observes the router, then the plan (CPU / device-cached /
      device-after-copy, or "run where they are") and the copies it admits;
   2. the CPU pairs go to the ggml worker thread (one graph, GIL released) while the device computes cached experts
-     and then copied ones, each waiting only for its own copy;
+     and then copied ones, each waiting only for its own copy (with nothing for the device to do, the ggml call runs
+     on this thread); copies go through the copy engine by priority: demand, then prefetch, then background;
   3. prefetch: layers l+1..l+3's gates applied to this hidden state predict their experts; the highest-impact
      ones are copied while the copy engine would otherwise idle; a missed expert is admitted when it is idle.
+A router on the layer input (SmallThinker) routes before attention: `known(layer, ids)` then gives the decision
+core that routing as certain, and its copies overlap attention (one more device->host read, the ids).
 Every decision is the decision core's (moecli/policy/core.py), the simulator's too; only the clock differs: here it
 is measured, and the cost model is refitted from this executor's own timings at each forward pass.
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -76,7 +81,8 @@ class Stats:
     def as_dict(self) -> dict:
         return {"hit_rate": self.hit_rate, "active": self.active, "hits": self.hits, "cpu_experts": self.cpu_experts,
                 "device_experts": self.device_experts, "copied_experts": self.copied_experts,
-                "prefetched": self.prefetched, "prefetch_refused": self.prefetch_refused, "bytes_copied": self.bytes_copied, "cpu_share": self.cpu_share,
+                "prefetched": self.prefetched, "prefetch_refused": self.prefetch_refused,
+                "bytes_copied": self.bytes_copied, "cpu_share": self.cpu_share,
                 "syncs": self.syncs, "launches": self.launches, "calls": self.calls,
                 "cost_model_error": self.cost_model_error(),
                 "decision_ms": sum(self.decision_ms.values()), "prefetch_ms": sum(self.prefetch_ms.values())}
@@ -108,9 +114,11 @@ class HybridExperts:
             raise MoecliError(f"placement {self.p.name!r} needs the future (an offline bound): use it with "
                               "`moecli bench --simulate`")
         self.slots = min(expert_slots, self.n_expert)
+        # layers whose routing is known one attention block early (the router reads the layer input)
+        self.known_layers = list(self.layers) if c.router_input == "layer" else []
         self.log: list | None = None  # the decision core's records, when a caller sets a list (replay tests)
         self.core = DecisionCore(self.p, self.costs, self.layers, self.n_expert, self.slots,
-                                 horizon=PREFETCH_DISTANCE)
+                                 horizon=PREFETCH_DISTANCE, known=self.known_layers)
         if self.core.split:  # llama.cpp's layer split: whole device layers, no slots for the CPU layers
             self.dev = DeviceExpertCache(ckpt, self.device, self.n_expert, dtype,
                                          layers=sorted(self.core.device_layers), copy_ms=self.costs.copy_ms)
@@ -120,12 +128,15 @@ class HybridExperts:
         self.stats = Stats()
         self._pred_gates: dict = {}  # set by attach(): layer -> the next layers' stacked gates, for prediction
         self.link = HostLink(self.device)  # the one device->host read and the one host->device write per layer
+        self.n_embd = c.n_embd
         self.recorder = None  # callable(layer, ids, weights, scores, predictions, clock, costs) for --record-trace
         self._epoch = time.perf_counter()
         self.dev.copy_engine.clock = self._now  # the engine's estimates on this executor's clock
         self._left = None  # ms when the previous experts call returned (dense time of the next layer)
         self._cpu_times: list[tuple[int, int, float]] = []  # (experts, tokens, ms) of CPU runs not yet fitted
         self._pred: dict[int, dict[int, list[list[int]]]] = {}  # target layer -> distance -> predicted ids
+        self._known_clock: dict[int, dict[str, float]] = {}  # layer -> clock at its known-routing prefetch
+        self._held_ms = 0.0  # synchronous known-routing copies since the last experts call (not dense time)
         for l, e in self.core.initial_loads():  # llama.cpp-style whole layers: resident from the start
             self._load(l, e, None, DEMAND)
 
@@ -134,6 +145,13 @@ class HybridExperts:
 
     def _now(self) -> float:
         return (time.perf_counter() - self._epoch) * 1e3
+
+    def staging(self, n: int) -> "_Staged | None":
+        """Where the dense decode kernels put a layer's routing ids (float32), weights, FFN input and scores: the
+        head of the packed buffer `_read` sends to the host, in its order (one token; None for prompts)."""
+        if n != 1:
+            return None
+        return _Staged(*self.link.staged(((1, self.top_k), (1, self.top_k), (1, self.n_embd), (1, self.n_expert))))
 
     # -- the experts seam ---------------------------------------------------------------------------------------
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -146,13 +164,17 @@ class HybridExperts:
         if self.refit is not None:  # each copy as the engine measured it (CUDA: its events)
             for nbytes, ms in self.dev.copy_engine.take_times():
                 self.refit.copy(1, ms * self.dev.slot_bytes / nbytes if nbytes else ms)
+        held, self._held_ms = self._held_ms, 0.0
         if layer == self.layers[0]:
-            self._new_pass(n, now)
+            self._new_pass(n, now - held)
         elif self._left is not None and self.refit is not None:
-            self.refit.dense(n, now - self._left)
+            self.refit.dense(n, now - held - self._left)
         syncs0 = self.link.syncs
         t_pf = time.perf_counter()
-        predict = core.prefetcher is not None or self.recorder is not None
+        # predictions serve prefetch (unless every layer's routing is known early and the core takes only that)
+        # and a recorded trace (the simulator's comparison)
+        predict = self.recorder is not None or (core.prefetcher is not None
+                                                and not (core.known_only and core.known >= set(self.layers)))
         pred_ids = self._predict(layer, hidden) if predict else None  # on the device, read with the routing
         predict_s = time.perf_counter() - t_pf
         r = self._read(layer, hidden, ids, weights, scores, pred_ids)  # sync 1: everything the host needs
@@ -170,8 +192,12 @@ class HybridExperts:
         if d.cpu:  # CPU first so it overlaps everything below; pairs stay token-major (llama.cpp's order)
             mask = np.isin(ids_np, np.asarray(d.cpu, dtype=np.int64))
             tok = np.repeat(np.arange(n, dtype=np.int32), k)[mask]
-            fut = self.cpu.engine.submit(layer, r.hidden, tok, ids_np[mask].astype(np.int32),
-                                         r.weights.reshape(-1)[mask])
+            args = (layer, r.hidden, tok, ids_np[mask].astype(np.int32), r.weights.reshape(-1)[mask])
+            if d.device or d.loads:  # device work to overlap: the ggml call goes to the worker thread
+                fut = self.cpu.engine.submit(*args)
+            else:  # nothing to overlap: run here, no hand-off between threads (CPU-only mode's cost)
+                fut = Future()
+                fut.set_result(self.cpu.engine.run(*args))
             if self.refit is not None:  # timed on the worker as it finishes; fitted on this thread next call
                 m, N = len(d.cpu), int(mask.sum())
                 fut.add_done_callback(lambda f: self._cpu_times.append((m, N, (time.perf_counter() - t_cpu) * 1e3)))
@@ -208,7 +234,8 @@ class HybridExperts:
         if self.log is not None:
             self.log.append(core_record(layer, d, a))
         if self.recorder is not None:  # host copies of what was read (the packed buffer is reused next layer)
-            clock = {"now": now, "copy": copy_free, "cpu": now, "after_now": after_now, "after_copy": after_copy}
+            clock = {"now": now, "copy": copy_free, "cpu": now, "after_now": after_now, "after_copy": after_copy,
+                     **self._known_clock.pop(layer, {})}
             self.recorder(layer, torch.from_numpy(r.ids.copy()), torch.from_numpy(r.weights.copy()),
                           None if r.scores is None else torch.from_numpy(r.scores.copy()),
                           self._pred.pop(layer, {}), clock, core.costs.as_dict() if layer == self.layers[0] else None)
@@ -223,10 +250,42 @@ class HybridExperts:
         self._left = end
         return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
+    def known(self, layer: int, ids: torch.Tensor) -> None:
+        """The layer's routing, before its attention runs: the decision core's certain prefetch of its experts,
+        queued now so the copies overlap attention (on CUDA; the CPU device copies at once)."""
+        if layer not in self.core.known:
+            return
+        if layer == self.layers[0]:  # a step begins here, before its first experts call
+            self.dev.new_step()
+        now, syncs0 = self._now(), self.link.syncs
+        ids_np = self.link.read([ids]).astype(np.int64)  # the one extra crossing of a known-routing layer
+        counts = np.bincount(ids_np, minlength=self.n_expert)
+        active = np.flatnonzero(counts)
+        copy_free = self._copy_free_at(now)
+        k = self.core.known_layer(layer, dict(zip(active.tolist(), counts[active].tolist())), ids.shape[0], now,
+                                  copy_free)
+        t_copy = time.perf_counter()
+        for l, e, victim in k.prefetch:  # certain: the layer needs them right after its attention
+            self._load(l, e, victim, DEMAND)
+        if not self.dev.copy_engine.cuda:
+            self._held_ms += (time.perf_counter() - t_copy) * 1e3
+        st = self.stats
+        st.prefetched += len(k.prefetch)
+        st.prefetch_ms[layer] = st.prefetch_ms.get(layer, 0.0) + k.prefetch_s * 1e3
+        st.syncs += self.link.syncs - syncs0
+        if self.recorder is not None:
+            self._known_clock[layer] = {"known_now": now, "known_copy": copy_free}
+
     def _read(self, layer: int, hidden, ids, weights, scores, pred_ids) -> "_HostView":
         """One packed device->host copy of the layer's routing, scores, CPU input and predictions, unpacked into
         numpy views (valid until the next layer's read)."""
         n, k = ids.shape
+        if n == 1 and ids.dtype == torch.int32:  # the decode kernels' ids: their float32 copy lies in the buffer
+            st = self.staging(1)
+            if weights is st.weights and scores is st.scores:
+                if hidden is not st.hidden:  # a layer whose attention took the torch path
+                    st.hidden.copy_(hidden)
+                ids, hidden = st.ids, st.hidden
         parts = [ids, weights, hidden] + ([scores] if scores is not None else []) \
             + ([pred_ids] if pred_ids is not None else [])
         buf = self.link.read(parts)
@@ -308,6 +367,13 @@ class HybridExperts:
         i = self.layers.index(layer)
         return {(target, d): pred[:, d - 1].tolist()
                 for d, target in enumerate(self.layers[i + 1:i + 1 + pred.shape[1]], start=1)}
+
+
+class _Staged(NamedTuple):
+    ids: torch.Tensor  # [1, k] float32
+    weights: torch.Tensor  # [1, k]
+    hidden: torch.Tensor  # [1, d]
+    scores: torch.Tensor  # [1, E]
 
 
 @dataclass

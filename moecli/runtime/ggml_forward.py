@@ -8,12 +8,13 @@ softmax -> top-k -> weights (renormalised where the family does) -> gate/up `mul
 weighted sum in slot order (+ the shared expert behind its sigmoid gate) -> residual; then output_norm and the
 output head. The KV cache has llama.cpp's F32 layout (K [pos, kv_head, dim], V transposed [kv_head, dim, pos]) and
 its attended key count padded to 256, so every sum runs over llama.cpp's shapes and the logits are bit-exact where
-the weights need no repacking.
+the weights need no repacking (and in exact mode for every type).
 
 Attention: decode steps take llama.cpp's non-flash path (kq, soft_max, kqv: faster for one row here); prompts by
 default ggml's flash attention over the same cache (V rows copied out of the transposed cache): the causal mask's
 keys are skipped and no n x n_kv score matrix is made, 1.9x faster at 512 tokens and more with depth, equal to
-float rounding. `flash_attn=False` keeps the non-flash path for prompts too: llama.cpp's logits bit for bit.
+float rounding. Exact mode (runtime/exact.py: llama.cpp's kernel choices, non-flash attention included) gives
+llama.cpp's logits bit for bit for every weight type.
 
 Why one graph: a decode step then costs one call into ggml (no Python between layers), as in llama.cpp. The
 routing each layer chose is still reported (`on_router`) from the graph's outputs. Graphs for small batches
@@ -34,6 +35,7 @@ from moecli.models.graph import SEGMENT_NODES, GraphBuilder
 from moecli.models.loader import GGUF_ARCHS
 from moecli.models.rope import ggml_rope
 from moecli.models.spec import layer_tensors
+from moecli.runtime.exact import DEFAULT, Kernels
 
 T = GGMLQuantizationType
 KV_PAD = 256  # llama.cpp pads its cache size and the attended key count to 256
@@ -88,8 +90,9 @@ class _Step:
         n = self.n = sum(n_i for _, n_i, _ in seqs)
         single = len(seqs) == 1
         # decode reads llama.cpp's repacked copies of the dense weights where they exist (its faster gemv);
-        # prompts the file's own layout (this CPU's AVX-512 kernels beat the repacked ones on big batches)
-        rp = n <= CACHED_MAX_N or not single
+        # prompts the file's own layout (this CPU's AVX-512 kernels beat the repacked ones on big batches), except
+        # in exact mode (runtime/exact.py)
+        rp = fwd.kernels.dense_repacked(n <= CACHED_MAX_N or not single)
         W = lambda t: None if t is None else G.weight_tensor(t, rp)  # noqa: E731
         n_nodes = (96 + 24 * len(seqs)) * c.n_layer + 64 + 4 * len(seqs)  # each sequence adds its attention
         # room for one graph of the whole pass, or (split) one graph per layer plus the head
@@ -97,7 +100,7 @@ class _Step:
         # prompts: flash attention (its masked keys are skipped, no n x n_kv scores); decode: llama.cpp's
         # non-flash path, faster for one row here. The latent (absorbed MLA) form keeps the non-flash path.
         Hkv, hd, dv = fwd.kv_shape
-        flash = fwd.flash_attn and single and n > CACHED_MAX_N and dv > 0
+        flash = fwd.kernels.flash_attn and single and n > CACHED_MAX_N and dv > 0
         # `split` (prompts whose experts run faster as per-expert matmuls, see CpuExperts): one graph per layer
         # that ends at the routing; the experts then run through CpuExperts and their sum feeds the next graph
         g = self.g = GraphBuilder(ctx, c, W, fwd.rope, seqs=seqs, kv_shape=fwd.kv_shape, flash=flash,
@@ -203,9 +206,10 @@ def _read(t, shape, dtype, row_dim: int = 1) -> np.ndarray:
 class GgmlForward:
     """`Transformer.fused_forward` of the ggml engine."""
 
-    def __init__(self, ckpt: Checkpoint, experts, max_ctx: int, flash_attn: bool = True):
+    def __init__(self, ckpt: Checkpoint, experts, max_ctx: int, kernels: Kernels = DEFAULT):
+        """`kernels`: the kernel choices (runtime/exact.py): the fast default or llama.cpp's own (exact mode)."""
         c = self.config = ckpt.config
-        self.max_ctx, self.experts, self.flash_attn = max_ctx, experts, flash_attn
+        self.max_ctx, self.experts, self.kernels = max_ctx, experts, kernels
         self._prompt_galloc = None
         family = GGUF_ARCHS[c.arch]
         self.build_layer, self.kv_shape = family.build_layer, family.kv_shape(c)
@@ -225,24 +229,29 @@ class GgmlForward:
                 if all(st.bias is not None for st in stacks):  # gpt-oss
                     L["expert_biases"] = tuple(st.bias for st in stacks)
             self.layers.append(L)
-        for t in self._dense_weights():  # repacked copies for decode; the file's bytes stay for prompts
-            G.repack(t, release_source=False)
+        for t in self._dense_weights():  # repacked copies (for decode; the file's bytes stay for prompts)
+            G.repack(t, release_source=not kernels.keep_file_layout and t is not self.token_embd)
         self._steps: dict[tuple, _Step] = {}
 
+    @property
+    def flash_attn(self) -> bool:
+        return self.kernels.flash_attn
+
     def _dense_weights(self):
-        """The matrices decode multiplies by (not the router's, the embeddings' or MLA's per-head k_b/v_b)."""
+        """The 2-D matrices the graph multiplies by (not the embeddings, read by get_rows, nor MLA's per-head 3-D
+        k_b/v_b; routers and a tied output head as the kernel choices say)."""
         for L in self.layers:
             for key, t in L.items():
-                if isinstance(t, TensorData) and len(t.ne) == 2 and not key.startswith("ffn_gate_inp"):
+                if isinstance(t, TensorData) and len(t.ne) == 2 and self.kernels.repacks(key):
                     yield t
-        if self.output is not self.token_embd:
+        if self.output is not self.token_embd or self.kernels.tied_output_repacked:
             yield self.output
 
     def _split(self, n: int) -> bool:
         """Run this batch's experts outside the graph? When CpuExperts would pick its per-expert matmul kernel
         (Q8_0/F16/BF16/F32 experts and prompt-sized batches: llamafile's sgemm beats mul_mat_id there)."""
         c = self.config
-        if not c.is_moe or n <= CACHED_MAX_N:
+        if not c.is_moe or n <= CACHED_MAX_N or not self.kernels.split_experts():
             return False
         pairs = n * c.n_expert_used
         first = next(iter(self.experts.engine.layers))  # deepseek2's leading layers are dense

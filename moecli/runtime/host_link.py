@@ -5,6 +5,11 @@
                  buffer by one op, then ONE copy into pinned memory and one wait for it: sync 1;
   `write(array)` the CPU experts' result through a pinned buffer to the device, non-blocking: the device joins it
                  in stream order, the host does not wait for the device: sync 2.
+A layer whose router reads the layer input (SmallThinker) reads its ids once more, before attention, when the
+executor prefetches on them (`HybridExperts.known`): three crossings on those layers.
+
+The dense decode kernels can write their results straight into the packed buffer (`staged`): `read` then finds
+those parts already in place and copies only what is not (nothing, in decode without prefetch).
 
 On the CPU device there is nothing to cross: the packed buffer is read in place. `reads` and `writes` count the
 calls; the executor's `Stats.syncs` is their sum, and tests check that nothing else reads device memory.
@@ -33,6 +38,28 @@ class HostLink:
         else:
             self._host = self._dev
         self._host_np = self._host.numpy()
+        self._staged: dict[tuple, list[torch.Tensor]] = {}
+
+    def staged(self, shapes: tuple[tuple[int, ...], ...]) -> list[torch.Tensor]:
+        """Consecutive float32 views of the device buffer from its start, of these shapes (made once per buffer and
+        shapes): writing a layer's parts there makes its `read` copy nothing on the device."""
+        sizes = [int(np.prod(s)) for s in shapes]
+        if sum(sizes) > self._dev.numel():
+            self._grow_read(2 * sum(sizes))
+        v = self._staged.get(shapes)
+        if v is None:
+            offs = np.cumsum([0] + sizes).tolist()
+            v = self._staged[shapes] = [self._dev[a:b].view(s) for a, b, s in zip(offs, offs[1:], shapes)]
+        return v
+
+    def _in_place(self, parts: list[torch.Tensor]) -> tuple[int, int]:
+        """(parts, floats) of the leading `parts` that already lie in the device buffer where `read` puts them."""
+        base, off = self._dev.data_ptr(), 0
+        for i, p in enumerate(parts):
+            if p.dtype != torch.float32 or not p.is_contiguous() or p.data_ptr() != base + 4 * off:
+                return i, off
+            off += p.numel()
+        return len(parts), off
 
     def _grow_write(self, n: int) -> None:
         if self.cuda:
@@ -45,7 +72,15 @@ class HostLink:
         n = sum(p.numel() for p in parts)
         if n > self._dev.numel():  # a longer prompt than any before: grows once per new size, never in decode
             self._grow_read(max(n, 2 * self._dev.numel()))
-        torch.cat([p.reshape(-1) for p in parts], out=self._dev[:n])
+        i, o = self._in_place(parts)
+        if i < len(parts):
+            lo, hi = self._dev.data_ptr(), self._dev.data_ptr() + 4 * self._dev.numel()
+            # a part inside the buffer but not in its place would be overwritten while read: copied out first
+            rest = [p.reshape(-1).clone() if lo <= p.data_ptr() < hi else p.reshape(-1) for p in parts[i:]]
+            if len(rest) == 1:
+                self._dev[o:n].copy_(rest[0])
+            else:
+                torch.cat(rest, out=self._dev[o:n])
         if self.cuda:
             self._host[:n].copy_(self._dev[:n], non_blocking=True)
             self._done.record()

@@ -39,28 +39,26 @@ class _OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _attributed(transformer, counter: _OpCounter):
-    """Tag the counter with the layer whose attention block / FFN runs (instance attributes, removed after)."""
-    attn, ffn = transformer.attention_block, transformer.ffn
+    """Tag the counter with the layer whose attention block / FFN / early router (SmallThinker's, before attention)
+    runs (instance attributes, removed after)."""
+    names = [n for n in ("route_early", "attention_block", "ffn") if hasattr(transformer, n)]
 
-    def attention_block(l, *a, **k):
-        counter.where = l
-        try:
-            return attn(l, *a, **k)
-        finally:
-            counter.where = "outside"
+    def wrap(fn):
+        def tagged(l, *a, **k):
+            counter.where = l
+            try:
+                return fn(l, *a, **k)
+            finally:
+                counter.where = "outside"
+        return tagged
 
-    def ffn_(l, *a, **k):
-        counter.where = l
-        try:
-            return ffn(l, *a, **k)
-        finally:
-            counter.where = "outside"
-
-    transformer.attention_block, transformer.ffn = attention_block, ffn_
+    for n in names:
+        setattr(transformer, n, wrap(getattr(transformer, n)))
     try:
         yield
     finally:
-        del transformer.attention_block, transformer.ffn
+        for n in names:
+            delattr(transformer, n)
 
 
 def count_decode_ops(model, prompt: list[int] | None = None) -> dict:
@@ -117,3 +115,42 @@ class HostReads(TorchFunctionMode):
         if name in self.NAMES and not self._allowed and threading.current_thread() is threading.main_thread():
             self.reads.append(name)
         return func(*args, **(kwargs or {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m moecli.runtime.op_count MODEL [--placement P] [--expert-slots K]`: ops per MoE layer of one
+    decode step on the CPU device with the device kernels active (TRITON_INTERPRET=1, MOECLI_CPU_DENSE_KERNELS=1
+    unless set), every expert on the device by default."""
+    import argparse
+    import json
+    import os
+
+    ap = argparse.ArgumentParser(prog="python3 -m moecli.runtime.op_count")
+    ap.add_argument("model")
+    ap.add_argument("--placement", default="n-cpu-moe=0")
+    ap.add_argument("--expert-slots", type=int, default=None, help="default: every expert")
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("MOECLI_CPU_DENSE_KERNELS", "1")
+    if a.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined: before moecli loads
+    import moecli
+    from moecli.errors import MoecliError
+
+    try:
+        from moecli.models.loader import load_checkpoint
+
+        slots = a.expert_slots if a.expert_slots is not None else load_checkpoint(a.model).config.n_expert
+        m = moecli.load(a.model, device=a.device, placement=a.placement, expert_slots=slots)
+    except (MoecliError, OSError, ValueError) as e:
+        print(f"error: {e}")
+        return 1
+    r = count_decode_ops(m)
+    print(f"ops per MoE layer: {r['per_moe_layer']:.1f}  (syncs per MoE layer: {r['syncs_per_moe_layer']}, "
+          f"sync ops: {r['sync_ops_per_moe_layer']}, outside the layers: {r['outside']})")
+    print("most dispatched:", json.dumps(r["top"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

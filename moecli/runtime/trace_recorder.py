@@ -7,9 +7,9 @@ from moecli.sim.traces import LayerRouting, Pass, Sequence, Trace, write_trace
 
 class TraceRecorder:
     def __init__(self, model_name: str, n_experts: int, top_k: int, layers: list[int],
-                 executor: dict | None = None):
+                 executor: dict | None = None, known_early=()):
         self.trace = Trace(model_name, n_experts, top_k, list(layers), [Sequence("0", [])], full_scores=True,
-                           executor=executor)
+                           executor=executor, known_early=sorted(known_early))
         self.first_layer = layers[0]
 
     def __call__(self, layer, ids, weights, scores, predictions: dict[int, list[list[int]]],

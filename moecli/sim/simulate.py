@@ -6,6 +6,10 @@ Per forward pass and layer: the device runs the dense part (attention, router, s
 routed experts are placed (scheduler, or "where they are"), the plan's timeline is evaluated with the cost model,
 copies are admitted to the cache, and a prefetch (or a background admission) may use the idle copy engine.
 The output head closes each pass. Decode TBT = mean pass time over decode steps; TTFT = the prefill pass time.
+Layers whose routing is known one block early (`known`, SmallThinker's router on the layer input) get the decision
+core's certain prefetch before their dense part, so those copies overlap it (`routing`: "both" keeps predicting
+them from earlier layers too, "known" does not). Prefetch accuracy: of the experts prefetched for a layer, the
+share that layer then used, per source ("known": the certain prefetch, "pred": from predictions).
 """
 from __future__ import annotations
 
@@ -34,6 +38,15 @@ class SimResult:
     decision_s: float = 0.0      # scheduler + cache decisions
     prefetch_s: float = 0.0      # prefetch decisions (prediction excluded)
     records: list = field(default_factory=list)   # scheduler inputs, when asked to record
+    prefetch_judged: dict = field(default_factory=dict)  # (target layer, source) -> [used, prefetched]
+
+    def prefetch_accuracy(self, layers=None, source: str | None = None) -> float | None:
+        """Share of prefetched experts their target layer then used (over `layers` and `source`, "known" or
+        "pred", default all); None: nothing prefetched."""
+        got = [v for (l, src), v in self.prefetch_judged.items()
+               if (layers is None or l in layers) and source in (None, src)]
+        n = sum(v[1] for v in got)
+        return sum(v[0] for v in got) / n if n else None
 
     @property
     def mean_ms(self) -> float:
@@ -89,7 +102,7 @@ class Simulator:
                  calib: dict[int, dict[int, int]], predictor_accuracy: float = 0.9, horizon: int = 3,
                  seed: int = 0, record: bool = False, initial: dict[int, list[int]] | None = None,
                  recorded_clock: bool = False, log: list | None = None, whole_layer_offload: bool | None = None,
-                 sync_copies: bool = False):
+                 sync_copies: bool = False, known=(), routing: str = "both"):
         self.p, self.costs, self.layers, self.E, self.slots = placement, costs, layers, n_experts, slots
         self.initial = StaticCache.hot_set(calib, slots) if initial is None else initial
         self.predictor = NoisyPredictor(n_experts, predictor_accuracy, seed)
@@ -97,6 +110,8 @@ class Simulator:
         # llama.cpp's op offload of large batches in layer-split mode; moecli's executor runs them on the CPU
         self.offload = not recorded_clock if whole_layer_offload is None else whole_layer_offload
         self.sync_copies = sync_copies
+        self.known = frozenset(known)  # layers whose routing is known before their dense part (trace.known_early)
+        self.routing = routing
 
     def _predict(self, ps: Pass, pi: int, li: int, d: int) -> tuple[dict[int, int], float]:
         l = self.layers[li + d]
@@ -112,7 +127,8 @@ class Simulator:
         res = SimResult()
         future = ({l: [list(ps.layers[l].tokens()) for ps in passes] for l in L} if p.cache == "belady" else None)
         core = DecisionCore(p, self.costs, L, self.E, self.slots, self.initial, future, self.horizon,
-                            whole_layer_offload=self.offload, log=self.log)
+                            whole_layer_offload=self.offload, log=self.log, known=self.known,
+                            routing=self.routing)
         t = cpu_free = dev_free = copy_free = 0.0
         nb = self.costs.expert_bytes
         for pi, ps in enumerate(passes):
@@ -121,11 +137,23 @@ class Simulator:
             c = core.costs
             start = t
             T = ps.n_tokens
+            pending: dict[int, list] = {}  # target layer -> (expert, source) prefetched for it in this pass
             for li, l in enumerate(L):
                 r = ps.layers[l]
                 tok = r.tokens()
                 clock = r.clock if self.recorded_clock else None
-                t0 = max(t, dev_free) + c.dense(T)  # attention + router + shared experts on the device
+                t0 = max(t, dev_free)
+                if l in core.known:  # routing from the layer input: certain copies, overlapping attention
+                    if clock and "known_now" in clock:
+                        t0, copy_free = clock["known_now"], clock["known_copy"]
+                    k = core.known_layer(l, tok, T, t0, copy_free)
+                    copy_free = k.copy_free
+                    self._count_prefetch(res, k.prefetch, pending, "known")
+                    res.prefetch_s += k.prefetch_s
+                    if self.sync_copies and not clock:
+                        t0 += len(k.prefetch) * c.copy_ms  # they hold the device's thread, before attention
+                        copy_free = t0
+                t0 += c.dense(T)  # attention + router + shared experts on the device
                 if clock:
                     t0, copy_free, cpu_free = clock["now"], clock["copy"], clock["cpu"]
                 dev_free = t0
@@ -135,6 +163,10 @@ class Simulator:
                 copy0, cpu0 = max(copy_free, t0), max(cpu_free, t0)
                 res.lookups += len(tok)
                 res.hits += len(d.cached)
+                for e, src in pending.pop(l, ()):
+                    judged = res.prefetch_judged.setdefault((l, src), [0, 0])
+                    judged[0] += e in tok
+                    judged[1] += 1
                 if self.record and core.sched is not None:
                     res.records.append((dict(d.tokens), set(d.cached), t0, copy0, cpu0, dict(d.ready)))
                 if not core.split:
@@ -171,15 +203,22 @@ class Simulator:
                 if self.sync_copies and not clock:
                     t = max(mk, t + n_after * c.copy_ms)  # those copies hold the thread, then the CPU joins
                     copy_free = dev_free = t
-                res.copies += n_after
-                res.prefetch_copies += len(a.prefetch)
-                res.copied_bytes += n_after * nb
+                res.copies += len(a.admits)
+                res.copied_bytes += len(a.admits) * nb
+                self._count_prefetch(res, a.prefetch, pending, "pred")
                 res.prefetch_s += a.prefetch_s
                 res.decision_s += a.decision_s
             t = max(t, dev_free) + c.head_ms  # output head (and sampling) on the device
             dev_free = t
             res.pass_ms.append(t - start)
         return res
+
+    def _count_prefetch(self, res: SimResult, prefetch, pending: dict, source: str) -> None:
+        res.copies += len(prefetch)
+        res.prefetch_copies += len(prefetch)
+        res.copied_bytes += len(prefetch) * self.costs.expert_bytes
+        for l, e, _ in prefetch:
+            pending.setdefault(l, []).append((e, source))
 
 
 def cache_study(passes: list[Pass], layers: list[int], n_experts: int, slots: int, initial: dict,

@@ -5,11 +5,14 @@ In memory a trace is sequences of forward passes (a prefill batch or one decode 
 layer, per token: selected expert ids, their weights, the full router scores when known, and predictions made
 d layers earlier when known. The moecli format (JSONL, docs/simulator.md):
   line 1: {"format":"moecli-trace","version":1,"model":NAME,"n_experts":E,"top_k":K,"layers":[...],
-           "executor":{"placement":P,"slots":N} (optional: the run that recorded it)}
+           "executor":{"placement":P,"slots":N} (optional: the run that recorded it),
+           "known_early":[...] (optional: layers whose routing is known one attention block early, before their
+           dense part, because the router reads the layer input: SmallThinker)}
   then one record per (sequence, pass, layer):
   {"seq":S,"pass":P,"kind":"prefill"|"decode","layer":L,"ids":[[..K]..T],"weights":[[..K]..T],
    "scores":[[..E]..T] (optional),"pred":{"1":[[..K]..T],"2":...,"3":...} (optional),
-   "clock":{"now","copy","cpu","after_now","after_copy"} (optional, ms: the executor's clock at its decisions),
+   "clock":{"now","copy","cpu","after_now","after_copy"[,"known_now","known_copy"]} (optional, ms: the executor's
+            clock at its decisions; known_*: at a known-early layer's prefetch, before its attention),
    "costs":{CostModel fields} (optional, on a pass's first layer: the cost model that pass decided with)}
 """
 from __future__ import annotations
@@ -89,6 +92,7 @@ class Trace:
     full_scores: bool = False
     has_predictions: bool = False
     executor: dict | None = None  # the recording executor's placement and slots (replays)
+    known_early: list[int] = field(default_factory=list)  # layers routed before their attention (SmallThinker)
 
 
 def write_trace(trace: Trace, path: str | Path) -> None:
@@ -100,6 +104,8 @@ def write_trace(trace: Trace, path: str | Path) -> None:
                 "top_k": trace.top_k, "layers": trace.layers}
         if trace.executor:
             head["executor"] = trace.executor
+        if trace.known_early:
+            head["known_early"] = sorted(trace.known_early)
         f.write(json.dumps(head) + "\n")
         for s in trace.sequences:
             for pi, ps in enumerate(s.passes):
@@ -139,7 +145,15 @@ def _read_moecli(path: Path, head: dict) -> Trace:
                 ps.costs = r["costs"]
     sequences = [Sequence(k, [v[i] for i in sorted(v)]) for k, v in seqs.items()]
     return Trace(head.get("model", ""), int(head["n_experts"]), int(head["top_k"]), list(head["layers"]),
-                 sequences, str(path), full, preds, head.get("executor"))
+                 sequences, str(path), full, preds, head.get("executor"), _layer_list(head, "known_early"))
+
+
+def _layer_list(head: dict, key: str) -> list[int]:
+    v = head.get(key) or []
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v) \
+            or not set(v) <= set(head["layers"]):
+        raise MoecliError(f"moecli trace: {key!r} must be a list of the trace's layers, got {v!r}")
+    return sorted(v)
 
 
 def _read_mixtral(path: Path) -> Trace:
