@@ -102,7 +102,9 @@ class Model:
                 raise MoecliError("placements apply to Mixture-of-Experts models; this model is dense")
             from moecli.runtime.cpu_backend import hybrid_threads, repack_weights
 
-            ggml.set_threads(threads or hybrid_threads(self.device.type))
+            n_threads = ggml.set_threads(threads or hybrid_threads(self.device.type))
+            if self.device.type == "cpu":  # the "device" is these cores too: torch's OpenMP team as big as ggml's,
+                torch.set_num_threads(n_threads)  # or its idle workers spin while ggml runs (3x slower experts)
             # the CPU experts as CPU-only mode has them: repacked for llama.cpp's interleaved kernels (the device
             # cache copies the file's bytes, which the map still gives)
             repack_weights(self.checkpoint, kernels.expert_repack_types())
