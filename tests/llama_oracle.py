@@ -234,7 +234,9 @@ def logits_and_routing(path, text: str, engine: str):
     picks = {}
     m.transformer.on_router = lambda l, probs, i, w: picks.setdefault(l, i.clone())
     got = m.logits(ids)
-    layers = range(m.config.n_dense_layers, m.config.n_layer)
+    from moecli.models.spec import moe_layer
+
+    layers = [l for l in range(m.config.n_layer) if moe_layer(m.config, l)]  # leading dense, interleaved (llama4)
     ref, cap = run_llama(path, ids, capture=[f"ffn_moe_topk-{l}" for l in layers])
     assert sorted(picks) == list(layers)  # dense layers route nothing, a NextN layer does not run
     same = np.ones(len(ids), dtype=bool)

@@ -1,7 +1,8 @@
 """The dense decode block (moecli.models.decode: one-token steps through the decode kernels, results staged in the
 executor's packed buffer) gives the torch path's logits, step after step, for every shared-decoder variant: per-head
-q/k norm (Qwen3), whole-projection q/k norm (OLMoE), q/k/v biases + shared expert (Qwen2-MoE), NoPE and
-sliding-window layers (SmallThinker), sinks and windows that bite (gpt-oss, window 8); an F16 cache (OLMoE)."""
+q/k norm (Qwen3), whole-projection q/k norm (OLMoE), q/k/v biases + gated shared expert (Qwen2-MoE), a dense
+leading layer + shared expert (GLM-4.5), a dense model, NoPE and sliding-window layers (SmallThinker), sinks and
+windows that bite (gpt-oss, window 8); an F16 cache (OLMoE)."""
 import copy
 
 import numpy as np
@@ -29,13 +30,14 @@ def _decode_both_ways(m, n_steps=2, dtype=None, prompt=(1, 2, 3)):
 
 
 @pytest.mark.parametrize("arch,placement", [("qwen3moe", "n-cpu-moe=0"), ("olmoe", "torch"), ("qwen2moe", "torch"),
-                                            ("smallthinker", "n-cpu-moe=0"), ("gpt-oss", "torch")])
+                                            ("smallthinker", "n-cpu-moe=0"), ("gpt-oss", "torch"),
+                                            ("glm4moe", "torch"), ("llama-dense", "torch")])
 def test_decode_block_matches_the_torch_path(monkeypatch, arch, placement):
     monkeypatch.setenv("MOECLI_CPU_DENSE_KERNELS", "1")
     opts = dict(engine="torch") if placement == "torch" else dict(placement=placement, expert_slots=8)
     m = moecli.load(tiny_gguf(arch, "Q4_K"), **opts)
     d = m.transformer.decode
-    assert d is not None and d.attention and d.routing
+    assert d is not None and d.attention and d.routing == m.config.is_moe
     got, want = _decode_both_ways(m, dtype=torch.float16 if arch == "olmoe" else None,
                                   prompt=range(1, 11) if arch == "gpt-oss" else (1, 2, 3))  # past its window of 8
     assert np.abs(got - want).max() / want.std() < (2e-3 if arch == "olmoe" else 1e-4)

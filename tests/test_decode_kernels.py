@@ -94,7 +94,8 @@ def test_decode_attention_window_and_sinks(pos, window, sinks):
 
 
 @pytest.mark.parametrize("gating,bias,norm,scale", [("softmax", False, True, 0.0), ("softmax", False, False, 0.0),
-                                                    ("sigmoid", True, True, 2.5), ("softmax_weight", False, False, 1.0)])
+                                                    ("sigmoid", True, True, 2.5),
+                                                    ("softmax_weight", False, False, 1.0)])
 def test_route(gating, bias, norm, scale):
     from moecli.models.layers import route
 
@@ -107,3 +108,15 @@ def test_route(gating, bias, norm, scale):
     assert torch.equal(ids.long(), want_ids) and torch.equal(ids_f, want_ids.float())
     torch.testing.assert_close(w, want_w, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(probs, want_p, rtol=2e-6, atol=1e-7)
+
+
+def test_glu_and_shared_add():
+    g, u = rnd(1, 1500), rnd(1, 1500)  # more than one block of 1024
+    out = torch.empty(1, 1500)
+    K.glu(g, u, out)
+    torch.testing.assert_close(out, K.glu_ref(g, u), rtol=2e-6, atol=1e-7)
+    routed, s, h, gate = rnd(1, 200), rnd(1, 200), rnd(1, 200), rnd(200, scale=0.1)
+    for gt in (gate, None):
+        out = torch.empty(1, 200)
+        K.shared_add(routed, s, h, gt, out)
+        torch.testing.assert_close(out, K.shared_add_ref(routed, s, h, gt), rtol=2e-6, atol=1e-6)

@@ -113,7 +113,7 @@ def test_presets_have_real_sizes():
         if r.arch not in GGUF_ARCHS:
             continue
         few = synth.tensor_bytes(r.arch, synth.geometry(name, 2), "Q4_K_M")
-        assert 0 < few < 12e9, (name, few)
+        assert 0 < few < 13e9, (name, few)  # llama4-maverick's one MoE layer (128 experts of 5120 x 8192): 9.7 GB
 
 
 def test_preset_unknown_names_are_one_clear_error():

@@ -173,10 +173,12 @@ def summarize(ckpt) -> dict:
 
 def layer_kinds(c) -> str:
     """"1 dense + 45 MoE, + 1 NextN (skipped)": the kinds of layers a forward pass runs."""
-    moe = c.n_layer - c.n_dense_layers if c.is_moe else 0
+    from moecli.models.spec import moe_layer
+
+    moe = sum(moe_layer(c, l) for l in range(c.n_layer))  # leading dense (DeepSeek, GLM), interleaved (llama4)
     text = " + ".join(f"{n} {kind}" for n, kind in ((c.n_layer - moe, "dense"), (moe, "MoE")) if n)
     if c.swa_layers:
-        text += f" ({len(c.swa_layers)} with sliding-window attention)"
+        text += f" ({len(c.swa_layers)} with {'chunked' if c.attn_chunk else 'sliding-window'} attention)"
     if c.n_nextn_layers:
         text += f", + {c.n_nextn_layers} NextN (held, skipped)"
     return text

@@ -128,8 +128,9 @@ def _route_op(logits: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, ids_f
 
 
 def routable(c) -> bool:
-    """Whether route_kernel implements `c`'s routing (grouped selection, DeepSeek's n_group, does not)."""
-    return c.gating in GATING and c.n_group <= 1
+    """Whether route_kernel implements `c`'s routing (grouped selection, DeepSeek's n_group, and llama4's pick by
+    the logits do not)."""
+    return c.gating in GATING and c.n_group <= 1 and not c.select_logits
 
 
 def route(c, logits, bias, ids, weights, probs, ids_f=None) -> None:
@@ -138,3 +139,39 @@ def route(c, logits, bias, ids, weights, probs, ids_f=None) -> None:
     _route_op(logits, bias if bias is not None else logits, ids, ids_f if ids_f is not None else weights, weights,
               probs, c.n_expert_used, GATING[c.gating], bias is not None, ids_f is not None, c.norm_topk,
               float(c.routed_scale))
+
+
+# ------------------------------------------------------------------------------------------------------- FFNs
+
+@torch.library.custom_op("moecli::glu", mutates_args=("out",))
+def _glu_op(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> None:
+    n = g.numel()
+    _k().glu_kernel[(-(-n // 1024),)](g, u, out, n, BN=1024)
+
+
+def glu(g, u, out) -> None:
+    """out = silu(g) * u (out may be g)."""
+    _glu_op(g, u, out)
+
+
+def glu_ref(g, u):
+    return torch.nn.functional.silu(g) * u
+
+
+@torch.library.custom_op("moecli::shared_add", mutates_args=("out",))
+def _shared_add_op(routed: torch.Tensor, s: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
+                   has_gate: bool) -> None:
+    n = s.numel()
+    _k().shared_add_kernel[(1,)](routed, s, h, gate, out, n, HAS_GATE=has_gate, BN=_np2(n))
+
+
+def shared_add(routed, s, h, gate, out) -> None:
+    """One token: out = routed + s, the shared expert's s gated by sigmoid(h . gate) when `gate` is given."""
+    _shared_add_op(routed, s, h, gate if gate is not None else s, out, gate is not None)
+
+
+def shared_add_ref(routed, s, h, gate):
+    """transformer.Transformer.moe's combination."""
+    if gate is not None:
+        s = s * torch.sigmoid(h @ gate)[:, None]
+    return routed + s

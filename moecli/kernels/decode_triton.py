@@ -7,7 +7,8 @@
   length read from the device (a CUDA graph replays it at every position), a sliding window and attention sinks;
 - `route_kernel`: softmax / sigmoid / softmax-over-top-k scores, a selection-only bias, top-k, renormalisation and
   scale in one program per token, ids written as int32 (for the expert kernels) and as float32 (the HostLink's
-  packed buffer the host reads).
+  packed buffer the host reads);
+- `glu_kernel` (silu(g) * u) and `shared_add_kernel` (routed + gated shared expert): the FFNs around the matmuls.
 
 Their torch references and launchers (torch.library custom ops) are in moecli.kernels.decode_ops.
 """
@@ -170,3 +171,24 @@ def route_kernel(logits, bias, ids_out, ids_f, w_out, probs_out, E, scale, MODE:
     tl.store(w_out + row * K + kk, wv, mask=mk)
     if HAS_IDS_F:
         tl.store(ids_f + row * K + kk, ids.to(tl.float32), mask=mk)
+
+
+@triton.jit
+def glu_kernel(g, u, out, N, BN: tl.constexpr):
+    """out = silu(g) * u (the dense and shared FFNs' SwiGLU)."""
+    offs = tl.program_id(0) * BN + tl.arange(0, BN)
+    m = offs < N
+    a = tl.load(g + offs, mask=m, other=0.0)
+    tl.store(out + offs, a / (1.0 + tl.exp(-a)) * tl.load(u + offs, mask=m, other=0.0), mask=m)
+
+
+@triton.jit
+def shared_add_kernel(routed, s, h, gate, out, N, HAS_GATE: tl.constexpr, BN: tl.constexpr):
+    """out = routed + s (* sigmoid(h . gate): Qwen2-MoE's shared-expert gate), one row."""
+    offs = tl.arange(0, BN)
+    m = offs < N
+    sv = tl.load(s + offs, mask=m, other=0.0)
+    if HAS_GATE:
+        z = tl.sum(tl.load(h + offs, mask=m, other=0.0) * tl.load(gate + offs, mask=m, other=0.0), axis=0)
+        sv = sv * (1.0 / (1.0 + tl.exp(-z)))
+    tl.store(out + offs, tl.load(routed + offs, mask=m, other=0.0) + sv, mask=m)

@@ -35,7 +35,8 @@ class ModelConfig:
     n_ff_shexp: int = 0  # shared expert FFN width (qwen2moe)
     norm_topk: bool = False  # renormalise the top-k routing weights to sum to 1
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert (qwen2moe)
-    qk_norm: str | None = None  # "head": RMSNorm per head (qwen3moe); "full": over the whole projection (olmoe)
+    qk_norm: str | None = None  # "head": RMSNorm per head (qwen3moe); "full": over the whole projection (olmoe,
+    #                             minimax-m2); "l2": weightless, per head, after RoPE on the RoPE layers (llama4)
     attn_bias: bool = False  # q/k/v biases (qwen2moe)
     tie_embeddings: bool = False
     # deepseek2 (DeepSeek-V2/V2-Lite/V3): MLA attention, leading dense layers, shared experts, grouped routing
@@ -71,6 +72,22 @@ class ModelConfig:
     #                             | "reglu" (relu(g) * u: SmallThinker)
     nope_layers: tuple = ()  # layer indices whose q/k are not rotated (SmallThinker's full-attention layers)
     router_input: str = "ffn"  # what the router reads: the FFN input, or "layer": the layer input (SmallThinker)
+    shexp_gate: str = "silu_div"  # the shared expert's gate as llama.cpp writes it: silu(g) / g, or "sigmoid"
+    # qwen3next / qwen35moe: Gated DeltaNet layers (recurrent state in place of KV) between gated attention layers
+    recurrent_layers: tuple = ()  # layer indices of the DeltaNet layers (no KV cache)
+    ssm_conv: int = 0  # short causal convolution's kernel size (ssm.conv_kernel)
+    ssm_state: int = 0  # head dim of q/k/v (ssm.state_size)
+    ssm_groups: int = 0  # q/k heads (ssm.group_count)
+    ssm_heads: int = 0  # v heads (ssm.time_step_rank)
+    rope_sections: tuple = ()  # IMRoPE sections (qwen35moe; text positions use the first three)
+    # llama4: interleaved MoE layers, chunked attention, temperature tuning on NoPE layers, rope_freqs factors
+    moe_step: int = 1  # layer l is MoE when (l + 1) % moe_step == 0 (interleave_moe_layer_step)
+    attn_chunk: int = 0  # chunked attention on swa_layers: a query sees the keys of its own chunk only
+    attn_temp_scale: float = 0.0  # NoPE layers' q times log(floor((pos + 1) / attn_temp_floor) + 1) * scale + 1
+    attn_temp_floor: int = 0
+    rope_factors: tuple = ()  # rope_freqs.weight: each rotated pair's angle divided by its factor
+    select_logits: bool = False  # experts picked by the raw router logits (llama4), weights still from the scores
+    weight_input: bool = False  # the routing weight scales each expert's INPUT, not its output (llama4)
 
     def __post_init__(self):
         if not self.rope_dim:

@@ -41,6 +41,8 @@ class DecodeBlock:
         self.x_in = torch.zeros((1, self.c.n_embd), device=transformer.device)  # the graphs' static input
         self.pos = torch.zeros(1, dtype=torch.long, device=transformer.device)
         self._pos_src = None  # the forward pass's position tensor last copied into self.pos (held: no id reuse)
+        self._ffn_bufs: dict[int, tuple] = {}  # FFN width -> (gate/act, up, down out) buffers
+        self.moe_out = torch.zeros((1, self.c.n_embd), device=transformer.device)
 
     @classmethod
     def build(cls, tr) -> "DecodeBlock | None":
@@ -52,15 +54,13 @@ class DecodeBlock:
             return None
         c, L = tr.config, tr.layers
 
-        def on_kernels(*lins):
-            return all(getattr(lin, "qweight", None) is not None for lin in lins)
-
         # the attentions decode_attn computes: the shared one (+ sliding windows), gpt-oss's (sinks, windows)
         attention = (type(tr).attention in (Transformer.attention, GptOssTransformer.attention) and
+                     c.qk_norm in (None, "head", "full") and
                      type(tr).attention_block is
-                     Transformer.attention_block and all(on_kernels(l.q, l.k, l.v, l.o) for l in L))
+                     Transformer.attention_block and all(cls.on_kernels((l.q, l.k, l.v, l.o)) for l in L))
         routers = [l.router for l in L if getattr(l, "router", None) is not None]
-        routing = bool(routers) and K.routable(c) and on_kernels(*routers) and type(tr).moe is Transformer.moe
+        routing = bool(routers) and K.routable(c) and cls.on_kernels(routers) and type(tr).moe is Transformer.moe
         return cls(tr, attention, routing) if attention or routing else None
 
     def attends(self, l: int) -> bool:
@@ -110,6 +110,36 @@ class DecodeBlock:
         K.decode_attn(B.qr, cache, l, pos, B.att, scale, window, sinks)
         device_ops.linear(B.att, layer.o.qweight, layer.o.bias, out=B.o)
         K.add_rms_norm(x, layer.ffn_norm, eps, out_h=hidden, res=B.o, out_x=B.x)
+
+    @staticmethod
+    def on_kernels(lins) -> bool:
+        """Whether these TorchLinears hold their weights for the kernels (quantized bytes on the device)."""
+        return all(getattr(lin, "qweight", None) is not None for lin in lins)
+
+    def swiglu(self, lins, h: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate(h)) * up(h)) for one token (a dense FFN, a shared expert): 4 launches into buffers of
+        this width (the result valid until the next FFN of that width)."""
+        gate, up, down = lins
+        ff = gate.qweight.shape[0]
+        bufs = self._ffn_bufs.get(ff)
+        if bufs is None:
+            dev = h.device
+            bufs = self._ffn_bufs[ff] = (torch.zeros((1, ff), device=dev), torch.zeros((1, ff), device=dev),
+                                         torch.zeros((1, self.c.n_embd), device=dev))
+        g, u, y = bufs
+        device_ops.linear(h, gate.qweight, gate.bias, out=g)
+        device_ops.linear(h, up.qweight, up.bias, out=u)
+        K.glu(g, u, g)
+        device_ops.linear(g, down.qweight, down.bias, out=y)
+        return y
+
+    def combines(self, routed: torch.Tensor, shared_lins) -> bool:
+        return routed.dtype == torch.float32 and routed.is_contiguous() and self.on_kernels(shared_lins)
+
+    def shared_add(self, routed, s, h, gate) -> torch.Tensor:
+        """routed + s (gated by sigmoid(h . gate)), one launch."""
+        K.shared_add(routed, s, h, gate, self.moe_out)
+        return self.moe_out
 
     def route(self, layer, inp: torch.Tensor):
         """models.layers.route(router(inp)) for one token: (scores, ids int32, weights), the staged ones when the

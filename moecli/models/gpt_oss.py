@@ -114,21 +114,24 @@ class Layer(transformer.Layer):
         self.window = ckpt.config.sliding_window if l in ckpt.config.swa_layers else 0
 
 
-def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int) -> torch.Tensor:
-    """Causal GQA attention with a sink logit per head and an optional sliding window, as ggml's soft_max_ext +
-    add_sinks: q [n, H, d] at positions start.., k/v [T, Hkv, d] holding positions k0..k0+T-1 -> [n, H*d]."""
+def attend_sinks(q, k, v, start: int, k0: int, sinks, scale: float, window: int, chunk: int = 0) -> torch.Tensor:
+    """Causal GQA attention with a sink logit per head and an optional sliding window (or llama4's chunks), as
+    ggml's soft_max_ext + add_sinks: q [n, H, d] at positions start.., k/v [T, Hkv, d] holding positions
+    k0..k0+T-1 -> [n, H*d]."""
     n, H, d = q.shape
     T, Hkv = k.shape[:2]
     g = H // Hkv
     qg = q.view(n, Hkv, g, d).permute(1, 2, 0, 3).reshape(Hkv, g * n, d)
     # an f16 cache: both products in its type (fp32 accumulation inside), the softmax in float32
     s = torch.bmm(qg.to(k.dtype), k.permute(1, 2, 0)).float().view(Hkv, g, n, T) * scale
-    if n > 1 or window:
+    if n > 1 or window or chunk:
         qpos = torch.arange(start, start + n, device=q.device)[:, None]
         kpos = torch.arange(k0, k0 + T, device=q.device)[None, :]
         masked = kpos > qpos
         if window:
             masked |= qpos - kpos >= window
+        if chunk:
+            masked |= kpos < qpos // chunk * chunk
         s = s.masked_fill(masked, float("-inf"))
     sink = sinks.view(Hkv, g, 1, 1)
     m = torch.maximum(s.amax(-1, keepdim=True), sink)

@@ -68,12 +68,14 @@ class Rope:
     pass through: partial rotary); NORM (adjacent pairs) or NEOX layout; YaRN with its yarn_params."""
 
     def __init__(self, dim: int, theta: float, neox: bool, max_pos: int, device, freq_scale=1.0, ext_factor=0.0,
-                 attn_factor=1.0, corr=(0.0, 0.0)):
+                 attn_factor=1.0, corr=(0.0, 0.0), factors=()):
         scale = _f(_f(theta) ** _f(-2.0 / dim))
         ext = np.empty((max_pos, dim // 2), dtype=np.float32)  # theta_extrap: p * theta_scale^i, multiplied up
         ext[:, 0] = np.arange(max_pos, dtype=np.float32)
         for i in range(1, dim // 2):
             ext[:, i] = ext[:, i - 1] * scale
+        if len(factors):  # rope_freqs.weight (Llama 3/4's long-context factors): ggml's theta / freq_factor
+            ext = (ext / np.asarray(factors, dtype=np.float32)).astype(np.float32)
         ang = (_f(freq_scale) * ext).astype(np.float32)  # theta_interp
         mscale = _f(attn_factor)
         if ext_factor != 0:
@@ -115,7 +117,7 @@ def torch_rope(c: ModelConfig, max_pos: int, device):
     kq = y.pop("kq_scale")
     if c.arch != "deepseek2":  # DeepSeek folds YaRN's mscale into its softmax scale; the others keep 1/sqrt(d)
         kq = float(_f(1.0) / np.sqrt(_f(c.head_dim)))
-    return Rope(c.rope_dim, c.rope_theta, c.rope_neox, max_pos, device, **y), kq
+    return Rope(c.rope_dim, c.rope_theta, c.rope_neox, max_pos, device, factors=c.rope_factors, **y), kq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +128,13 @@ class GgmlRope:
     n_dims: int
     args: tuple
     kq_scale: float
+    sections: tuple = ()  # IMRoPE (qwen35moe): ggml_rope_multi over 4 positions per token (GraphBuilder.pos4)
 
-    def __call__(self, p, x, pos_t, n_dims: int | None = None):
-        return G.ggml_rope_ext(p, x, pos_t, None, n_dims or self.n_dims, self.mode, *self.args)
+    def __call__(self, p, x, pos_t, n_dims: int | None = None, factors=None):
+        if self.sections:
+            return G.ggml_rope_multi(p, x, pos_t, factors, n_dims or self.n_dims, (G.C.c_int * 4)(*self.sections),
+                                     self.mode, *self.args)
+        return G.ggml_rope_ext(p, x, pos_t, factors, n_dims or self.n_dims, self.mode, *self.args)
 
 
 def ggml_rope(c: ModelConfig) -> GgmlRope:
@@ -141,4 +147,14 @@ def ggml_rope(c: ModelConfig) -> GgmlRope:
             kq = float(y["kq_scale"])
         args = (c.yarn_orig_ctx or c.n_ctx_train, c.rope_theta, float(y["freq_scale"]), float(y["ext_factor"]),
                 float(y["attn_factor"]), c.yarn_beta_fast, c.yarn_beta_slow)
+    if c.rope_sections:
+        return GgmlRope(G.GGML_ROPE_TYPE_IMROPE, c.rope_dim, args, kq, tuple(c.rope_sections))
     return GgmlRope(mode, c.rope_dim, args, kq)
+
+
+def attn_temperature(c: ModelConfig, pos) -> np.ndarray:
+    """llama4's temperature tuning of its NoPE layers' queries, per position, as llama.cpp's
+    llm_graph_input_attn_temp computes it (float position and offset, double log, float result)."""
+    p = np.asarray(pos, dtype=np.float32)
+    q = np.floor((p + _f(1.0)) / _f(c.attn_temp_floor)).astype(np.float64)
+    return (np.log(q + 1.0) * float(_f(c.attn_temp_scale)) + 1.0).astype(np.float32)

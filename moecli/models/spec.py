@@ -57,7 +57,7 @@ def kv_width(c):
 
 
 def moe_layer(c, l) -> bool:
-    return c.is_moe and l >= c.n_dense_layers
+    return c.is_moe and l >= c.n_dense_layers and (l + 1) % c.moe_step == 0
 
 
 def dense_layer(c, l) -> bool:

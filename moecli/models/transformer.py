@@ -125,7 +125,12 @@ class Transformer:
         return x, rms_norm(x, layer.ffn_norm, eps)
 
     def ffn(self, l, layer: Layer, h) -> torch.Tensor:
-        return swiglu(h, *layer.ffn) if layer.ffn is not None else self.moe(l, layer, h)
+        return self._swiglu(layer.ffn, h) if layer.ffn is not None else self.moe(l, layer, h)
+
+    def _swiglu(self, lins, h):
+        if self.decode is not None and h.shape[0] == 1 and self.decode.on_kernels(lins):
+            return self.decode.swiglu(lins, h)
+        return swiglu(h, *lins)
 
     def attention(self, l, layer: Layer, h, pos, cache: KVCache, start: int) -> torch.Tensor:
         c, n = self.config, h.shape[0]
@@ -184,12 +189,29 @@ class Transformer:
                 self.on_router(l, probs.clone(), ids.long(), weights.clone())
             else:
                 self.on_router(l, probs, ids, weights)
-        out = self.experts(l, h, ids, weights, probs)
+        if c.weight_input:
+            out = self._weighted_inputs(l, h, ids, weights, probs)
+        else:
+            out = self.experts(l, h, ids, weights, probs)
         if layer.shared is not None:
-            s = swiglu(h, *layer.shared)
+            s = self._swiglu(layer.shared, h)
+            if self.decode is not None and h.shape[0] == 1 and self.decode.combines(out, layer.shared):
+                return self.decode.shared_add(out, s, h, layer.shared_gate)
             if layer.shared_gate is not None:
                 s = s * torch.sigmoid(h @ layer.shared_gate)[:, None]
             out = out + s
+        return out
+
+    def _weighted_inputs(self, l, h, ids, weights, probs) -> torch.Tensor:
+        """llama4: each (token, slot) pair's expert reads the token's row times its weight: one row per pair
+        through the experts seam (weight 1, exact), the slots added in order."""
+        n, k = ids.shape
+        hw = (h[:, None, :] * weights[:, :, None]).reshape(n * k, -1)
+        y = self.experts(l, hw, ids.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1),
+                         probs.repeat_interleave(k, 0)).view(n, k, -1)
+        out = y[:, 0]
+        for i in range(1, k):
+            out = out + y[:, i]
         return out
 
 

@@ -93,7 +93,9 @@ class RealModel:
         d = self.dims
         n_shared = d.get("n_shared", 1 if d.get("n_ff_shexp") else 0)
         attn = self.attn_params or _attn(d["n_embd"], d["n_head"], d["n_head_kv"], d["head_dim"], d["n_expert"])
-        return ModelGeometry(self.name, d["n_layer"] - d.get("n_dense", 0), d["n_embd"], d["n_ff"], d["n_expert"],
+        step = dict(d.get("extra", ())).get("moe_step", 1)  # llama4: every step-th layer is MoE
+        return ModelGeometry(self.name, (d["n_layer"] - d.get("n_dense", 0)) // step, d["n_embd"], d["n_ff"],
+                             d["n_expert"],
                              d["n_expert_used"], n_shared=n_shared,
                              shared_ffn=d.get("n_ff_shexp", d["n_ff"] * n_shared) // max(n_shared, 1),
                              attn_params=attn, head_params=d["n_vocab"] * d["n_embd"],
@@ -161,6 +163,22 @@ REAL_MODELS: dict[str, RealModel] = {
            v_head_dim=128, n_dense=3, n_ff_dense=18432, n_shared=1, gating="sigmoid", expert_bias=True, n_group=8,
            topk_group=4, weights_norm=True, weights_scale=2.5, mla_split=True, yarn_factor=40.0,
            yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0),
+        # Llama 4 Scout 17B-16E (meta-llama/Llama-4-Scout-17B-16E-Instruct config.json text_config): 48 layers,
+        # 5120 hidden, 16 experts (8192) top-1 + 1 shared (8192), every layer MoE; 40/8 heads of 128; dense FFN
+        # (intermediate_size_mlp) 16384; rope_theta 5e5 with llama3 factors (rope_freqs); context 10M.
+        _m("llama4-scout", "llama4", n_vocab=202048, n_embd=5120, n_layer=48, n_head=40, n_head_kv=8, head_dim=128,
+           n_ff=8192, n_expert=16, n_expert_used=1, n_ff_shexp=8192, n_ff_dense=16384, context_length=10485760,
+           rope_theta=5e5, rms_eps=1e-5, extra=(("moe_step", 1), ("rope_freqs", True))),
+        # Llama 4 Maverick 17B-128E (meta-llama/Llama-4-Maverick-17B-128E-Instruct): as Scout but 128 experts on
+        # every second layer (interleave_moe_layer_step 2: 24 MoE + 24 dense), no q/k norm; context 1M.
+        _m("llama4-maverick", "llama4", n_vocab=202048, n_embd=5120, n_layer=48, n_head=40, n_head_kv=8,
+           head_dim=128, n_ff=8192, n_expert=128, n_expert_used=1, n_ff_shexp=8192, n_ff_dense=16384,
+           context_length=1048576, rope_theta=5e5, rms_eps=1e-5, extra=(("moe_step", 2),)),
+        # MiniMax-M2 230B-A10B (MiniMaxAI/MiniMax-M2 config.json): 62 layers, 3072 hidden, 256 experts (1536) top-8,
+        # sigmoid + routing bias, no shared; 48/8 heads of 128, q/k norm over the projections, rotary_dim 64.
+        _m("minimax-m2", "minimax-m2", n_vocab=200064, n_embd=3072, n_layer=62, n_head=48, n_head_kv=8,
+           head_dim=128, n_ff=1536, n_expert=256, n_expert_used=8, context_length=196608, rope_theta=5e6,
+           rms_eps=1e-6, extra=(("rope_dim", 64),)),
     ]
 }
 
