@@ -47,7 +47,7 @@ FLASH_ATTN = typer.Option(True, "--flash-attn/--no-flash-attn", "-fa/-no-fa",
 
 EXACT = typer.Option(False, "--exact", help="llama.cpp's own kernel choices, layouts and non-flash attention: "
                                             "logits bit-identical to llama.cpp's CPU backend (F32 KV, flash "
-                                            "attention off), every type; slower prompts")
+                                            "attention off), every type (the default's kernels are chosen for speed instead)")
 
 
 def _stderr(line: str) -> None:
