@@ -131,7 +131,10 @@ def config(arch: str, d) -> "ModelConfig":  # noqa: F821
     """The config a synthetic file of `arch` with dims `d` (SynthDims, or a ModelConfig as it is) loads into."""
     from moecli.models.config import ModelConfig
 
-    return d if isinstance(d, ModelConfig) else _family(arch).synth_config(d)
+    if isinstance(d, ModelConfig):
+        return d
+    family = _family(arch)  # a family file for several architectures (qwen3next, qwen35moe) is told which
+    return family.synth_config(d, arch) if arch in getattr(family, "ARCHS", ()) else family.synth_config(d)
 
 
 def _plan(arch: str, d) -> list[tuple[str, tuple[int, ...], str]]:
@@ -179,6 +182,8 @@ def _slice_data(seed: int, name: str, shape: tuple[int, ...], kind: str, sub: li
         x *= 1.0 / np.sqrt(shape[1])
     elif kind == "exp_bias":  # deepseek2 selection bias, comparable to the sigmoid scores' spread
         x *= 0.05
+    elif kind == "ssm_a":  # DeltaNet's -exp(A_log): negative decay rates around -1
+        x = -np.exp(0.5 * x)
     elif kind == "rope_freqs":  # llama3/4-style long-context factors: 1 and above
         x = 1.0 + 3.0 * np.abs(x)
     elif kind == "w_oai":  # gpt-oss expert gate/up: wide enough that the +-7 clamps of its SwiGLU bite
@@ -217,6 +222,8 @@ def _metadata(w, arch: str, d, ftype_id: int) -> None:
             w.add_uint32(key, v)
         elif isinstance(v, float):
             w.add_float32(key, v)
+        elif isinstance(v, (list, tuple)):  # int arrays (qwen35moe's rope.dimension_sections)
+            w.add_array(key, [int(x) for x in v])
         else:
             w.add_string(key, v)
     if getattr(d, "chat", "chatml") == "harmony":  # gpt-oss: its control tokens and template, <|return|> ends

@@ -91,6 +91,18 @@ TINY["smallthinker"] = ("smallthinker", SynthDims(
     n_vocab=512, n_embd=256, n_layer=5, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_expert=8, n_expert_used=2,
     context_length=2048, rope_theta=1.5e6, rms_eps=1e-6))
 
+# qwen3next (tests/test_qwen3next.py): 3 layers (DeltaNet, gated attention, DeltaNet: full_attention_interval 2),
+# 4 attention heads / 2 KV heads of 64 with RoPE on 16 dims; DeltaNet 2 k heads / 4 v heads of 64 (fused ssm_in,
+# ssm_ba), softmax top-2 of 8 renormalised, a shared expert behind its sigmoid gate
+_QWEN3NEXT = SynthDims(n_vocab=512, n_embd=256, n_layer=3, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_expert=8,
+                       n_expert_used=2, n_ff_shexp=256, context_length=2048, rope_theta=1e7, rms_eps=1e-6,
+                       extra=(("interval", 2), ("rope_dim", 16), ("ssm_groups", 2), ("ssm_heads", 4)))
+TINY["qwen3next"] = ("qwen3next", _QWEN3NEXT)
+# qwen35moe: 4 layers (3 DeltaNet, then attention: interval 4, as the real ones), IMRoPE sections (6, 5, 5, 0) over
+# 32 rotary dims; separate attn_qkv / attn_gate / ssm_alpha / ssm_beta; k heads broadcast to v heads h % 2
+TINY["qwen35moe"] = ("qwen35moe", dataclasses.replace(_QWEN3NEXT, n_layer=4, extra=(
+    ("interval", 4), ("rope_dim", 32), ("ssm_groups", 2), ("ssm_heads", 4))))
+
 # llama4 (tests/test_llama4.py): 4 layers (0 and 2 dense, 1 and 3 MoE; 3 full attention without RoPE, 0-2 chunked
 # with NORM RoPE, rope_freqs factors and L2 q/k norms), top-1 of 8 by the logits, sigmoid weight on the expert input,
 # one shared expert

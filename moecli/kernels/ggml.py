@@ -181,6 +181,16 @@ ggml_sigmoid = _fn(_base, "ggml_sigmoid", _T, _P, _T)
 ggml_scale = _fn(_base, "ggml_scale", _T, _P, _T, _f)
 ggml_fill = _fn(_base, "ggml_fill", _T, _P, _T, _f)
 ggml_set_rows = _fn(_base, "ggml_set_rows", _T, _P, _T, _T, _T)
+# ... and the Gated DeltaNet layers of qwen3next / qwen35moe (short causal conv, gated delta rule, IMRoPE)
+ggml_softplus = _fn(_base, "ggml_softplus", _T, _P, _T)
+ggml_ssm_conv = _fn(_base, "ggml_ssm_conv", _T, _P, _T, _T)
+ggml_gated_delta_net = _fn(_base, "ggml_gated_delta_net", _T, _P, _T, _T, _T, _T, _T, _T, C.c_int64)
+ggml_view_4d = _fn(_base, "ggml_view_4d", _T, _P, _T, C.c_int64, C.c_int64, C.c_int64, C.c_int64, C.c_size_t,
+                   C.c_size_t, C.c_size_t, C.c_size_t)
+ggml_cont_3d = _fn(_base, "ggml_cont_3d", _T, _P, _T, C.c_int64, C.c_int64, C.c_int64)
+ggml_rope_multi = _fn(_base, "ggml_rope_multi", _T, _P, _T, _T, _T, C.c_int, C.POINTER(C.c_int), C.c_int, C.c_int,
+                      _f, _f, _f, _f, _f, _f)
+GGML_ROPE_TYPE_IMROPE = 40
 ggml_backend_cpu_buffer_type = _fn(_base, "ggml_backend_cpu_buffer_type", _P)
 ggml_gallocr_new = _fn(_base, "ggml_gallocr_new", _P, _P)
 ggml_gallocr_free = _fn(_base, "ggml_gallocr_free", None, _P)

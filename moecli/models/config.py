@@ -72,6 +72,14 @@ class ModelConfig:
     #                             | "reglu" (relu(g) * u: SmallThinker)
     nope_layers: tuple = ()  # layer indices whose q/k are not rotated (SmallThinker's full-attention layers)
     router_input: str = "ffn"  # what the router reads: the FFN input, or "layer": the layer input (SmallThinker)
+    shexp_gate: str = "silu_div"  # the shared expert's gate as llama.cpp writes it: silu(g) / g, or "sigmoid"
+    # qwen3next / qwen35moe: Gated DeltaNet layers (recurrent state in place of KV) between gated attention layers
+    recurrent_layers: tuple = ()  # layer indices of the DeltaNet layers (no KV cache)
+    ssm_conv: int = 0  # short causal convolution's kernel size (ssm.conv_kernel)
+    ssm_state: int = 0  # head dim of q/k/v (ssm.state_size)
+    ssm_groups: int = 0  # q/k heads (ssm.group_count)
+    ssm_heads: int = 0  # v heads (ssm.time_step_rank)
+    rope_sections: tuple = ()  # IMRoPE sections (qwen35moe; text positions use the first three)
     # llama4: interleaved MoE layers, chunked attention, temperature tuning on NoPE layers, rope_freqs factors
     moe_step: int = 1  # layer l is MoE when (l + 1) % moe_step == 0 (interleave_moe_layer_step)
     attn_chunk: int = 0  # chunked attention on swa_layers: a query sees the keys of its own chunk only

@@ -50,6 +50,10 @@ class GraphBuilder:
         self.pos = np.zeros(self.n, dtype=np.int32)
         self.tok_t = ctx.tensor(G.GGML_TYPE_I32, self.n, data=self.tokens.ctypes.data)
         self.pos_t = ctx.tensor(G.GGML_TYPE_I32, self.n, data=self.pos.ctypes.data)
+        self.pos4 = None  # IMRoPE's positions: 3 copies of pos, then zeros (llama.cpp's text positions)
+        if c.rope_sections:
+            self.pos4 = np.zeros(4 * self.n, dtype=np.int32)
+            self.pos_t = ctx.tensor(G.GGML_TYPE_I32, 4 * self.n, data=self.pos4.ctypes.data)
         self.rope_factors = self.rope_factors_t = self.attn_scale = self.attn_scale_t = None
         if c.rope_factors:  # rope_freqs.weight, as llama.cpp passes it to every ggml_rope_ext
             self.rope_factors = np.asarray(c.rope_factors, dtype=np.float32)
@@ -59,6 +63,9 @@ class GraphBuilder:
             self.attn_scale_t = ctx.tensor(T.F32, 1, 1, self.n, data=self.attn_scale.ctypes.data)
         # per sequence: its mask(s) [n_i, n_kv_i], its cache's K and V, its rows' offset in the batch
         Hkv, hd, dv = kv_shape
+        # the cache holds the attention layers only (DeltaNet layers keep a recurrent state instead)
+        kv_layers = [l for l in range(c.n_layer) if l not in c.recurrent_layers]
+        self.kv_slot = {l: i for i, l in enumerate(kv_layers)}
         self.masks, self.masks_swa, self.att_seqs = [], [], []
         for (cache, n_i, n_kv_i), off in zip(seqs, offsets):
             cap = cache.capacity
@@ -67,11 +74,11 @@ class GraphBuilder:
             self.masks.append(mask)
             self.masks_swa.append(swa)
             self.att_seqs.append(dict(
-                n=n_i, n_kv=n_kv_i, off=off, cap=cap,
+                n=n_i, n_kv=n_kv_i, off=off, cap=cap, cache=cache,
                 mask=ctx.tensor(mask_type, n_kv_i, n_i, data=mask.ctypes.data),
                 swa=ctx.tensor(mask_type, n_kv_i, n_i, data=swa.ctypes.data) if swa is not None else None,
-                kc=ctx.tensor(T.F32, cap * Hkv * hd * c.n_layer, data=cache.k.data_ptr()),
-                vc=ctx.tensor(T.F32, cap * Hkv * dv * c.n_layer, data=cache.vt.data_ptr()),
+                kc=ctx.tensor(T.F32, cap * Hkv * hd * max(len(kv_layers), 1), data=cache.k.data_ptr()),
+                vc=ctx.tensor(T.F32, cap * Hkv * dv * max(len(kv_layers), 1), data=cache.vt.data_ptr()),
                 k_layer=cap * Hkv * hd * 4, v_layer=cap * Hkv * dv * 4))
         # the rows that go on past the last layer: all, or each sequence's last (llama.cpp's out_ids)
         self.out_ids = np.array([off + n_i - 1 for off, n_i in zip(offsets, sizes)], dtype=np.int32)
@@ -111,13 +118,15 @@ class GraphBuilder:
         G.ggml_set_output(logits)
         return logits
 
-    def build_attn(self, l: int, L: dict, q, k, v):
+    def build_attn(self, l: int, L: dict, q, k, v, gate=None):
         """q [dk, H, n], k [dk, Hkv, n], v [dv * Hkv, n] (None: MLA's latent form, the values are the first
         kv_lora_rank dims of the cached keys and L["attn_v_b"] maps the result back per head) -> attn_output(...).
         Each sequence's K/V stored in its cache (destinations re-pointed at its position per call), then its
         attention over its first n_kv positions as llama.cpp's build_attn_mha; the outputs side by side in batch
-        order."""
+        order. `gate` [dv * H, n]: the outputs times its sigmoid before the projection (Qwen3-Next's gated
+        attention)."""
         p, c, W = self.p, self.c, self.W
+        slot = self.kv_slot[l]
         Hkv, hd, dv = self.kv_shape
         H, out_dim, single, N = c.n_head, self.attn_v_dim, self.single, self.n
         q_row = q.contents.nb[2]
@@ -132,18 +141,18 @@ class GraphBuilder:
             # store K rows (and V columns) at positions start.. (destinations re-pointed per call)
             k_dst = G.ggml_view_2d(p, kc, hd * Hkv, n, hd * Hkv * 4, 0)
             k_store = G.ggml_cpy(p, ks, k_dst)
-            self.stores.append((k_dst, k_store, kc.contents.data + l * k_layer, hd * Hkv * 4, si))
-            K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
+            self.stores.append((k_dst, k_store, kc.contents.data + slot * k_layer, hd * Hkv * 4, si))
+            K = G.ggml_view_3d(p, kc, hd, Hkv, n_kv, hd * 4, hd * Hkv * 4, slot * k_layer)
             if v is None:
                 r = c.kv_lora_rank
-                Vt = G.ggml_view_3d(p, kc, r, Hkv, n_kv, hd * 4, hd * Hkv * 4, l * k_layer)
+                Vt = G.ggml_view_3d(p, kc, r, Hkv, n_kv, hd * 4, hd * Hkv * 4, slot * k_layer)
                 V = G.ggml_cont(p, G.ggml_transpose(p, G.ggml_permute(p, Vt, 0, 2, 1, 3)))  # [n_kv, r, 1]
             else:
                 vs = v2 if single else G.ggml_view_2d(p, v2, dv * Hkv, n, dv * Hkv * 4, off * dv * Hkv * 4)
                 v_dst = G.ggml_view_2d(p, vc, n, dv * Hkv, cap * 4, 0)
                 v_store = G.ggml_cpy(p, G.ggml_transpose(p, vs), v_dst)
-                self.stores.append((v_dst, v_store, vc.contents.data + l * v_layer, 4, si))
-                V = G.ggml_permute(p, G.ggml_view_3d(p, vc, n_kv, Hkv, dv, cap * dv * 4, cap * 4, l * v_layer),
+                self.stores.append((v_dst, v_store, vc.contents.data + slot * v_layer, 4, si))
+                V = G.ggml_permute(p, G.ggml_view_3d(p, vc, n_kv, Hkv, dv, cap * dv * 4, cap * 4, slot * v_layer),
                                    0, 2, 1, 3)
             qp, Kp = G.ggml_permute(p, qs, 0, 2, 1, 3), G.ggml_permute(p, K, 0, 2, 1, 3)
             mask = s["swa"] if l in c.swa_layers else s["mask"]
@@ -165,6 +174,8 @@ class GraphBuilder:
         out = outs[0]
         for o in outs[1:]:
             out = G.ggml_concat(p, out, o, 1)
+        if gate is not None:
+            out = G.ggml_mul(p, out, G.ggml_sigmoid(p, gate))
         return self.linear((L["attn_output"], L.get("attn_output.bias")), out)
 
     def residual(self, l: int, att, inp):
@@ -295,9 +306,10 @@ class GraphBuilder:
         p, W, s = self.p, self.W, None
         if "ffn_gate_shexp" in L:
             s = self.build_ffn(L["ffn_gate_shexp"], L["ffn_up_shexp"], L["ffn_down_shexp"], h)
-            if L.get("ffn_gate_inp_shexp") is not None:  # sigmoid as llama.cpp writes it: silu(g) / g
+            if L.get("ffn_gate_inp_shexp") is not None:  # sigmoid as llama.cpp writes it: silu(g) / g, or sigmoid
                 g = G.ggml_mul_mat(p, W(L["ffn_gate_inp_shexp"]), h)
-                s = G.ggml_mul(p, s, G.ggml_div(p, G.ggml_silu(p, g), g))
+                g = G.ggml_sigmoid(p, g) if self.c.shexp_gate == "sigmoid" else G.ggml_div(p, G.ggml_silu(p, g), g)
+                s = G.ggml_mul(p, s, g)
         return s
 
 

@@ -142,6 +142,22 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
+def begin_recurrent(cache, start: int) -> None:
+    """A cache's `begin(start)` before a batch at `start`: a recurrent state (cache.conv / cache.ssm, None without)
+    stands for every position before cache.state_pos at once, so it goes on only from there, or starts over at 0."""
+    if getattr(cache, "conv", None) is None:
+        return
+    if start == 0:
+        cache.conv.zero_()
+        cache.ssm.zero_()
+    elif start != cache.state_pos:
+        from moecli.errors import MoecliError
+
+        raise MoecliError(f"the recurrent state is at position {cache.state_pos}, not {start}: this model cannot "
+                          "rewind its cache (recompute from a checkpoint or from the start)")
+    cache.state_pos = start
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal GQA attention of n new queries at positions start.. over keys 0..start+n-1.
 

@@ -8,14 +8,14 @@ from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.gguf import GGUFFile
 from moecli.formats.safetensors import SafetensorsModel
 from moecli.models import deepseek2, glm4moe, gpt_oss, llama, llama4, minimax_m2, olmoe, qwen2moe, qwen3moe, \
-    smallthinker, spec
+    qwen3next, smallthinker, spec
 from moecli.models import validate as checks
 from moecli.models.config import Checkpoint, ExpertStack
 
 # GGUF `general.architecture` -> family module.
 GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe": olmoe, "deepseek2": deepseek2,
               "gpt-oss": gpt_oss, "glm4moe": glm4moe, "smallthinker": smallthinker, "llama4": llama4,
-              "minimax-m2": minimax_m2}
+              "minimax-m2": minimax_m2, "qwen3next": qwen3next, "qwen35moe": qwen3next}
 # Hugging Face `model_type` -> family module.
 HF_ARCHS = {"llama": llama, "mistral": llama, "mixtral": llama, "qwen2_moe": qwen2moe, "qwen3_moe": qwen3moe,
             "olmoe": olmoe, "gpt_oss": gpt_oss, "deepseek_v2": deepseek2, "deepseek_v3": deepseek2, "glm4_moe": glm4moe}

@@ -128,8 +128,12 @@ class GgmlRope:
     n_dims: int
     args: tuple
     kq_scale: float
+    sections: tuple = ()  # IMRoPE (qwen35moe): ggml_rope_multi over 4 positions per token (GraphBuilder.pos4)
 
     def __call__(self, p, x, pos_t, n_dims: int | None = None, factors=None):
+        if self.sections:
+            return G.ggml_rope_multi(p, x, pos_t, factors, n_dims or self.n_dims, (G.C.c_int * 4)(*self.sections),
+                                     self.mode, *self.args)
         return G.ggml_rope_ext(p, x, pos_t, factors, n_dims or self.n_dims, self.mode, *self.args)
 
 
@@ -143,6 +147,8 @@ def ggml_rope(c: ModelConfig) -> GgmlRope:
             kq = float(y["kq_scale"])
         args = (c.yarn_orig_ctx or c.n_ctx_train, c.rope_theta, float(y["freq_scale"]), float(y["ext_factor"]),
                 float(y["attn_factor"]), c.yarn_beta_fast, c.yarn_beta_slow)
+    if c.rope_sections:
+        return GgmlRope(G.GGML_ROPE_TYPE_IMROPE, c.rope_dim, args, kq, tuple(c.rope_sections))
     return GgmlRope(mode, c.rope_dim, args, kq)
 
 

@@ -32,6 +32,7 @@ from moecli.formats.tensor import TensorData
 from moecli.kernels import ggml as G
 from moecli.models.config import Checkpoint
 from moecli.models.graph import SEGMENT_NODES, GraphBuilder
+from moecli.models.layers import begin_recurrent
 from moecli.models.loader import GGUF_ARCHS
 from moecli.models.rope import attn_temperature, ggml_rope
 from moecli.models.spec import layer_tensors
@@ -46,18 +47,30 @@ UBATCH = 512  # the most tokens one graph takes (llama.cpp's default n_ubatch)
 
 class GgmlKVCache:
     """K [layer, pos, kv_head, dim] and V transposed [layer, kv_head, v_dim, pos], float32, capacity padded to 256
-    (DeepSeek's MLA: v_dim differs from dim, or is 0 where the values are the cached latents)."""
+    (DeepSeek's MLA: v_dim differs from dim, or is 0 where the values are the cached latents), for the attention
+    layers. `states` (n_layers, conv floats, delta-rule floats): the recurrent layers' state per layer (Gated
+    DeltaNet: the short convolution's last inputs and the delta rule's matrices), which stands for every position
+    before `state_pos` at once, so the sequence can only go on from there (or start again at 0)."""
 
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, v_dim: int | None = None):
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, v_dim: int | None = None,
+                 states: tuple[int, int, int] | None = None):
         cap = -(-n_ctx // KV_PAD) * KV_PAD
         self.k = torch.zeros(n_layer, cap, n_head_kv, head_dim)
         self.vt = torch.zeros(n_layer, n_head_kv, head_dim if v_dim is None else v_dim, cap)  # 0: none (MLA)
         self.n_ctx, self.capacity = n_ctx, cap
         self.pos = 0
+        self.conv = self.ssm = None
+        if states is not None:
+            n_rec, conv, ssm = states
+            self.conv, self.ssm = torch.zeros(n_rec, conv), torch.zeros(n_rec, ssm)
+        self.state_pos = 0  # the position the recurrent state has reached
 
     @property
     def nbytes(self) -> int:
-        return (self.k.numel() + self.vt.numel()) * 4
+        rs = 0 if self.conv is None else self.conv.numel() + self.ssm.numel()
+        return (self.k.numel() + self.vt.numel() + rs) * 4
+
+    begin = begin_recurrent
 
 
 def supported(ckpt: Checkpoint, experts) -> bool:
@@ -147,6 +160,8 @@ class _Step:
                 np.copyto(mask_swa, np.where(swa_visible(self.fwd.config, qpos[:, None], kpos), 0.0, -np.inf))
             if g.attn_scale is not None:
                 g.attn_scale[row - n:row] = attn_temperature(self.fwd.config, qpos)
+        if g.pos4 is not None:
+            g.pos4[:3 * g.n] = np.tile(g.pos, 3)
         for dst, store, base, stride, seq in self.stores:  # a cpy writes through its result, a view of dst
             dst.contents.data = store.contents.data = base + starts[seq] * stride
         if self.split:
@@ -259,7 +274,8 @@ class GgmlForward:
         k_b/v_b; routers and a tied output head as the kernel choices say)."""
         for L in self.layers:
             for key, t in L.items():
-                if isinstance(t, TensorData) and len(t.ne) == 2 and self.kernels.repacks(key):
+                if isinstance(t, TensorData) and len(t.ne) == 2 and self.kernels.repacks(key) \
+                        and not key.startswith("ssm_conv1d"):  # DeltaNet's conv weights: ggml_ssm_conv reads them
                     yield t
         if self.output is not self.token_embd or self.kernels.tied_output_repacked:
             yield self.output
@@ -289,7 +305,10 @@ class GgmlForward:
     def new_cache(self, n_ctx: int | None = None) -> GgmlKVCache:
         c = self.config
         Hkv, dk, dv = self.kv_shape
-        return GgmlKVCache(c.n_layer, min(n_ctx or self.max_ctx, self.max_ctx), Hkv, dk, dv)
+        family = GGUF_ARCHS[c.arch]
+        states = family.state_shape(c) if hasattr(family, "state_shape") else None
+        return GgmlKVCache(c.n_layer - len(c.recurrent_layers), min(n_ctx or self.max_ctx, self.max_ctx), Hkv, dk,
+                           dv, states)
 
     def __call__(self, tokens: list[int], cache: GgmlKVCache, all_logits: bool, on_router=None) -> torch.Tensor:
         """Logits of `tokens` at positions cache.pos.. (all of them or the last one); the caller advances pos.
@@ -348,4 +367,9 @@ class GgmlForward:
             self._steps[key] = step  # (re)inserted last: the most recently used
             while len(self._steps) > KEPT_GRAPHS:
                 self._steps.pop(next(iter(self._steps)))
-        return step.run([t for b in batch for t in b[0]], [start for _, _, start in batch], on_router)
+        for t, cache, start in batch:
+            cache.begin(start)
+        logits = step.run([t for b in batch for t in b[0]], [start for _, _, start in batch], on_router)
+        for t, cache, start in batch:
+            cache.state_pos = start + len(t)
+        return logits
