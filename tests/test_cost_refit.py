@@ -25,6 +25,31 @@ def test_refit_converges_to_measured_costs_from_a_wrong_prior():
     assert CostRefit(prior).model() == prior  # nothing measured: the prior itself
 
 
+def test_refit_follows_costs_that_move():
+    """The prompt's copies read cold pages (slow), decode's warm ones: the fit is decode's once decode has run."""
+    prior = CostModel(cpu_a=0.01, cpu_b=5.0, cpu_first=0.0, dev_g0=3.0, dev_g1=0.0, copy_ms=9.0)
+    fits = CostRefit(prior), CostRefit(prior, forget=1.0)
+    for fit in fits:
+        for _ in range(60):
+            fit.copy(3, 3 * 40.0)
+        for _ in range(200):  # 50 decode steps of 4 layers, one copy each
+            fit.copy(1, 2.0)
+    assert fits[0].model().copy_ms == pytest.approx(2.0, rel=0.1)
+    assert fits[1].model().copy_ms > 20  # a cumulative mean: still mostly the prompt's 40 ms
+
+
+def test_refit_terms_are_non_negative_by_refitting_not_clipping():
+    """Spans 0.5 n - 1 (decode: tokens = experts): the unconstrained fit wants first = -1; fixed at 0, the per-expert
+    term is refitted to the data (clipping would keep 0.5 and overshoot every span by 1 ms)."""
+    prior = CostModel(cpu_a=0.0, cpu_b=0.5, cpu_first=0.0, dev_g0=0.0, dev_g1=0.0, copy_ms=1.0)
+    fit = CostRefit(prior)
+    for n in (4, 8, 16) * 10:
+        fit.cpu(n, n, 0.5 * n - 1.0)
+    c = fit.model()
+    assert min(c.cpu_first, c.cpu_a, c.cpu_b) >= 0.0
+    assert c.cpu_first + 8 * c.cpu(1) == pytest.approx(3.0, abs=0.5)
+
+
 def test_host_profile_costs_reach_the_executor_and_are_refitted():
     path = tiny_gguf("qwen3moe", "Q8_0")
     m0 = moecli.load(path)
