@@ -123,7 +123,14 @@ class Model:
 
             if not self.config.is_moe:
                 raise MoecliError("placements apply to Mixture-of-Experts models; this model is dense")
-            ggml.set_threads(threads)
+            from moecli.runtime.cpu_backend import hybrid_threads, repack_weights
+
+            n_threads = ggml.set_threads(threads or hybrid_threads(self.device.type))
+            if self.device.type == "cpu":  # the "device" is these cores too: torch's OpenMP team as big as ggml's,
+                torch.set_num_threads(n_threads)  # or its idle workers spin while ggml runs (3x slower experts)
+            # the CPU experts as CPU-only mode has them: repacked for llama.cpp's interleaved kernels (the device
+            # cache copies the file's bytes, which the map still gives)
+            repack_weights(self.checkpoint, kernels.expert_repack_types())
             linear = None
             if self.device.type == "cuda":  # a plan that does not fit fails here, before anything is loaded
                 _check_device_memory(self.checkpoint, self.path, self.device, placement or "hybrimoe",
@@ -136,6 +143,7 @@ class Model:
                 source = "costs given by the caller"
             self.cost_source = source
             experts = HybridExperts(self.checkpoint, self.device, placement or "hybrimoe", expert_slots, costs)
+            experts.cpu.engine.warmup(self.config.n_expert_used)  # decode's graphs prebuilt, as CPU-only mode's
         else:
             linear = None
             experts = TorchExperts(self.checkpoint, self.device) if self.config.is_moe else None

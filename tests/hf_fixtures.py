@@ -32,7 +32,8 @@ import numpy as np
 
 from moecli.synth import CHATML_TEMPLATE, SynthDims, tiny_tokenizer
 
-HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite", "deepseek3", "glm4moe")
+HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite", "deepseek3", "glm4moe",
+            "minimax-m2")
 
 
 def hf_config(arch: str, d: SynthDims, **overrides):
@@ -73,6 +74,12 @@ def hf_config(arch: str, d: SynthDims, **overrides):
                                num_nextn_predict_layers=0, **moe, **{**common, "rope_parameters": {
                                    **common["rope_parameters"],
                                    "partial_rotary_factor": extra.get("rope_dim", d.head_dim) / d.head_dim}})
+    if arch == "minimax-m2":  # q/k norms over the projections, partial rotary, sigmoid + bias, renormalised
+        extra = dict(d.extra)
+        return T.MiniMaxM2Config(intermediate_size=d.n_ff, head_dim=d.head_dim, num_local_experts=d.n_expert, **moe,
+                                 **{**common, "rope_parameters": {
+                                     **common["rope_parameters"],
+                                     "partial_rotary_factor": extra.get("rope_dim", d.head_dim) / d.head_dim}})
     if arch == "olmoe":
         assert d.n_head_kv == d.n_head, "llama.cpp's olmoe supports only MHA"
         return T.OlmoeConfig(intermediate_size=d.n_ff, num_experts=d.n_expert, norm_topk_prob=False, **moe,

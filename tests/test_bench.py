@@ -193,12 +193,15 @@ def test_placement_sweep_shows_hit_rate_and_split():
              "-t", "1")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].endswith("| t/s | hit % | CPU % | ms/layer | model err % | syncs/tok | launches/tok |")
+    assert lines[0].endswith("| t/s | hit % | CPU % | ms/layer | model err % | syncs/tok | launches/tok "
+                             "| CPU ms/layer | CPU-only ms |")
     rows = {(l.split("|")[4].strip(), l.split("|")[6].strip()): l.split("|")[8:10] for l in lines
             if l.startswith("| qwen2moe")}
     assert set(rows) == {("hybrid:lru", "pp8"), ("hybrid:lru", "tg4"), ("hybrid:llama-cpp", "pp8"),
                          ("hybrid:llama-cpp", "tg4")}
     assert [c.strip() for c in rows[("hybrid:llama-cpp", "tg4")]] == ["0.0", "100"]  # every expert on the CPU
+    cpu_ms = [line.split("|")[-3:-1] for line in lines if "hybrid:llama-cpp" in line and "tg4" in line][0]
+    assert all(float(c) > 0 for c in cpu_ms)  # CPU experts per layer in hybrid mode and alone (CPU-only mode)
     assert re.search(r"experts \(hybrid:lru, 1 thread\): pp8 [\d.]+ GFLOP/s, tg4 [\d.]+ GB/s", r.stdout)
 
 

@@ -80,7 +80,7 @@ def test_executor_prefetches_known_routing_before_attention_and_replays(tmp_path
     tr = m.transformer
     attn, load = tr.attention_block, ex.dev.load
     tr.attention_block = lambda l, *a, **k: events.append(("attn", l)) or attn(l, *a, **k)
-    ex.dev.load = lambda l, e, v: events.append(("load", l, e)) or load(l, e, v)
+    ex.dev.load = lambda l, e, v, *a: events.append(("load", l, e)) or load(l, e, v, *a)
     known = ex.known
     ex.known = lambda l, i: events.append(("known", l, i.reshape(-1).tolist())) or known(l, i)
     ex.core.log = executor_log = []

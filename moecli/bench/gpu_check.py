@@ -97,12 +97,15 @@ def check_race(path: Path, device: str, res: Results, trials: int = 8) -> None:
     cache = DeviceExpertCache(ckpt, dev, 1)
     bad = 0
     for _ in range(trials):
+        cache.new_step()
         cache.load(l, 0)
         if dev.type == "cuda":
             torch.cuda._sleep(50_000_000)  # the compute stream lags: expert 0's slot is read well after this line
         y0 = cache.compute(l, 0, x)
+        cache.new_step()  # a step never evicts what it read: the next one may, while the read is still queued
         cache.load(l, 1, evict=0)  # into the slot expert 0 is (still) being read from
         y1 = cache.compute(l, 1, x)
+        cache.new_step()
         cache.load(l, 0, evict=1)  # and back, while expert 1 is read
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

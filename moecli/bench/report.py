@@ -19,9 +19,12 @@ from moecli.chat.stats import dense_line
 NOISE = 0.2  # a relative standard deviation above this gets a warning: the ratios are not to be trusted
 
 MD_HEAD = ["model", "size", "params", "engine", "threads", "test", "t/s"]
-PLACED_HEAD = ["hit %", "CPU %", "ms/layer", "model err %", "syncs/tok", "launches/tok"]
+PLACED_HEAD = ["hit %", "CPU %", "ms/layer", "model err %", "syncs/tok", "launches/tok", "CPU ms/layer",
+               "CPU-only ms"]
+# cpu_experts_ms: the CPU experts' ggml call per MoE layer as the executor ran it; cpu_only_experts_ms: the same
+# calls through the same kernels alone, as CPU-only mode runs them (decode tests)
 HYBRID_FIELDS = ("hit_rate", "cpu_share", "layer_ms", "cost_model_error", "syncs_per_token", "launches_per_token",
-                 "decision_ms_per_layer")
+                 "decision_ms_per_layer", "cpu_experts_ms", "cpu_only_experts_ms")
 CSV_FIELDS = ["model", "size", "params", "engine", "threads", "test", "tps", "tps_std", "n_prompt", "n_gen",
               "n_depth", *HYBRID_FIELDS, "experts_gbs", "experts_gflops"]
 
@@ -120,7 +123,8 @@ class Report:
             if self.placements:
                 cells += [_cell(rec, "hit_rate", "{:.1f}", 100), _cell(rec, "cpu_share", "{:.0f}", 100),
                           _cell(rec, "layer_ms", "{:.3f}"), _cell(rec, "cost_model_error", "{:+.0f}", 100),
-                          _cell(rec, "syncs_per_token", "{:.1f}"), _cell(rec, "launches_per_token", "{:.1f}")]
+                          _cell(rec, "syncs_per_token", "{:.1f}"), _cell(rec, "launches_per_token", "{:.1f}"),
+                          _cell(rec, "cpu_experts_ms", "{:.3f}"), _cell(rec, "cpu_only_experts_ms", "{:.3f}")]
             self.out("| " + " | ".join(cells) + " |")
         elif self.fmt == "csv":
             buf = io.StringIO()

@@ -213,6 +213,8 @@ def run_moecli(spec: BenchSpec) -> dict:
         at_depth = save_state(cache)  # a recurrent state cannot rewind: each repetition starts from this copy
         times, exp_s, exp_b, exp_p, routes = [], 0.0, 0, 0, {}
         placed = None
+        cpu_engine = getattr(getattr(tr.experts, "cpu", None), "engine", None) if spec.placement else None
+        cpu_calls = []
         for rep in range(spec.reps + 1):  # rep 0: warm-up
             _emit(_EVENT, {"test": test_name(kind, n, depth), "rep": rep, "reps": spec.reps})
             if rep == 1:
@@ -225,6 +227,8 @@ def run_moecli(spec: BenchSpec) -> dict:
                 tr.forward(toks[:1], cache, all_logits=False)  # the 1-token prompt, untimed
             if timer:
                 timer.reset()
+            if cpu_engine is not None and kind == "tg" and rep:
+                cpu_engine.log = cpu_calls  # the CPU experts' calls of the timed decode, with their times
             if kind == "pp" and rep == 0:  # the prompt's routing, replayed by the kernel probe below
                 tr.on_router = lambda l, probs, ids, w: routes.__setitem__(l, ids.reshape(-1).numpy().copy())
             t0 = time.perf_counter()
@@ -235,6 +239,8 @@ def run_moecli(spec: BenchSpec) -> dict:
                 for t in toks[1:]:
                     tr.forward([t], cache, all_logits=False)
             dt = time.perf_counter() - t0
+            if cpu_engine is not None:
+                cpu_engine.log = None
             if rep:
                 times.append(dt)
                 if timer:
@@ -248,6 +254,8 @@ def run_moecli(spec: BenchSpec) -> dict:
             r["experts_gbs"] = exp_b / exp_s / 1e9
             r["experts_gflops"] = 2 * 3 * c.n_embd * c.n_ff_exp * exp_p / exp_s / 1e9
         r.update(placement_figures(placed, hybrid_snapshot(m), n * len(times)))
+        if cpu_calls:
+            r.update(cpu_parity_figures(cpu_engine, cpu_calls))
         results.append(r)
         _emit(_ROW, {k: v for k, v in r.items() if k != "routes"})
     peak_rss = _peak_rss()  # before the kernel probe below, which allocates prompt-sized buffers of its own
@@ -267,6 +275,16 @@ def run_moecli(spec: BenchSpec) -> dict:
         file_bytes=int(m.checkpoint.file_bytes), kv_bytes=int(cache.nbytes), n_ctx=spec.n_ctx,
         model_info=info,
     )
+
+
+def cpu_parity_figures(engine, calls: list) -> dict:
+    """The CPU experts' ms per MoE layer as the hybrid executor ran them, and the same calls run again alone
+    through the same (repacked) kernels, as CPU-only mode runs them (issue #13: within 10 %)."""
+    from moecli.runtime.cpu_parity import replay
+
+    alone = replay(engine, calls)
+    return {"cpu_experts_ms": 1e3 * sum(c[-1] for c in calls) / len(calls),
+            "cpu_only_experts_ms": 1e3 * sum(alone) / len(alone)}
 
 
 def hybrid_snapshot(m) -> dict | None:

@@ -8,7 +8,7 @@ selection-only expert bias (exp_probs_b), the top-k weights renormalised and nev
 """
 from moecli.errors import UnsupportedError
 from moecli.models import spec as S
-from moecli.models.common import gguf_common, gguf_metadata, synth_common
+from moecli.models.common import ATTN_NAMES, gguf_common, gguf_metadata, hf_common, synth_common
 from moecli.models.transformer import Transformer as TRANSFORMER  # noqa: F401  the shared decoder
 from moecli.models.transformer import build_layer, kv_shape  # noqa: F401
 
@@ -39,6 +39,30 @@ SPEC = S.Spec(layer=S.attention() + (
     S.TensorSpec("exp_probs_b.bias", lambda c: (c.n_expert,), "exp_bias", S.moe_layer),
     *S.moe()[1:],
 ), globals=S.GLOBALS[:2] + (S.TensorSpec("output.weight", lambda c: (c.n_embd, c.n_vocab), "out"),))
+
+
+_L = r"model\.layers\.(\d+)\.block_sparse_moe\."
+HF_NAMES = ATTN_NAMES + [  # Mixtral's names for the router and experts, plus the selection bias
+    (_L + r"gate\.weight", r"blk.\1.ffn_gate_inp.weight"),
+    (_L + r"e_score_correction_bias", r"blk.\1.exp_probs_b.bias"),
+    (_L + r"experts\.(\d+)\.w1\.weight", r"blk.\1.ffn_gate_exps.\2"),
+    (_L + r"experts\.(\d+)\.w3\.weight", r"blk.\1.ffn_up_exps.\2"),
+    (_L + r"experts\.(\d+)\.w2\.weight", r"blk.\1.ffn_down_exps.\2"),
+]
+_SCORING = {"sigmoid": "sigmoid", "softmax": "softmax"}
+
+
+def from_hf(cfg: dict):
+    """transformers' MiniMaxM2Config, or the released config.json (rotary_dim, scoring_func)."""
+    gating = _SCORING.get(cfg.get("scoring_func", "sigmoid"))
+    if gating is None:
+        raise UnsupportedError(f"MiniMax-M2 scoring_func {cfg.get('scoring_func')!r} is not supported")
+    c = hf_common(cfg, "minimax-m2", n_expert=int(cfg["num_local_experts"]),
+                  n_expert_used=int(cfg["num_experts_per_tok"]), n_ff_exp=int(cfg["intermediate_size"]),
+                  gating=gating, **_fixed())
+    rope = cfg.get("rope_parameters") or {}
+    c.rope_dim = int(cfg.get("rotary_dim") or c.head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+    return c
 
 
 def synth_config(d):

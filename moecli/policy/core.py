@@ -92,6 +92,7 @@ class AfterLayer:
     prefetch: list[tuple[int, int, int | None]] = field(default_factory=list)
     admits: list[tuple[int, int | None]] = field(default_factory=list)
     copy_free: float = 0.0
+    need_by: dict[int, float] = field(default_factory=dict)  # target layer -> its estimated start (prefetch)
     prefetch_s: float = 0.0
     decision_s: float = 0.0
 
@@ -257,6 +258,15 @@ class DecisionCore:
         self.cache.cached(layer).update(hot)
         d.loads += [(e, None) for e in hot]
 
+    def cancel_admission(self, layer: int, e: int, victim: int | None) -> None:
+        """The copy engine refused a prefetch admitted by `after_layer` (back-pressure): the cache forgets `e` and
+        keeps `victim`, as before the admission."""
+        s = self.cache.cached(layer)
+        s.discard(e)
+        if victim is not None:
+            s.add(victim)
+        self.inflight.pop((layer, e), None)
+
     def _arrive(self, layer: int, e: int, victim: int | None, at: float) -> None:
         if victim is not None:
             self.inflight.pop((layer, victim), None)
@@ -292,6 +302,7 @@ class DecisionCore:
         cf = max(copy_free, now)
         if not targets:
             return cf
+        a.need_by.update((t.layer, t.start_at) for t in targets)  # the copy engine's deadlines (back-pressure)
         for l, e in self.prefetcher.choose(targets, cf):
             pred = next(tg.tokens for tg in targets if tg.layer == l)
             ok, victim = self.cache.admit(l, e, pred)

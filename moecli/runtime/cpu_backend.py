@@ -33,6 +33,14 @@ def repack_weights(ckpt: Checkpoint, types) -> int:
     return done
 
 
+def hybrid_threads(device_type: str, cores: int | None = None) -> int:
+    """ggml threads in hybrid mode: every core on the CPU device (the main thread waits while ggml runs); with an
+    accelerator one core stays for the thread that launches its kernels and the copy engine's staging workers
+    (short memcpys), so ggml's spinning workers do not take turns with them."""
+    n = cores or ggml.physical_cores()
+    return n if device_type == "cpu" else max(1, n - 1)
+
+
 class GgmlLinear:
     """y = x W^T (+ b) with W read by ggml straight from the memory map."""
 

@@ -15,6 +15,7 @@ their input/output buffers bound; a call copies the gathered rows and ids in, co
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping, Sequence
 
@@ -142,6 +143,9 @@ class CpuExperts:
         self._graphs: dict[tuple[int, int], G.Graph] = {}
         self._lock = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None
+        self.busy_s = 0.0  # wall seconds inside `run`, cumulative (what bench and cpu_parity report per layer)
+        self.runs = 0
+        self.log: list | None = None  # a list: each call's (layer, x, tokens, experts, weights, seconds), copied
 
     # -- public ---------------------------------------------------------------------------------------------------
 
@@ -151,7 +155,14 @@ class CpuExperts:
         order given. Raises MoecliError on an expert id or token index out of range (ggml would not check)."""
         is_torch = hasattr(x, "data_ptr")
         xn = x.numpy() if is_torch else x
-        out = self._run(layer, xn, _np(tokens), _np(experts), _np(weights))
+        t0 = time.perf_counter()
+        args = (xn, _np(tokens), _np(experts), _np(weights))
+        out = self._run(layer, *args)
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        self.runs += 1
+        if self.log is not None:
+            self.log.append((layer, *(a.copy() for a in args), dt))
         if is_torch:
             import torch
 

@@ -3,16 +3,14 @@
 (moecli.kernels.device_ops.grouped_experts: two launches, the weights read in place); where Triton cannot run, each
 expert is dequantized by torch right before it computes (the fallback, logged once).
 
-The copy engine is the only CUDA-specific piece: on CUDA a host thread stages the mmap'ed bytes into pinned memory and
-issues the copy on its own stream, recording an event the compute stream waits on, so compute waits only for the
-expert it needs. On any other device the same interface copies synchronously, so tests exercise the same code.
+The copy engine (runtime/copy_engine.py) is the only CUDA-specific piece: copies by priority, each waiting only for
+its slot's last read (`mark_read` at every read) and compute waiting only for the copy it needs. An expert read in
+the current step (`new_step()` starts one) is never evicted: trying raises `InUseError`.
 """
 from __future__ import annotations
 
 import logging
-import threading
-import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+import os
 
 import numpy as np
 import torch
@@ -20,6 +18,7 @@ from gguf import GGMLQuantizationType
 
 from moecli.kernels import device_ops
 from moecli.models.config import Checkpoint
+from moecli.runtime.copy_engine import DEMAND, make_copy_engine
 from moecli.runtime.experts import expert_biases, expert_ffn
 from moecli.runtime.step_graphs import StepGraphs
 
@@ -28,82 +27,17 @@ T = GGMLQuantizationType
 _PARTS = ("gate", "up", "down")
 
 
-def _host(a: np.ndarray) -> torch.Tensor:
-    """A CPU tensor over a read-only mmap view; torch warns about non-writable arrays, but we only read it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
-class CopyEngine:
-    """Host -> device byte copies. `copy()` returns a handle; `wait(handle)` orders the compute stream after it."""
-
-    def __init__(self, device: torch.device, max_bytes: int):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.bytes_copied = 0
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device)
-            # Two pinned staging buffers: stage the next expert while the previous one crosses the bus.
-            self._pinned = [torch.empty(max_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            self._free = [torch.cuda.Event() for _ in range(2)]
-            self._turn = 0
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="moecli-copy")
-            self._lock = threading.Lock()
-
-    def copy(self, dst: torch.Tensor, parts: list[np.ndarray]):
-        """Copy the concatenation of `parts` (host uint8 views) into `dst` (device uint8)."""
-        n = sum(p.nbytes for p in parts)
-        self.bytes_copied += n
-        if not self.cuda:
-            off = 0
-            for p in parts:
-                dst[off:off + p.nbytes].copy_(_host(p))
-                off += p.nbytes
-            return None
-        # The slot may still be read by kernels queued on the compute stream (the expert it held): the copy waits.
-        slot_free = torch.cuda.Event()
-        slot_free.record(torch.cuda.current_stream(self.device))
-        return self._thread.submit(self._stage_and_copy, dst, parts, n, slot_free)
-
-    def _stage_and_copy(self, dst, parts, n, slot_free) -> torch.cuda.Event:
-        with self._lock:
-            i = self._turn
-            self._turn ^= 1
-            self._free[i].synchronize()  # the previous copy out of this staging buffer is done
-            buf = self._pinned[i]
-            off = 0
-            for p in parts:
-                buf[off:off + p.nbytes].numpy()[:] = p
-                off += p.nbytes
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_event(slot_free)
-                dst[:n].copy_(buf[:n], non_blocking=True)
-                self._free[i].record(self.stream)
-                done = torch.cuda.Event()
-                done.record(self.stream)
-            return done
-
-    def wait(self, handle) -> None:
-        if handle is None:
-            return
-        event = handle.result() if isinstance(handle, Future) else handle
-        torch.cuda.current_stream(self.device).wait_event(event)
-
-    @staticmethod
-    def ready(handle) -> bool:
-        if handle is None:
-            return True
-        if isinstance(handle, Future):
-            return handle.done() and handle.result().query()
-        return handle.query()
+class InUseError(RuntimeError):
+    """An expert read in the current step was to be evicted (its slot may still be read)."""
 
 
 class DeviceExpertCache:
     """`slots` experts per MoE layer resident on `device` as raw GGUF bytes (gate|up|down in one uint8 row)."""
 
-    def __init__(self, ckpt: Checkpoint, device, slots: int, dtype=torch.float32, layers: list[int] | None = None):
-        """`layers`: the MoE layers that get slots (default: all); the others' experts never come to the device."""
+    def __init__(self, ckpt: Checkpoint, device, slots: int, dtype=torch.float32, layers: list[int] | None = None,
+                 copy_ms: float = 0.0):
+        """`layers`: the MoE layers that get slots (default: all); the others' experts never come to the device.
+        `copy_ms`: the copy engine's first estimate of one copy (then measured)."""
         from moecli.kernels import torch_dequant
 
         self.ckpt, self.device, self.slots, self.dtype = ckpt, torch.device(device), slots, dtype
@@ -140,8 +74,11 @@ class DeviceExpertCache:
         self.storage = torch.empty((n, rows, off), dtype=torch.uint8, device=self.device)
         self._index = {l: i for i, l in enumerate(self.layers)}
         self.resident: dict[int, dict[int, int]] = {l: {} for l in self.layers}  # layer -> expert -> slot
-        self.pending: dict[tuple[int, int], object] = {}  # (layer, expert) -> copy handle
-        self.copy_engine = CopyEngine(self.device, off)
+        self.pending: dict[tuple[int, int], object] = {}  # (layer, expert) -> copy job
+        self._read_now: set[tuple[int, int]] = set()  # (layer, expert) read in the current step
+        ranges = self._host_ranges() if self.device.type == "cuda" and os.environ.get("MOECLI_HOST_REGISTER") == "1" \
+            and rows else None
+        self.copy_engine = make_copy_engine(self.device, off, copy_ms, ranges)
         # The grouped kernels' slot tables (expert -> slot, -1: not on the device in this call), one row per layer,
         # written on the host and copied without a sync (pinned on CUDA). A row is rewritten only in the layer's
         # next step, after that step's router result came back to the host (a stream sync), so its last copy is done.
@@ -178,25 +115,63 @@ class DeviceExpertCache:
                 out.append(t.raw)
         return out
 
-    def load(self, layer: int, e: int, evict: int | None = None) -> None:
-        """Copy expert e of `layer` into a free slot, or into `evict`'s slot. Asynchronous on CUDA."""
+    def _host_ranges(self) -> list[tuple[int, int]]:
+        """(address, bytes) of the expert tensors in the memory map (for cudaHostRegister)."""
+        out = []
+        for l in self.layers:
+            for p in _PARTS:
+                s = self.ckpt.experts[f"blk.{l}.ffn_{p}_exps"]
+                raws = [s.stacked.raw] if s.stacked is not None else [s.expert(e).raw for e in range(s.n)]
+                out += [(r.ctypes.data, r.nbytes) for r in raws]
+        return out
+
+    def new_step(self) -> None:
+        """A forward pass begins: experts read in the previous one may be evicted again."""
+        self._read_now.clear()
+
+    def mark_read(self, layer: int, slot_of: dict[int, int]) -> None:
+        """Compute queued so far reads these experts' slots: their next copy waits for this read, and the experts
+        stay resident for the rest of the step."""
+        i = self._index[layer]
+        self.copy_engine.mark_read([(i, s) for s in slot_of.values()])
+        self._read_now.update((layer, e) for e in slot_of if e >= 0)
+
+    def _check_evictable(self, layer: int, e: int) -> None:
+        if (layer, e) in self._read_now:
+            raise InUseError(f"expert {e} of layer {layer} was read in this step: it cannot be evicted before the "
+                             "next step (new_step)")
+
+    def load(self, layer: int, e: int, evict: int | None = None, priority: int = DEMAND,
+             need_by: float | None = None, now: float | None = None) -> bool:
+        """Copy expert e of `layer` into a free slot, or into `evict`'s slot. Asynchronous on CUDA. Returns False
+        when the copy engine refused it (a prefetch that could not arrive by `need_by`): nothing changed then."""
         res = self.resident[layer]
         if e in res:
-            return
+            return True
         if evict is not None and evict in res:
-            slot = res.pop(evict)
-            self.pending.pop((layer, evict), None)
+            self._check_evictable(layer, evict)
+            slot = res[evict]
         else:
+            evict = None
             used = set(res.values())
             slot = next(s for s in range(self.slots) if s not in used)
-        res[e] = slot
         dst = self.storage[self._index[layer], slot]
-        self.pending[(layer, e)] = self.copy_engine.copy(dst, self._host_parts(layer, e))
+        job = self.copy_engine.submit((self._index[layer], slot), dst, self._host_parts(layer, e), priority,
+                                      need_by, now)
+        if job is None:
+            return False
+        if evict is not None:
+            del res[evict]
+            self.copy_engine.cancel(self.pending.pop((layer, evict), None))
+        res[e] = slot
+        self.pending[(layer, e)] = job
+        return True
 
     def load_scratch(self, layer: int, e: int) -> None:
         """Bring a non-resident expert into the layer's scratch slot for one use (a policy bypass)."""
-        dst = self.storage[self._index[layer], self.slots]
-        self.pending[(layer, -1)] = self.copy_engine.copy(dst, self._host_parts(layer, e))
+        i = self._index[layer]
+        dst = self.storage[i, self.slots]
+        self.pending[(layer, -1)] = self.copy_engine.submit((i, self.slots), dst, self._host_parts(layer, e))
 
     def weights(self, layer: int, e: int, scratch: bool = False) -> list[torch.Tensor]:
         """Dequantized gate, up, down of a resident (or scratch) expert, waiting only for its own copy."""
@@ -205,8 +180,10 @@ class DeviceExpertCache:
         self.copy_engine.wait(handle)
         slot = self.slots if scratch else self.resident[layer][e]
         row = self.storage[self._index[layer], slot]
-        return [self._dq.dequantize(row[off:off + n], ttype, shape, dtype=self.dtype)
-                for _, _, ttype, shape, off, n in self.parts[layer]]
+        out = [self._dq.dequantize(row[off:off + n], ttype, shape, dtype=self.dtype)
+               for _, _, ttype, shape, off, n in self.parts[layer]]
+        self.mark_read(layer, {-1 if scratch else e: slot})
+        return out
 
     def compute(self, layer: int, e: int, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         gate, up, down = self.weights(layer, e, scratch)
@@ -277,11 +254,14 @@ class DeviceExpertCache:
                                               self.layouts[layer], self.biases.get(layer), self.act, ws=ws)
 
         if ws is None or n != 1:
-            return group()
-        # decode: one token, k pairs, the workspace's buffers: a CUDA graph (the slot table is read, not baked in)
-        return self.graphs.run(("experts", layer), group, check=(ws.out,),
-                               tag=(x.data_ptr(), x.stride(0), ids.data_ptr(), ids.dtype, weights.data_ptr()))
+            out = group()
+        else:  # decode: one token, k pairs, the workspace's buffers: a CUDA graph (the slot table is read, not baked in)
+            out = self.graphs.run(("experts", layer), group, check=(ws.out,),
+                                  tag=(x.data_ptr(), x.stride(0), ids.data_ptr(), ids.dtype, weights.data_ptr()))
+        self.mark_read(layer, {-1: self.slots} if scratch else slot_of)
+        return out
 
     def evict(self, layer: int, e: int) -> None:
+        self._check_evictable(layer, e)
         self.resident[layer].pop(e, None)
-        self.pending.pop((layer, e), None)
+        self.copy_engine.cancel(self.pending.pop((layer, e), None))

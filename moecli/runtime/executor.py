@@ -4,7 +4,8 @@ Per MoE layer and step, `HybridExperts(layer, hidden, ids, weights, scores)`:
   1. tokens per expert -> the decision core: the cache observes the router, then the plan (CPU / device-cached /
      device-after-copy, or "run where they are") and the copies it admits;
   2. the CPU pairs go to the ggml worker thread (one graph, GIL released) while the device computes cached experts
-     and then copied ones, each waiting only for its own copy;
+     and then copied ones, each waiting only for its own copy (with nothing for the device to do, the ggml call runs
+     on this thread); copies go through the copy engine by priority: demand, then prefetch, then background;
   3. prefetch: layers l+1..l+3's gates applied to this hidden state predict their experts; the highest-impact
      ones are copied while the copy engine would otherwise idle; a missed expert is admitted when it is idle.
 A router on the layer input (SmallThinker) routes before attention: `known(layer, ids)` then gives the decision
@@ -15,6 +16,7 @@ is measured, and the cost model is refitted from this executor's own timings at 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -27,6 +29,7 @@ from moecli.policy.core import DecisionCore, count_rows, mean_scores
 from moecli.policy.cost import CostModel
 from moecli.policy.placement import Placement, get_placement
 from moecli.policy.refit import CostRefit
+from moecli.runtime.copy_engine import BACKGROUND, DEMAND, PREFETCH
 from moecli.runtime.cpu_backend import GgmlExperts
 from moecli.runtime.device_cache import DeviceExpertCache
 from moecli.runtime.host_link import HostLink
@@ -45,6 +48,7 @@ class Stats:
     device_experts: int = 0
     copied_experts: int = 0  # copies issued (demand, background and prefetch)
     prefetched: int = 0
+    prefetch_refused: int = 0  # prefetch copies the copy engine refused (could not arrive in time)
     bytes_copied: int = 0
     syncs: int = 0  # host<->device synchronisations (device tensors read on the host, results joined)
     launches: int = 0  # device expert computations issued (one per device expert today; grouped kernels: fewer)
@@ -77,7 +81,8 @@ class Stats:
     def as_dict(self) -> dict:
         return {"hit_rate": self.hit_rate, "active": self.active, "hits": self.hits, "cpu_experts": self.cpu_experts,
                 "device_experts": self.device_experts, "copied_experts": self.copied_experts,
-                "prefetched": self.prefetched, "bytes_copied": self.bytes_copied, "cpu_share": self.cpu_share,
+                "prefetched": self.prefetched, "prefetch_refused": self.prefetch_refused,
+                "bytes_copied": self.bytes_copied, "cpu_share": self.cpu_share,
                 "syncs": self.syncs, "launches": self.launches, "calls": self.calls,
                 "cost_model_error": self.cost_model_error(),
                 "decision_ms": sum(self.decision_ms.values()), "prefetch_ms": sum(self.prefetch_ms.values())}
@@ -116,9 +121,9 @@ class HybridExperts:
                                  horizon=PREFETCH_DISTANCE, known=self.known_layers)
         if self.core.split:  # llama.cpp's layer split: whole device layers, no slots for the CPU layers
             self.dev = DeviceExpertCache(ckpt, self.device, self.n_expert, dtype,
-                                         layers=sorted(self.core.device_layers))
+                                         layers=sorted(self.core.device_layers), copy_ms=self.costs.copy_ms)
         else:
-            self.dev = DeviceExpertCache(ckpt, self.device, self.slots, dtype)
+            self.dev = DeviceExpertCache(ckpt, self.device, self.slots, dtype, copy_ms=self.costs.copy_ms)
         self.refit = CostRefit(self.costs) if refit else None
         self.stats = Stats()
         self._pred_gates: dict = {}  # set by attach(): layer -> the next layers' stacked gates, for prediction
@@ -126,14 +131,14 @@ class HybridExperts:
         self.n_embd = c.n_embd
         self.recorder = None  # callable(layer, ids, weights, scores, predictions, clock, costs) for --record-trace
         self._epoch = time.perf_counter()
-        self._copy_free = 0.0  # ms on this executor's clock: when the copy engine drains (CUDA: predicted)
+        self.dev.copy_engine.clock = self._now  # the engine's estimates on this executor's clock
         self._left = None  # ms when the previous experts call returned (dense time of the next layer)
         self._cpu_times: list[tuple[int, int, float]] = []  # (experts, tokens, ms) of CPU runs not yet fitted
         self._pred: dict[int, dict[int, list[list[int]]]] = {}  # target layer -> distance -> predicted ids
         self._known_clock: dict[int, dict[str, float]] = {}  # layer -> clock at its known-routing prefetch
         self._held_ms = 0.0  # synchronous known-routing copies since the last experts call (not dense time)
         for l, e in self.core.initial_loads():  # llama.cpp-style whole layers: resident from the start
-            self._load(l, e, None)
+            self._load(l, e, None, DEMAND)
 
     def attach(self, transformer) -> None:
         self._pred_gates = stacked_gates(transformer, self.layers)
@@ -156,6 +161,9 @@ class HybridExperts:
         st, core = self.stats, self.core
         while self._cpu_times:
             self.refit.cpu(*self._cpu_times.pop())
+        if self.refit is not None:  # each copy as the engine measured it (CUDA: its events)
+            for nbytes, ms in self.dev.copy_engine.take_times():
+                self.refit.copy(1, ms * self.dev.slot_bytes / nbytes if nbytes else ms)
         held, self._held_ms = self._held_ms, 0.0
         if layer == self.layers[0]:
             self._new_pass(n, now - held)
@@ -177,7 +185,6 @@ class HybridExperts:
         sc = mean_scores(r.scores) if r.scores is not None else self._score_dict(ids_np, r.weights, n)
         copy_free = self._copy_free_at(now)
         d = core.plan_layer(layer, tokens, sc, n, now, copy_free, now)
-        self._copy_free = max(self._copy_free, d.copy_end)
         st.active += len(tokens)
         st.hits += len(d.cached)
 
@@ -185,17 +192,19 @@ class HybridExperts:
         if d.cpu:  # CPU first so it overlaps everything below; pairs stay token-major (llama.cpp's order)
             mask = np.isin(ids_np, np.asarray(d.cpu, dtype=np.int64))
             tok = np.repeat(np.arange(n, dtype=np.int32), k)[mask]
-            fut = self.cpu.engine.submit(layer, r.hidden, tok, ids_np[mask].astype(np.int32),
-                                         r.weights.reshape(-1)[mask])
+            args = (layer, r.hidden, tok, ids_np[mask].astype(np.int32), r.weights.reshape(-1)[mask])
+            if d.device or d.loads:  # device work to overlap: the ggml call goes to the worker thread
+                fut = self.cpu.engine.submit(*args)
+            else:  # nothing to overlap: run here, no hand-off between threads (CPU-only mode's cost)
+                fut = Future()
+                fut.set_result(self.cpu.engine.run(*args))
             if self.refit is not None:  # timed on the worker as it finishes; fitted on this thread next call
                 m, N = len(d.cpu), int(mask.sum())
                 fut.add_done_callback(lambda f: self._cpu_times.append((m, N, (time.perf_counter() - t_cpu) * 1e3)))
         st.cpu_experts += len(d.cpu)
         st.device_experts += len(d.device)
-        t_copy = time.perf_counter()  # after the CPU's submit: without CUDA these copies hold this thread
-        for e, victim in d.loads:
-            self._load(layer, e, victim)
-        self._copy_time(len(d.loads), t_copy)
+        for e, victim in d.loads:  # after the CPU's submit: without CUDA these copies hold this thread
+            self._load(layer, e, victim, DEMAND)
 
         t_dev = time.perf_counter()
         out = self._device_experts(layer, hidden, ids, weights, d.device, set(d.scratch))
@@ -212,14 +221,14 @@ class HybridExperts:
         after_copy = self._copy_free_at(after_now)
         a = core.after_layer(layer, d.tokens, d.cpu, sc, n, after_now, after_copy,
                              {dist: (count_rows(rows), 1.0) for (_, dist), rows in predictions.items()})
-        self._copy_free = max(self._copy_free, a.copy_free)
-        t_copy = time.perf_counter()
-        for l, e, victim in a.prefetch:
-            self._load(l, e, victim)
+        for l, e, victim in a.prefetch:  # back-pressure: a copy that cannot arrive before its layer is refused
+            if self._load(l, e, victim, PREFETCH, a.need_by.get(l), after_now):
+                st.prefetched += 1
+            else:
+                core.cancel_admission(l, e, victim)
+                st.prefetch_refused += 1
         for e, victim in a.admits:
-            self._load(layer, e, victim)
-        self._copy_time(len(a.prefetch) + len(a.admits), t_copy)
-        st.prefetched += len(a.prefetch)
+            self._load(layer, e, victim, BACKGROUND)
         st.prefetch_ms[layer] = st.prefetch_ms.get(layer, 0.0) + (predict_s + a.prefetch_s) * 1e3
         st.decision_ms[layer] = st.decision_ms.get(layer, 0.0) + (d.decision_s + a.decision_s) * 1e3
         if self.log is not None:
@@ -246,6 +255,8 @@ class HybridExperts:
         queued now so the copies overlap attention (on CUDA; the CPU device copies at once)."""
         if layer not in self.core.known:
             return
+        if layer == self.layers[0]:  # a step begins here, before its first experts call
+            self.dev.new_step()
         now, syncs0 = self._now(), self.link.syncs
         ids_np = self.link.read([ids]).astype(np.int64)  # the one extra crossing of a known-routing layer
         counts = np.bincount(ids_np, minlength=self.n_expert)
@@ -253,11 +264,9 @@ class HybridExperts:
         copy_free = self._copy_free_at(now)
         k = self.core.known_layer(layer, dict(zip(active.tolist(), counts[active].tolist())), ids.shape[0], now,
                                   copy_free)
-        self._copy_free = max(self._copy_free, k.copy_free)
         t_copy = time.perf_counter()
-        for l, e, victim in k.prefetch:
-            self._load(l, e, victim)
-        self._copy_time(len(k.prefetch), t_copy)
+        for l, e, victim in k.prefetch:  # certain: the layer needs them right after its attention
+            self._load(l, e, victim, DEMAND)
         if not self.dev.copy_engine.cuda:
             self._held_ms += (time.perf_counter() - t_copy) * 1e3
         st = self.stats
@@ -311,6 +320,7 @@ class HybridExperts:
         """A forward pass begins: the time since the last layer returned was the head, sampling, the embedding and
         this layer's dense part; the refitted cost model takes over for the pass's decisions."""
         self.stats.calls += 1
+        self.dev.new_step()
         if self.refit is None:
             return
         if self._left is not None:
@@ -321,21 +331,20 @@ class HybridExperts:
             self.core.set_costs(costs)
 
     def _copy_free_at(self, now: float) -> float:
-        """When the copy engine drains: synchronous copies (no CUDA) are done when `load` returns."""
-        return self._copy_free if self.dev.copy_engine.cuda else now
-
-    def _copy_time(self, n: int, t0: float) -> None:
-        if n and self.refit is not None and not self.dev.copy_engine.cuda:
-            self.refit.copy(n, (time.perf_counter() - t0) * 1e3)
+        """When the copy engine drains, from its events (synchronous copies, without CUDA: done when issued)."""
+        return self.dev.copy_engine.drain_ms(now)
 
     def _score_dict(self, ids_np, weights_np, n) -> dict[int, float]:
         """The selected weights averaged over the tokens, when the model gives no router scores."""
         w = np.bincount(ids_np, weights=weights_np.reshape(-1).astype(np.float64), minlength=self.n_expert) / n
         return {int(e): float(w[e]) for e in np.flatnonzero(w)}
 
-    def _load(self, layer: int, e: int, victim: int | None) -> None:
-        self.dev.load(layer, e, victim)
-        self._count_copy()
+    def _load(self, layer: int, e: int, victim: int | None, priority: int, need_by: float | None = None,
+              now: float | None = None) -> bool:
+        ok = self.dev.load(layer, e, victim, priority, need_by, now)
+        if ok:
+            self._count_copy()
+        return ok
 
     def _count_copy(self) -> None:
         self.stats.copied_experts += 1
