@@ -15,7 +15,9 @@ def test_gpu_dry_run_passes_every_stage_and_saves_them(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     stages = [x["stage"] for x in recs]
-    assert stages == ["model", "logits", "race", "speed", "memory", "done"] and all(x["ok"] for x in recs)
+    assert stages == ["model", "logits", "graphs", "race", "speed", "memory", "done"] and all(x["ok"] for x in recs)
+    graphs = next(x for x in recs if x["stage"] == "graphs")
+    assert graphs["vs_torch"] < 1e-2 and not graphs["active"]  # the decode kernels ran (interpreter), eagerly
     race = next(x for x in recs if x["stage"] == "race")
     assert race["mismatches"] == 0 and race["trials"] > 0
     speed = next(x for x in recs if x["stage"] == "speed")

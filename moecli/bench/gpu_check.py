@@ -2,6 +2,8 @@
 
 Stages, each appended to a JSON-lines file as it finishes (a crash keeps what was done):
   logits   every placement and slot count against the CPU engine (within the ggml-vs-torch spread: FACTS §3)
+  graphs   decode steps through the decode kernels replayed as CUDA graphs vs the same kernels eager vs the torch
+           path (every expert on the device), and how many segments were captured and replayed
   race     copy/compute torture: the compute stream is delayed (CUDA), the slot being read is evicted and reloaded
            with another expert; both results must equal a fresh cache's, bit for bit
   speed    decode per placement: tok/s, ms per MoE layer, hit rate, syncs and launches per token, cost-model error
@@ -77,6 +79,61 @@ def check_logits(path: Path, device: str, res: Results) -> None:
                         placement=placement, slots=slots, err=err, spread=spread, agree=agree)
     res.add("logits", "logits" not in res.failed, f"{len(PLACEMENTS)} placements x 3 slot counts vs the CPU "
             f"engine: worst median max|Δlogit| {worst:.3g} (spread {spread:.3g})", worst=worst, spread=spread)
+
+
+def check_graphs(path: Path, device: str, res: Results, n_steps: int = 6) -> None:
+    import os
+
+    import torch
+
+    import moecli
+    from moecli.kernels import device_ops
+    from moecli.models.loader import load_checkpoint
+    from moecli.runtime.step_graphs import StepGraphs
+
+    E = load_checkpoint(path).config.n_expert
+    cpu = torch.device(device).type == "cpu"
+    env = os.environ.get("MOECLI_CPU_DENSE_KERNELS")
+    prompt = PROMPT
+    if cpu and device_ops.use_triton("cpu"):  # the dry run: the decode kernels under Triton's interpreter (slow)
+        os.environ["MOECLI_CPU_DENSE_KERNELS"], n_steps, prompt = "1", 2, PROMPT[:4]
+    try:
+        m = moecli.load(path, device=device, placement="n-cpu-moe=0", expert_slots=E)
+    finally:
+        if env is None:
+            os.environ.pop("MOECLI_CPU_DENSE_KERNELS", None)
+        else:
+            os.environ["MOECLI_CPU_DENSE_KERNELS"] = env
+    tr = m.transformer
+    if tr.decode is None:
+        res.add("graphs", True, f"no decode kernels on {device}: nothing to capture")
+        return
+    dev = tr.experts.dev
+
+    def steps():
+        cache = tr.new_cache(len(prompt) + n_steps)
+        tr.forward(prompt, cache)
+        return torch.cat([tr.forward([t], cache, all_logits=False) for t in prompt[:n_steps]]).float().cpu().numpy()
+
+    graphs = steps()
+    g = (tr.decode.graphs, dev.graphs)
+    captured, replays = sum(x.captures for x in g), sum(x.replays for x in g)
+    active = g[0].active
+    eager = graphs
+    if active:  # (without CUDA the segments ran eagerly already)
+        tr.decode.graphs, dev.graphs = StepGraphs(device, enabled=False), StepGraphs(device, enabled=False)
+        eager = steps()
+        tr.decode.graphs, dev.graphs = g
+    d, tr.decode = tr.decode, None
+    ref = steps()
+    tr.decode = d
+    scale = float(ref.std())
+    vs_eager, vs_torch = float(np.abs(graphs - eager).max()) / scale, float(np.abs(eager - ref).max()) / scale
+    ok = vs_eager < 1e-4 and vs_torch < 1e-2 and (not active or replays > 0)
+    res.add("graphs", ok, f"{n_steps} decode steps: graphs vs eager {vs_eager:.2g}, decode kernels vs torch path "
+            f"{vs_torch:.2g} (max |Δlogit| / std); {captured} segments captured, {replays} replays"
+            + ("" if active else " (no CUDA: eager)"), vs_eager=vs_eager, vs_torch=vs_torch, captured=captured,
+            replays=replays, active=active)
 
 
 def check_race(path: Path, device: str, res: Results, trials: int = 8) -> None:
@@ -185,7 +242,7 @@ def run(device: str, dry_run: bool, output: Path, workdir: Path, say: Callable[[
     t0 = time.perf_counter()
     path = synthetic_model(workdir, dry_run)
     res.add("model", True, f"{path.name} ({path.stat().st_size / 1e6:.0f} MB) on {device}", path=str(path))
-    for stage in (check_logits, check_race, check_speed, check_memory):
+    for stage in (check_logits, check_graphs, check_race, check_speed, check_memory):
         try:
             stage(path, device, res)
         except Exception as e:  # a stage that breaks is a finding, not the end of the check

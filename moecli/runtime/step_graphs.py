@@ -54,9 +54,12 @@ class _Entry:
 
 
 class StepGraphs:
-    def __init__(self, device, backend=None):
+    def __init__(self, device, backend=None, enabled: bool | None = None):
+        """`backend`: how to capture (default: CUDA graphs where enabled); `enabled=False`: always eager."""
         self.device = torch.device(device)
-        if backend is None and cuda_graphs_enabled(self.device):
+        if enabled is False:
+            backend = None
+        elif backend is None and cuda_graphs_enabled(self.device):
             backend = CudaCapture(self.device)
         self.backend = backend  # None: eager everywhere
         self._entries: dict[Any, _Entry] = {}
