@@ -13,6 +13,7 @@ from moecli.chat import harmony
 from moecli.chat_template import render
 from moecli.devices import resolve_device
 from moecli.errors import MoecliError
+from moecli.models.layers import restore_state, save_state
 from moecli.models.loader import GGUF_ARCHS, load_checkpoint
 from moecli.runtime.experts import TorchExperts
 from moecli.runtime.sampling import Sampler, SamplingParams
@@ -23,11 +24,19 @@ from moecli.runtime.exact import DEFAULT_REPACK, Kernels  # noqa: F401 (DEFAULT_
 
 
 class Session:
-    """A conversation's KV cache and the tokens in it, so the next turn only computes its new tokens."""
+    """A conversation's KV cache and the tokens in it, so the next turn only computes its new tokens.
+
+    Models with recurrent layers (Gated DeltaNet) cannot cut their cache at any position: their state stands for
+    the whole sequence. As llama.cpp, the session keeps copies of that state at turn boundaries (after each prompt,
+    and where the next turn starts), the last CHECKPOINTS of them, and reuses a prefix only up to such a copy; else
+    it computes the prompt again from the start."""
+    CHECKPOINTS = 4
 
     def __init__(self, model: "Model", n_ctx: int | None = None):
         self.cache = model.transformer.new_cache(n_ctx)
         self.tokens: list[int] = []
+        self.recurrent = getattr(self.cache, "conv", None) is not None
+        self.checkpoints: list = []  # save_state copies, oldest first
 
     @property
     def n_ctx(self) -> int:
@@ -36,6 +45,15 @@ class Session:
     def reset(self) -> None:
         self.cache.pos = 0
         self.tokens = []
+        self.checkpoints = []
+
+    def checkpoint(self) -> None:
+        """Keep a copy of the recurrent state where the session is now (no-op without recurrent layers)."""
+        if not self.recurrent or not self.tokens or self.cache.state_pos != len(self.tokens):
+            return
+        self.checkpoints = [c for c in self.checkpoints if c[0] != len(self.tokens)]
+        self.checkpoints.append(save_state(self.cache))
+        del self.checkpoints[:-self.CHECKPOINTS]
 
     def reuse(self, tokens: list[int]) -> list[int]:
         """Keep the cached prefix `tokens` shares with this session; return the tokens still to compute (at least
@@ -43,6 +61,11 @@ class Session:
         common = common_prefix(self.tokens, tokens)
         if common == len(tokens):
             common -= 1
+        if self.recurrent:  # back to the latest state copy within the common prefix (0: from the start)
+            self.checkpoint()
+            self.checkpoints = [c for c in self.checkpoints if self.tokens[:c[0]] == tokens[:c[0]]]
+            usable = [c for c in self.checkpoints if c[0] <= common]
+            common = restore_state(self.cache, usable[-1]) if usable else 0
         self.cache.pos, self.tokens = common, list(tokens[:common])
         return list(tokens[common:])
 
@@ -223,6 +246,8 @@ class Model:
         logits = self.transformer.forward(feed, session.cache, all_logits=False)[-1]
         self._check_first(logits)
         session.tokens.extend(feed)
+        if len(feed) > 1:  # a prompt: a turn boundary a later turn may go back to
+            session.checkpoint()
         return logits
 
     @property
@@ -241,6 +266,8 @@ class Model:
         self._check_first(logits)
         for session, feed in work:
             session.tokens.extend(feed)
+            if len(feed) > 1:
+                session.checkpoint()
         return list(logits)
 
     def _check_first(self, logits: torch.Tensor) -> None:

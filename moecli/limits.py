@@ -26,13 +26,14 @@ def fmt_gib(n: float) -> str:
 
 
 def kv_bytes_per_token(c, elem_bytes: int = KV_BYTES) -> int:
-    """K + V bytes one token takes in the cache over all layers (the layouts of KVCache, GgmlKVCache, MLACache) at
-    `elem_bytes` per element, plus its row of the RoPE tables."""
+    """K + V bytes one token takes in the cache over its attention layers (the layouts of KVCache, GgmlKVCache,
+    MLACache) at `elem_bytes` per element, plus its row of the RoPE tables. Recurrent layers (Gated DeltaNet) hold a
+    fixed-size state instead, whatever the context."""
     from moecli.models.loader import GGUF_ARCHS
 
     kv_heads, k_dims, v_dims = GGUF_ARCHS[c.arch].kv_shape(c)  # the family's cache layout
     per_layer = kv_heads * (k_dims + v_dims)
-    return c.n_layer * per_layer * elem_bytes + 2 * c.rope_dim * 4
+    return (c.n_layer - len(c.recurrent_layers)) * per_layer * elem_bytes + 2 * c.rope_dim * 4
 
 
 @dataclass

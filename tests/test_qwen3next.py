@@ -124,3 +124,47 @@ def test_layer_kinds_in_config():
         ((0, 1, 2), (6, 5, 5, 0), 32, 2, 4, 64)
     cache = m.transformer.new_cache(256)
     assert cache.k.shape[0] == 1 and cache.conv.shape == (3, 3 * 512) and cache.ssm.shape == (3, 64 * 64 * 4)
+
+
+def test_presets_and_limits():
+    """The real geometries' synthetic configs, the KV bytes per token of attention layers only, `moecli show`."""
+    from moecli import limits
+    from moecli.cli.pull import layer_kinds
+    from moecli.policy.geometry import GEOMETRIES
+    from moecli.synth import config, geometry, geometry_arch
+
+    c = config(geometry_arch("qwen3.6-35b-a3b"), geometry("qwen3.6-35b-a3b", n_layer=40))
+    assert (c.arch, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.rope_dim, c.rope_sections) == \
+        ("qwen35moe", 2048, 16, 2, 256, 64, (11, 11, 10, 0))
+    assert (c.n_expert, c.n_expert_used, c.n_ff_exp, c.n_ff_shexp, c.ssm_groups, c.ssm_heads, c.ssm_state) == \
+        (256, 8, 512, 512, 16, 32, 128)
+    assert len(c.recurrent_layers) == 30 and 3 not in c.recurrent_layers and c.n_ctx_train == 262144
+    assert limits.kv_bytes_per_token(c, 2) == 10 * 2 * 256 * 2 * 2 + 2 * 64 * 4  # 10 attention layers, f16
+    assert layer_kinds(c) == "40 MoE (30 Gated DeltaNet, 10 attention)"
+    g = GEOMETRIES["qwen3-next-80b-a3b"]
+    assert (g.n_layers, g.n_experts, g.top_k, g.expert_ffn, g.n_shared, g.shared_ffn) == (48, 512, 10, 512, 1, 512)
+    assert config(geometry_arch("qwen3.5-122b-a10b"), geometry("qwen3.5-122b-a10b", n_layer=4)).ssm_heads == 64
+
+
+@pytest.mark.parametrize("engine", ["ggml", "torch"])
+def test_session_reuses_prefixes_at_state_checkpoints(engine):
+    """Chat turns on a recurrent model: the next turn goes on from the state kept at the end of the last one (or
+    after its prompt, when the reply in the new prompt differs), else recomputes from the start; the logits are
+    always those of a fresh pass."""
+    from moecli.api import Session
+
+    m = moecli.load(tiny_gguf("qwen3next", "F32"), engine=engine, flash_attn=False)
+    ids = m.tokenize(TEXT)
+    s = Session(m, 256)
+    turn1 = ids[:20]
+    reply = list(m.generate(turn1, max_tokens=4, stop_at_eog=False, session=s))
+    fresh = lambda toks: np.asarray(m.logits(toks))[-1]  # noqa: E731
+    turn2 = turn1 + reply + ids[20:30]  # extends everything cached: from the state at the end of turn 1 (the
+    feed = s.reuse(turn2)  # last reply token was sampled, never fed)
+    assert feed == reply[-1:] + ids[20:30] and rel_diff(m.step(s, feed).numpy(), fresh(turn2)) < 1e-5
+    turn3 = turn1 + ids[40:50]  # another reply to turn 1's prompt: from the state kept after that prompt
+    feed = s.reuse(turn3)
+    assert feed == ids[40:50] and rel_diff(m.step(s, feed).numpy(), fresh(turn3)) < 1e-5
+    turn4 = ids[:10] + ids[30:40]  # shares 10 tokens, but no state was kept there: from the start
+    assert s.reuse(turn4) == turn4 and s.cache.pos == 0
+    assert rel_diff(m.step(s, turn4).numpy(), fresh(turn4)) < 1e-5

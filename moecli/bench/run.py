@@ -35,6 +35,7 @@ from pathlib import Path
 
 from moecli.chat.stats import snapshot
 from moecli.errors import MoecliError
+from moecli.models.layers import restore_state, save_state
 
 SEED = 1234
 _MARK = "@@MOECLI_BENCH@@"
@@ -209,6 +210,7 @@ def run_moecli(spec: BenchSpec) -> dict:
         cache.pos = 0
         if depth:
             tr.forward(_tokens(spec.seed, c.n_vocab, depth, 1), cache, all_logits=False)
+        at_depth = save_state(cache)  # a recurrent state cannot rewind: each repetition starts from this copy
         times, exp_s, exp_b, exp_p, routes = [], 0.0, 0, 0, {}
         placed = None
         cpu_engine = getattr(getattr(tr.experts, "cpu", None), "engine", None) if spec.placement else None
@@ -218,6 +220,8 @@ def run_moecli(spec: BenchSpec) -> dict:
             if rep == 1:
                 placed = hybrid_snapshot(m)  # the expert counters of the timed repetitions only
             cache.pos = depth
+            if depth:
+                restore_state(cache, at_depth)
             toks = _tokens(spec.seed, c.n_vocab, n if kind == "pp" else n + 1, 100 + rep)
             if kind == "tg":
                 tr.forward(toks[:1], cache, all_logits=False)  # the 1-token prompt, untimed

@@ -177,6 +177,8 @@ def layer_kinds(c) -> str:
 
     moe = sum(moe_layer(c, l) for l in range(c.n_layer))  # leading dense (DeepSeek, GLM), interleaved (llama4)
     text = " + ".join(f"{n} {kind}" for n, kind in ((c.n_layer - moe, "dense"), (moe, "MoE")) if n)
+    if c.recurrent_layers:
+        text += f" ({len(c.recurrent_layers)} Gated DeltaNet, {c.n_layer - len(c.recurrent_layers)} attention)"
     if c.swa_layers:
         text += f" ({len(c.swa_layers)} with {'chunked' if c.attn_chunk else 'sliding-window'} attention)"
     if c.n_nextn_layers:

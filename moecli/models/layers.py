@@ -158,6 +158,24 @@ def begin_recurrent(cache, start: int) -> None:
     cache.state_pos = start
 
 
+def save_state(cache):
+    """A copy of a cache's recurrent state and the position it stands for (None: no recurrent layers)."""
+    if getattr(cache, "conv", None) is None:
+        return None
+    return cache.state_pos, cache.conv.clone(), cache.ssm.clone()
+
+
+def restore_state(cache, saved) -> int:
+    """Put a `save_state` copy back (the cache then goes on from its position, which it returns; 0 without)."""
+    if saved is None:
+        return 0
+    pos, conv, ssm = saved
+    cache.conv.copy_(conv)
+    cache.ssm.copy_(ssm)
+    cache.state_pos = cache.pos = pos
+    return pos
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal GQA attention of n new queries at positions start.. over keys 0..start+n-1.
 

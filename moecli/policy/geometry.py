@@ -76,6 +76,17 @@ def _attn(hidden: int, heads: int, kv_heads: int, head_dim: int, n_experts: int)
     return hidden * head_dim * (2 * heads + 2 * kv_heads) + hidden * n_experts
 
 
+def _hybrid_attn(hidden: int, heads: int, kv_heads: int, head_dim: int, n_experts: int, k_heads: int, v_heads: int,
+                 d: int, interval: int, conv: int = 4) -> int:
+    """Mixer + router parameters per layer, averaged over qwen3next / qwen35moe's 1 gated-attention layer (q twice
+    as wide: its gate) per `interval` layers, the others Gated DeltaNet (q/k/v + z + b/a projections, the conv,
+    ssm_out)."""
+    attn = _attn(hidden, heads, kv_heads, head_dim, n_experts) + hidden * heads * head_dim
+    qkv = (2 * k_heads + v_heads) * d
+    delta = hidden * (qkv + v_heads * d + 2 * v_heads) + conv * qkv + v_heads * d * hidden + hidden * n_experts
+    return (attn + (interval - 1) * delta) // interval
+
+
 @dataclass(frozen=True)
 class RealModel:
     """A named real model: its GGUF architecture and its config in the synthetic writer's terms (moecli.synth's
@@ -179,6 +190,30 @@ REAL_MODELS: dict[str, RealModel] = {
         _m("minimax-m2", "minimax-m2", n_vocab=200064, n_embd=3072, n_layer=62, n_head=48, n_head_kv=8,
            head_dim=128, n_ff=1536, n_expert=256, n_expert_used=8, context_length=196608, rope_theta=5e6,
            rms_eps=1e-6, extra=(("rope_dim", 64),)),
+        # Qwen3.6-35B-A3B (Qwen/Qwen3.6-35B-A3B config.json, same as Qwen3.5-35B-A3B's text model): 40 layers, 2048
+        # hidden, 256 experts (512) top-8 + 1 shared (512, sigmoid gate); every 4th layer gated attention, 16/2 heads of
+        # 256, partial_rotary 0.25 (64 dims), mrope_section [11, 11, 10], rope_theta 1e7; the others Gated DeltaNet:
+        # 16 k heads / 32 v heads of 128, conv kernel 4; vocab 248320, context 262144.
+        _m("qwen3.6-35b-a3b", "qwen35moe", attn_params=_hybrid_attn(2048, 16, 2, 256, 256, 16, 32, 128, 4),
+           n_vocab=248320, n_embd=2048, n_layer=40, n_head=16, n_head_kv=2, head_dim=256, n_ff=512, n_expert=256,
+           n_expert_used=8, n_ff_shexp=512, context_length=262144, rope_theta=1e7, rms_eps=1e-6,
+           extra=(("interval", 4), ("rope_dim", 64), ("rope_sections", (11, 11, 10, 0)), ("ssm_state", 128),
+                  ("ssm_groups", 16), ("ssm_heads", 32))),
+        # Qwen3.5-122B-A10B (Qwen/Qwen3.5-122B-A10B config.json, as remembered: check against the card): 48 layers,
+        # 3072 hidden, 256 experts (1024) top-8 + 1 shared (1024); attention every 4th layer, 32/2 heads of 256;
+        # DeltaNet 16 k heads / 64 v heads of 128; rope as the 35B; vocab 248320, context 262144.
+        _m("qwen3.5-122b-a10b", "qwen35moe", attn_params=_hybrid_attn(3072, 32, 2, 256, 256, 16, 64, 128, 4),
+           n_vocab=248320, n_embd=3072, n_layer=48, n_head=32, n_head_kv=2, head_dim=256, n_ff=1024, n_expert=256,
+           n_expert_used=8, n_ff_shexp=1024, context_length=262144, rope_theta=1e7, rms_eps=1e-6,
+           extra=(("interval", 4), ("rope_dim", 64), ("rope_sections", (11, 11, 10, 0)), ("ssm_state", 128),
+                  ("ssm_groups", 16), ("ssm_heads", 64))),
+        # Qwen3-Next-80B-A3B (Qwen/Qwen3-Next-80B-A3B-Instruct config.json): 48 layers, 2048 hidden, 512 experts
+        # (512) top-10 + 1 shared (512); every 4th layer gated attention, 16/2 heads of 256, partial_rotary 0.25,
+        # rope_theta 1e7; DeltaNet 16 k heads / 32 v heads of 128, conv 4; vocab 151936, context 262144.
+        _m("qwen3-next-80b-a3b", "qwen3next", attn_params=_hybrid_attn(2048, 16, 2, 256, 512, 16, 32, 128, 4),
+           n_vocab=151936, n_embd=2048, n_layer=48, n_head=16, n_head_kv=2, head_dim=256, n_ff=512, n_expert=512,
+           n_expert_used=10, n_ff_shexp=512, context_length=262144, rope_theta=1e7, rms_eps=1e-6,
+           extra=(("interval", 4), ("rope_dim", 64), ("ssm_state", 128), ("ssm_groups", 16), ("ssm_heads", 32))),
     ]
 }
 
