@@ -100,7 +100,8 @@ def test_route(gating, bias, norm, scale):
     from moecli.models.layers import route
 
     E, k, n = 20, 3, 2
-    c = SimpleNamespace(n_expert=E, n_expert_used=k, gating=gating, n_group=0, norm_topk=norm, routed_scale=scale)
+    c = SimpleNamespace(n_expert=E, n_expert_used=k, gating=gating, n_group=0, norm_topk=norm, routed_scale=scale,
+                        select_logits=False)
     logits, b = rnd(n, E), (rnd(E) if bias else None)
     ids, ids_f, w, probs = torch.empty(n, k, dtype=torch.int32), torch.empty(n, k), torch.empty(n, k), torch.empty(n, E)
     K.route(c, logits, b, ids, w, probs, ids_f)
