@@ -20,6 +20,10 @@ Routing semantics, made explicit in each config, versus llama.cpp's GGUF archs (
 - deepseek3 (`deepseek_v3`, V3-like): q LoRA, sigmoid + e_score_correction_bias (choice only; nonzero here), 4
   groups of 4 scored by their two best (2 kept), top-4 renormalised, x2.5, 1 shared expert, rope_interleave (pairs).
   transformers' V3 always routes so (scoring_func / topk_method ignored).
+- qwen3next (`qwen3_next`, Qwen3-Next-80B-A3B-like) / qwen35moe (`qwen3_5_moe`: the multimodal wrapper users
+  download, a one-block vision tower beside the text model under model.language_model.): the tiny GGUF's dims
+  (conftest), layer_types from its full_attention_interval, partial rotary from its rope_dim, norm_topk_prob True
+  (Qwen3.5 always renormalises). Zero-centred norms (1 + w) come out ≈ 2 here: the GGUF side's 1 + w is tested.
 - llama-dense / mixtral: HF stores Q/K in the "half-split" (NEOX-like) order; GGUF's llama arch expects the
   HF converter's permuted order (NORM rope). A converter must permute.
 """
@@ -33,7 +37,7 @@ import numpy as np
 from moecli.synth import CHATML_TEMPLATE, SynthDims, tiny_tokenizer
 
 HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite", "deepseek3", "glm4moe",
-            "minimax-m2")
+            "minimax-m2", "qwen3next", "qwen35moe")
 
 
 def hf_config(arch: str, d: SynthDims, **overrides):
@@ -80,11 +84,36 @@ def hf_config(arch: str, d: SynthDims, **overrides):
                                  **{**common, "rope_parameters": {
                                      **common["rope_parameters"],
                                      "partial_rotary_factor": extra.get("rope_dim", d.head_dim) / d.head_dim}})
+    if arch in ("qwen3next", "qwen35moe"):
+        return _qwen3next_config(arch, d, common, moe)
     if arch == "olmoe":
         assert d.n_head_kv == d.n_head, "llama.cpp's olmoe supports only MHA"
         return T.OlmoeConfig(intermediate_size=d.n_ff, num_experts=d.n_expert, norm_topk_prob=False, **moe,
                              **common)
     raise ValueError(f"arch must be one of {HF_ARCHS}, got {arch!r}")
+
+
+def _qwen3next_config(arch: str, d, common: dict, moe: dict):
+    import transformers as T
+
+    x = dict(d.extra)
+    interval, rope_dim, state = x.get("interval", 4), x.get("rope_dim", d.head_dim), x.get("ssm_state", d.head_dim)
+    rope = {**common["rope_parameters"], "partial_rotary_factor": rope_dim / d.head_dim}
+    text = dict(common, **moe, head_dim=d.head_dim, num_experts=d.n_expert, moe_intermediate_size=d.n_ff,
+                shared_expert_intermediate_size=d.n_ff_shexp, linear_conv_kernel_dim=x.get("ssm_conv", 4),
+                linear_key_head_dim=state, linear_value_head_dim=state, linear_num_key_heads=x["ssm_groups"],
+                linear_num_value_heads=x["ssm_heads"],
+                layer_types=["full_attention" if (l + 1) % interval == 0 else "linear_attention"
+                             for l in range(d.n_layer)])
+    if arch == "qwen3next":
+        return T.Qwen3NextConfig(**{**text, "rope_parameters": rope}, intermediate_size=d.n_ff, norm_topk_prob=True,
+                                 decoder_sparse_step=1, mlp_only_layers=[])
+    half = rope_dim // 2  # IMRoPE sections over the rotary pairs, split as the released [11, 11, 10]
+    rope = {**rope, "mrope_section": [half - 2 * (half // 3), half // 3, half // 3], "mrope_interleaved": True}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=d.n_embd, patch_size=4,
+                  num_position_embeddings=16)
+    return T.Qwen3_5MoeConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision,
+                              tie_word_embeddings=d.tie_embeddings)
 
 
 def _deepseek_config(arch: str, d, **overrides):
@@ -148,7 +177,8 @@ def write_hf(path_dir, arch: str, dims: SynthDims, seed: int = 0, **overrides) -
     out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config(arch, dims, **overrides)
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    auto = T.AutoModelForImageTextToText if arch == "qwen35moe" else T.AutoModelForCausalLM  # the wrapper, as released
+    model = auto.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     _reinit(model, seed)
     model.save_pretrained(out, safe_serialization=True)
     tiny_tokenizer().save(str(out / "tokenizer.json"))
