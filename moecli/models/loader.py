@@ -19,7 +19,7 @@ GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe
 # Hugging Face `model_type` -> family module.
 HF_ARCHS = {"llama": llama, "mistral": llama, "mixtral": llama, "qwen2_moe": qwen2moe, "qwen3_moe": qwen3moe,
             "olmoe": olmoe, "gpt_oss": gpt_oss, "deepseek_v2": deepseek2, "deepseek_v3": deepseek2, "glm4_moe": glm4moe,
-            "minimax_m2": minimax_m2}
+            "minimax_m2": minimax_m2, "llama4": llama4, "llama4_text": llama4}
 _EXPS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
