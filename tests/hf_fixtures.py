@@ -26,6 +26,10 @@ Routing semantics, made explicit in each config, versus llama.cpp's GGUF archs (
   adjacent pairs (llama.cpp's converter does not permute) with llama3 factors (original 64 positions: all three
   bands over head_dim 64); L2 q/k norms after RoPE; chunks of LLAMA4_CHUNK tokens on the RoPE layers, the NoPE
   layer (every 4th) full attention with temperature tuning from floor_scale 4 (llama.cpp fixes 8192 and 8192).
+- qwen3next (`qwen3_next`, Qwen3-Next-80B-A3B-like) / qwen35moe (`qwen3_5_moe`: the multimodal wrapper users
+  download, a one-block vision tower beside the text model under model.language_model.): the tiny GGUF's dims
+  (conftest), layer_types from its full_attention_interval, partial rotary from its rope_dim, norm_topk_prob True
+  (Qwen3.5 always renormalises). Zero-centred norms (1 + w) come out ≈ 2 here: the GGUF side's 1 + w is tested.
 - llama-dense / mixtral: HF stores Q/K in the "half-split" (NEOX-like) order; GGUF's llama arch expects the
   HF converter's permuted order (NORM rope). A converter must permute.
 """
@@ -41,7 +45,7 @@ from moecli.synth import CHATML_TEMPLATE, SynthDims, tiny_tokenizer
 LLAMA4_CHUNK = 16  # llama4's attention chunk: shorter than the test prompts, so chunks start mid-prompt
 
 HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite", "deepseek3", "glm4moe",
-            "minimax-m2", "llama4", "llama4-text")
+            "minimax-m2", "llama4", "llama4-text", "qwen3next", "qwen35moe")
 
 
 def hf_config(arch: str, d: SynthDims, **overrides):
@@ -101,11 +105,36 @@ def hf_config(arch: str, d: SynthDims, **overrides):
         return T.Llama4Config(text_config=text, tie_word_embeddings=d.tie_embeddings, vision_config=dict(
             hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
             patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32))
+    if arch in ("qwen3next", "qwen35moe"):
+        return _qwen3next_config(arch, d, common, moe)
     if arch == "olmoe":
         assert d.n_head_kv == d.n_head, "llama.cpp's olmoe supports only MHA"
         return T.OlmoeConfig(intermediate_size=d.n_ff, num_experts=d.n_expert, norm_topk_prob=False, **moe,
                              **common)
     raise ValueError(f"arch must be one of {HF_ARCHS}, got {arch!r}")
+
+
+def _qwen3next_config(arch: str, d, common: dict, moe: dict):
+    import transformers as T
+
+    x = dict(d.extra)
+    interval, rope_dim, state = x.get("interval", 4), x.get("rope_dim", d.head_dim), x.get("ssm_state", d.head_dim)
+    rope = {**common["rope_parameters"], "partial_rotary_factor": rope_dim / d.head_dim}
+    text = dict(common, **moe, head_dim=d.head_dim, num_experts=d.n_expert, moe_intermediate_size=d.n_ff,
+                shared_expert_intermediate_size=d.n_ff_shexp, linear_conv_kernel_dim=x.get("ssm_conv", 4),
+                linear_key_head_dim=state, linear_value_head_dim=state, linear_num_key_heads=x["ssm_groups"],
+                linear_num_value_heads=x["ssm_heads"],
+                layer_types=["full_attention" if (l + 1) % interval == 0 else "linear_attention"
+                             for l in range(d.n_layer)])
+    if arch == "qwen3next":
+        return T.Qwen3NextConfig(**{**text, "rope_parameters": rope}, intermediate_size=d.n_ff, norm_topk_prob=True,
+                                 decoder_sparse_step=1, mlp_only_layers=[])
+    half = rope_dim // 2  # IMRoPE sections over the rotary pairs, split as the released [11, 11, 10]
+    rope = {**rope, "mrope_section": [half - 2 * (half // 3), half // 3, half // 3], "mrope_interleaved": True}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=d.n_embd, patch_size=4,
+                  num_position_embeddings=16)
+    return T.Qwen3_5MoeConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision,
+                              tie_word_embeddings=d.tie_embeddings)
 
 
 def _deepseek_config(arch: str, d, **overrides):

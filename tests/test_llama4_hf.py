@@ -37,6 +37,7 @@ def _path(layout: str):
 
 def _edited(tmp_path, src, **changes):
     """`src` with config.json (its text part) changed, the tensors linked."""
+    tmp_path.mkdir(exist_ok=True)
     for f in src.iterdir():
         (tmp_path / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, tmp_path / f.name)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -143,11 +144,13 @@ def test_hostile_configs_name_the_key(tmp_path):
             ({"attention_chunk_size": 0}, MoecliError, "attention_chunk_size 0"),
             ({"attn_temperature_tuning": "yes"}, MoecliError, "attn_temperature_tuning is 'yes', expected"),
             ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, UnsupportedError, "'yarn'"),
-            ({"hidden_act": "gelu"}, UnsupportedError, "hidden_act"),
-            ({"model_type": "llama4"}, MoecliError, "text_config")):
+            ({"hidden_act": "gelu"}, UnsupportedError, "hidden_act")):
         with pytest.raises(err, match=match):
             from_hf({**text, **bad})
     # through the loader: one error naming the file's key
-    path = _edited(tmp_path, _path("llama4"), floor_scale=0)
+    path = _edited(tmp_path / "a", _path("llama4"), floor_scale=0)
     with pytest.raises(MoecliError, match="floor_scale 0"):
+        moecli.load(path, engine="torch")
+    path = _edited(tmp_path / "b", _path("llama4-text"), model_type="llama4")  # a wrapper config without its text
+    with pytest.raises(MoecliError, match="needs text_config"):
         moecli.load(path, engine="torch")

@@ -147,25 +147,15 @@ def to_gguf(c) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ Hugging Face
-# Llama4ForConditionalGeneration (what Meta ships: config.json's text_config, the text model under language_model.,
-# vision_model.* / multi_modal_projector.* skipped since no pattern names them) or Llama4ForCausalLM (llama4_text).
+# Llama4ForConditionalGeneration (what Meta ships: config.json's text_config, which the loader passes, the text model
+# under language_model., vision_model.* / multi_modal_projector.* skipped since no pattern names them) or
+# Llama4ForCausalLM (llama4_text).
 _P, _L = r"(?:language_model\.)?", r"model\.layers\.(\d+)\.feed_forward\."
 HF_NAMES = [(_P + pattern, template) for pattern, template in ATTN_NAMES] + [
     (_P + _L + r"router\.weight", r"blk.\1.ffn_gate_inp.weight"),
     (_P + _L + r"shared_expert\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
     (_P + _L + r"(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2.weight"),  # the dense layers' FFN
 ]  # the fused experts (feed_forward.experts.*) are read by hf_experts()
-
-
-def _text_config(cfg: dict) -> dict:
-    if cfg.get("model_type") == "llama4_text":
-        checks.hf_config(cfg)  # the loader checked it already; from_hf is called directly too
-        return cfg
-    text = cfg.get("text_config")
-    if not isinstance(text, dict):
-        raise MoecliError("config.json: a llama4 config needs a text_config object (the language model's keys)")
-    checks.hf_config(text, "config.json text_config")
-    return {**text, "tie_word_embeddings": text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))}
 
 
 def _flags(text: dict, key: str, n: int, default: list) -> list:
@@ -178,9 +168,11 @@ def _flags(text: dict, key: str, n: int, default: list) -> list:
 
 
 def from_hf(cfg: dict):
-    """transformers' Llama4Config (text_config) or Llama4TextConfig. What they make configurable is read from the
-    file (transformers is the reference here), where from_gguf takes llama.cpp's fixed values."""
-    text = _text_config(cfg)
+    """transformers' Llama4TextConfig (for a Llama4Config, the loader passes its text_config). What it makes
+    configurable is read from the file (transformers is the reference here), where from_gguf takes llama.cpp's
+    fixed values."""
+    text = cfg
+    checks.hf_config(text)  # the loader checked it already; from_hf is called directly too
     try:
         n_layer, n_expert = int(text["num_hidden_layers"]), int(text["num_local_experts"])
         n_ff_exp, n_ff = int(text["intermediate_size"]), int(text.get("intermediate_size_mlp", 16384))

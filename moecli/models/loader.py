@@ -19,7 +19,11 @@ GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe
 # Hugging Face `model_type` -> family module.
 HF_ARCHS = {"llama": llama, "mistral": llama, "mixtral": llama, "qwen2_moe": qwen2moe, "qwen3_moe": qwen3moe,
             "olmoe": olmoe, "gpt_oss": gpt_oss, "deepseek_v2": deepseek2, "deepseek_v3": deepseek2, "glm4_moe": glm4moe,
-            "minimax_m2": minimax_m2, "llama4": llama4, "llama4_text": llama4}
+            "minimax_m2": minimax_m2, "qwen3_next": qwen3next, "qwen3_5_moe": qwen3next, "qwen3_5_moe_text": qwen3next,
+            "llama4": llama4, "llama4_text": llama4}
+# Multimodal wrappers moecli runs the language model of: its config is config.json's `text_config` (the vision
+# tower's tensors match no name and are skipped).
+HF_TEXT_CONFIG = {"qwen3_5_moe", "llama4"}
 _EXPS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
@@ -59,7 +63,7 @@ def _from_hf(m: SafetensorsModel) -> Checkpoint:
     if family is None:
         raise UnsupportedError(f"{m.path.name}: unsupported architecture '{model_type}' "
                                f"(supported: {', '.join(sorted(HF_ARCHS))})")
-    cfg = family.from_hf(m.config)
+    cfg = family.from_hf(_text_config(m.config, model_type, m.path.name))
     checks.config(cfg, checks.layers_present(m.tensors), f"{m.path.name}/config.json", hf=True)
     tensors, per_expert = {}, {}
     for name, t in m.tensors.items():
@@ -74,12 +78,26 @@ def _from_hf(m: SafetensorsModel) -> Checkpoint:
             per_expert.setdefault(e[1], {})[int(e[2])] = t
         else:
             tensors[new] = t
-    experts = family.hf_experts(m, cfg) if hasattr(family, "hf_experts") else {}  # fused layouts (gpt-oss)
+    if hasattr(family, "hf_tensors"):  # values the GGUF side stores transformed (qwen3next's norms, A_log, ...)
+        tensors = family.hf_tensors(tensors, cfg)
+    experts = family.hf_experts(m, cfg) if hasattr(family, "hf_experts") else {}  # fused layouts (gpt-oss, Qwen3.5)
     for key, by_id in per_expert.items():
         if sorted(by_id) != list(range(cfg.n_expert)):
             raise MoecliError(f"{m.path.name}: {key} has experts {sorted(by_id)[:8]}..., expected {cfg.n_expert}")
         experts[key] = ExpertStack(experts=[by_id[i] for i in range(cfg.n_expert)])
     return Checkpoint(cfg, tensors, experts, m.file_bytes, m)
+
+
+def _text_config(cfg: dict, model_type: str, name: str) -> dict:
+    if model_type not in HF_TEXT_CONFIG:
+        return cfg
+    text = cfg.get("text_config")
+    if text is None:
+        raise MoecliError(f"{name}/config.json: a {model_type} config needs text_config (the language model's)")
+    # the wrapper's own tie_word_embeddings is the one transformers honours
+    text = {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
+    checks.hf_config(text, f"{name}/config.json text_config")
+    return text
 
 
 def rename_hf(name: str, table: list[tuple[str, str]]) -> str | None:
