@@ -154,3 +154,62 @@ def test_hostile_configs_name_the_key(tmp_path):
     path = _edited(tmp_path / "b", _path("llama4-text"), model_type="llama4")  # a wrapper config without its text
     with pytest.raises(MoecliError, match="needs text_config"):
         moecli.load(path, engine="torch")
+
+
+@pytest.mark.parametrize("engine", ["torch", "ggml"])
+def test_bf16_checkpoint(tmp_path, engine):
+    """Released checkpoints are bf16: the fused experts are copied as 16-bit patterns, the norms become F32 (ggml's
+    binary ops take no bf16). The torch engine computes in fp32 like transformers' upcast; ggml's bf16 matmuls round
+    the activations to bf16 (as llama.cpp on a BF16 GGUF): ~2 % of the logits' std."""
+    import transformers as T
+
+    src = _path("llama4")
+    T.AutoModelForImageTextToText.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, tmp_path / f)
+    m = moecli.load(tmp_path, engine=engine)
+    assert m.checkpoint.experts["blk.1.ffn_gate_exps"].type.name == "BF16"
+    ids = m.tokenize(TEXT)
+    got, ref = m.logits(ids), hf_logits(tmp_path, ids)
+    assert rel_diff(got, ref) < (2e-5 if engine == "torch" else 0.05), rel_diff(got, ref)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+
+
+# meta-llama/Llama-4-Scout-17B-16E-Instruct's config.json text_config (what the loader hands from_hf), and
+# Maverick-17B-128E's differences: the released files map to what llama.cpp's GGUF of them loads as (the presets)
+SCOUT = {
+    "attention_bias": False, "attention_chunk_size": 8192, "attn_scale": 0.1, "attn_temperature_tuning": 4,
+    "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008], "floor_scale": 8192, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 5120, "interleave_moe_layer_step": 1, "intermediate_size": 8192,
+    "intermediate_size_mlp": 16384, "max_position_embeddings": 10485760, "model_type": "llama4_text",
+    "moe_layers": list(range(48)), "no_rope_layers": [1, 1, 1, 0] * 12, "num_attention_heads": 40,
+    "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8, "num_local_experts": 16,
+    "pad_token_id": 200018, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "use_qk_norm": True, "vocab_size": 202048,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+MAVERICK = {**SCOUT, "num_local_experts": 128, "interleave_moe_layer_step": 2, "moe_layers": list(range(1, 48, 2)),
+            "use_qk_norm": False, "rope_scaling": None, "max_position_embeddings": 1048576}
+
+
+@pytest.mark.parametrize("name, text", [("llama4-scout", SCOUT), ("llama4-maverick", MAVERICK)])
+def test_released_configs_map_as_their_gguf(name, text):
+    import dataclasses
+
+    import transformers as T
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moecli.models.llama4 import from_hf
+    from moecli.synth import config, geometry, geometry_arch
+
+    got, gguf = from_hf(text), config(geometry_arch(name), geometry(name, n_layer=48))
+    fields = [f.name for f in dataclasses.fields(got) if f.name not in ("rope_factors", "n_ctx_train")]
+    assert {f: getattr(got, f) for f in fields} == {f: getattr(gguf, f) for f in fields}
+    if text["rope_scaling"] is None:
+        assert got.rope_factors == ()
+        return
+    # transformers 5.24's strict Llama4TextConfig refuses Meta's own `attn_temperature_tuning: 4` (bool only)
+    kw = {k: v for k, v in text.items() if k != "rope_scaling"} | {"attn_temperature_tuning": True}
+    cfg = T.Llama4TextConfig(**kw, rope_parameters={**text["rope_scaling"], "rope_theta": text["rope_theta"]})
+    inv, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    plain = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
+    assert np.allclose(plain / np.array(got.rope_factors), inv.numpy(), rtol=1e-5)
