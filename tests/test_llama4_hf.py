@@ -2,7 +2,8 @@
 Llama4ForConditionalGeneration (config.json text_config, the text model under language_model., a vision tower to
 skip) and what save_pretrained writes for a text-only Llama4ForCausalLM (llama4_text); fused, transposed experts
 split from gate_up_proj's halves; RoPE on adjacent pairs with llama3 factors; chunked attention with chunks shorter
-than the prompt; the NoPE layer's temperature tuning; L2 q/k norms; decoding through the cache; hostile configs.
+than the prompt; the NoPE layer's temperature tuning; L2 q/k norms; decoding through the cache; the hybrid executor;
+a bf16 checkpoint; Meta's released Scout / Maverick configs against the GGUF presets; hostile configs.
 
 Fixture (tests/hf_fixtures.py "llama4" / "llama4-text", the tiny GGUF llama4's dims): 4 layers, 1 and 3 MoE (top-1
 of 8 by the raw logits, sigmoid weight on the expert input, a shared expert), 3 NoPE with full attention, 0-2
@@ -92,6 +93,20 @@ def test_config_mapping():
     assert np.allclose(plain / f, inv, rtol=1e-5) and f.min() == 1.0 and f.max() == 8.0 and ((f > 1) & (f < 8)).any()
 
 
+def test_show_counts_as_the_gguf():
+    """`moecli show`: the tiny GGUF llama4's geometry gives the same counts (the vision tower is not counted); the
+    GGUF has rope_freqs.weight besides (head_dim / 2 factors, config here)."""
+    from conftest import tiny_gguf
+
+    from moecli.cli.pull import summarize
+    from moecli.models.loader import load_checkpoint
+
+    hf, gg = summarize(load_checkpoint(_path("llama4"))), summarize(load_checkpoint(tiny_gguf("llama4", "F32")))
+    n = tiny_dims("llama4").head_dim // 2
+    assert (hf["params_total"] + n, hf["params_active"] + n, hf["expert_params"], hf["layers"]) == \
+        (gg["params_total"], gg["params_active"], gg["expert_params"], gg["layers"])
+
+
 @pytest.mark.parametrize("engine", ["torch", "ggml"])
 def test_decode_steps_match_transformers(engine):
     """A prompt prefilled through a Session's cache (across a chunk boundary), then token by token over the next
@@ -105,6 +120,16 @@ def test_decode_steps_match_transformers(engine):
     steps += [m.transformer.forward([t], session.cache).numpy() for t in ids[n0:]]
     got, ref = np.concatenate(steps), hf_logits(path, ids)
     assert np.abs(got - ref).max() < 1e-4, np.abs(got - ref).max()
+
+
+def test_hybrid_executor_matches_transformers():
+    """The hybrid executor on the CPU device (2 of 8 experts per layer cached) runs the fused HF experts too."""
+    path = _path("llama4")
+    m = moecli.load(path, placement="hybrimoe", expert_slots=2)
+    ids = m.tokenize(TEXT)
+    got, ref = m.logits(ids), hf_logits(path, ids)
+    assert np.abs(got - ref).max() < 1e-4, np.abs(got - ref).max()
+    assert m.stats.cpu_experts > 0 and m.stats.device_experts > 0
 
 
 def test_greedy_generation_equals_transformers():
