@@ -29,7 +29,8 @@ from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.tensor import T as QT, TensorData
 from moecli.kernels import ggml as G
 from moecli.models import spec as S
-from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, gguf_common, gguf_metadata, hf_common, synth_common
+from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, ggml_tensor_of, gguf_common, gguf_metadata, hf_common, \
+    synth_common
 from moecli.models.config import ExpertStack
 from moecli.models.layers import KVCache, attend, begin_recurrent, rms_norm, to_torch
 from moecli.models.transformer import Transformer, swiglu
@@ -488,7 +489,7 @@ def _refuse_hf(cfg: dict, arch: str) -> None:
 
 def _f32(name: str, a) -> TensorData:
     a = np.ascontiguousarray(a, dtype=np.float32)
-    return TensorData(name, QT.F32, tuple(reversed(a.shape)), a.reshape(-1).view(np.uint8))
+    return ggml_tensor_of(name, QT.F32, tuple(reversed(a.shape)), a)
 
 
 _ELEM = {QT.F32: np.float32, QT.F16: np.uint16, QT.BF16: np.uint16}  # row moves only: 16-bit patterns as they are
@@ -547,7 +548,8 @@ def _heads_tiled(w: TensorData, perm, axis: int, start: int, width: int) -> Tens
 def hf_experts(m, c) -> dict:
     """The released Qwen3.5 / 3.6 checkpoints' fused experts, per layer mlp.experts.gate_up_proj [E, 2 ff, d] (gate
     rows, then up rows) and down_proj [E, d, ff], as zero-copy per-expert views (ggml layouts already: rows of d,
-    rows of ff). transformers' save_pretrained writes per-expert tensors instead (the loader's EXPERT_NAMES)."""
+    rows of ff; unlike gpt-oss / Llama 4's [E, in, out], nothing to transpose or copy). transformers' save_pretrained
+    writes per-expert tensors instead (the loader's EXPERT_NAMES)."""
     out = {}
     for l in range(c.n_layer):
         for prefix in (f"model.language_model.layers.{l}.mlp.experts.", f"model.layers.{l}.mlp.experts."):

@@ -66,6 +66,11 @@ HF_KEYS = {
     **{k: (bool,) for k in ("tie_word_embeddings", "norm_topk_prob", "qkv_bias", "rope_interleave")},
     "model_type": (str,), "topk_method": (str, _N), "architectures": (list, _N), "mlp_only_layers": (list, _N),
     "layer_types": (list, _N), "bos_token_id": (int, list, _N), "eos_token_id": (int, list, _N),
+    # llama4 (attn_temperature_tuning: Meta's configs write 4 for true)
+    **{k: (int,) for k in ("intermediate_size_mlp", "interleave_moe_layer_step", "no_rope_layer_interval",
+                           "floor_scale")},
+    "attention_chunk_size": (int, _N), "attn_scale": (float, int), "use_qk_norm": (bool,), "attention_bias": (bool,),
+    "attn_temperature_tuning": (bool, int), "no_rope_layers": (list, _N), "moe_layers": (list, _N),
 }
 _JSON_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "an object",
                list: "an array", _N: "null"}
@@ -177,7 +182,7 @@ FIELD_KEYS = {
     "sliding_window": ("attention.sliding_window", "sliding_window"),
 }
 MAX_DIM = 1 << 20  # no real model has a width, head count or vocabulary row count beyond this
-LAYER = re.compile(r"^(?:blk|model\.layers|model\.language_model\.layers)\.(\d+)\.")
+LAYER = re.compile(r"^(?:blk|(?:language_model\.)?model\.layers|model\.language_model\.layers)\.(\d+)\.")  # llama4, Qwen3.5
 
 
 def layers_present(names) -> int:
