@@ -167,6 +167,7 @@ def test_hostile_configs_name_the_key(tmp_path):
             ({"no_rope_layers": [1, 0]}, MoecliError, "no_rope_layers must list an integer for each of the 4"),
             ({"layer_types": ["sliding_attention"] * 4}, UnsupportedError, "layer_types"),
             ({"attention_chunk_size": 0}, MoecliError, "attention_chunk_size 0"),
+            ({"no_rope_layers": None, "no_rope_layer_interval": 0}, MoecliError, "no_rope_layer_interval 0"),
             ({"attn_temperature_tuning": "yes"}, MoecliError, "attn_temperature_tuning is 'yes', expected"),
             ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, UnsupportedError, "'yarn'"),
             ({"hidden_act": "gelu"}, UnsupportedError, "hidden_act")):

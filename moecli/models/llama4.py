@@ -108,7 +108,7 @@ class Llama4Transformer(Transformer):
         k = layer.k(h).view(n, c.n_head_kv, c.head_dim)
         if l in c.nope_layers:
             if c.attn_temp_scale:  # 0: a Hugging Face config with attn_temperature_tuning off
-                    q = q * torch.from_numpy(attn_temperature(c, pos.cpu().numpy())).to(q.device)[:, None, None]
+                q = q * torch.from_numpy(attn_temperature(c, pos.cpu().numpy())).to(q.device)[:, None, None]
         else:
             q, k = self.rope(q, pos), self.rope(k, pos)
             if c.qk_norm == "l2":
@@ -167,11 +167,10 @@ def _flags(text: dict, key: str, n: int, default: list) -> list:
     return v[:n]
 
 
-def from_hf(cfg: dict):
+def from_hf(text: dict):
     """transformers' Llama4TextConfig (for a Llama4Config, the loader passes its text_config). What it makes
     configurable is read from the file (transformers is the reference here), where from_gguf takes llama.cpp's
     fixed values."""
-    text = cfg
     checks.hf_config(text)  # the loader checked it already; from_hf is called directly too
     try:
         n_layer, n_expert = int(text["num_hidden_layers"]), int(text["num_local_experts"])
@@ -187,8 +186,10 @@ def from_hf(cfg: dict):
     if step < 1 or moe not in (None, list(range(step - 1, n_layer, step))):
         raise UnsupportedError(f"llama4: moe_layers {moe!r:.80} with interleave_moe_layer_step {step} is not "
                                "supported (every step-th layer MoE, as interleave_moe_layer_step says)")
-    rope_on = _flags(text, "no_rope_layers", n_layer,
-                     [int((l + 1) % int(text.get("no_rope_layer_interval", 4)) != 0) for l in range(n_layer)])
+    interval = text.get("no_rope_layer_interval", 4)
+    if interval < 1:
+        raise MoecliError(f"config.json: no_rope_layer_interval {interval} must be at least 1")
+    rope_on = _flags(text, "no_rope_layers", n_layer, [int((l + 1) % interval != 0) for l in range(n_layer)])
     chunk = text.get("attention_chunk_size")
     if chunk is not None and chunk < 1:
         raise MoecliError(f"config.json: attention_chunk_size {chunk} must be at least 1 (or null: no chunking)")
