@@ -224,6 +224,7 @@ def _edit(tmp_path, arch, change):
     ("qwen3next", "mlp_only_layers", [1], "dense layers"),
     ("qwen35moe", "linear_num_key_heads", "2", "linear_num_key_heads is '2', expected an integer"),
     ("qwen3next", "num_experts", 16, r"blk\.0\.ffn_\w+_exps"),
+    ("qwen35moe", "linear_num_key_heads", -2, "linear_num_key_heads = -2 is out of range"),
 ])
 def test_hostile_config_is_one_clear_error(tmp_path, arch, key, value, match):
     path = _edit(tmp_path, arch, lambda c: c.__setitem__(key, value))

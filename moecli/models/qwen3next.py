@@ -447,6 +447,10 @@ def from_hf(cfg: dict):
         if len(types) != n_layer or any(t not in _KINDS for t in types):
             raise UnsupportedError(f"config.json: layer_types must be {n_layer} of {' / '.join(_KINDS)}, got "
                                    f"{str(types)[:60]}")
+        for k in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                  "linear_num_value_heads"):
+            if k in cfg and not 1 <= cfg[k] <= 1 << 20:
+                raise MoecliError(f"config.json: {k} = {cfg[k]} is out of range")
         k_dim, v_dim = int(cfg.get("linear_key_head_dim", 128)), int(cfg.get("linear_value_head_dim", 128))
         if k_dim != v_dim:
             raise UnsupportedError(f"config.json: linear_key_head_dim {k_dim} != linear_value_head_dim {v_dim} "
@@ -455,7 +459,8 @@ def from_hf(cfg: dict):
         sections = ()
         if arch == "qwen35moe":  # text positions rotate every pair alike, whatever the split: keep the file's
             half, mrope = rope_dim // 2, list(rope.get("mrope_section") or [])
-            sections = (*mrope, 0) if len(mrope) == 3 and sum(mrope) == half else \
+            ok = len(mrope) == 3 and all(type(x) is int for x in mrope) and sum(mrope) == half
+            sections = (*mrope, 0) if ok else \
                 (half - 2 * (half // 3), half // 3, half // 3, 0)
         c = hf_common(
             cfg, arch, n_expert=int(cfg["num_experts"]), n_expert_used=int(cfg["num_experts_per_tok"]),
