@@ -65,6 +65,18 @@ def test_back_pressure_refuses_prefetch_that_cannot_arrive_in_time():
     assert eng.drain_ms(now) == now and eng.pending == 0
 
 
+def test_arrivals_are_the_queue_in_priority_order_and_vanish_when_done():
+    eng, dst = _engine(copy_ms=1.0)
+    now = 10.0
+    with eng.hold():
+        jobs = {e: eng.submit((0, e), dst[e], _bytes(e), pr) for e, pr in [(0, BACKGROUND), (1, PREFETCH), (2, DEMAND)]}
+        eng.cancel(jobs[0])
+        assert eng.arrivals(jobs, now) == pytest.approx({2: now + 1.0, 1: now + 2.0})  # demand first; 0 cancelled
+        eng.wait(jobs[2])
+        assert eng.arrivals(jobs, now) == pytest.approx({1: now + eng.copy_ms})  # done: absent (it is there)
+    assert eng.arrivals(jobs, now) == {}
+
+
 def test_copy_into_a_slot_waits_only_for_that_slots_last_read():
     eng, dst = _engine()
     eng.mark_read([(0, 0)])

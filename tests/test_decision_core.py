@@ -84,6 +84,19 @@ def test_cache_is_updated_before_planning():
     assert a.admits == [(2, 1)]  # 1 (score 0) goes, 0 (just scored 0.9) stays
 
 
+def test_arrivals_from_the_driver_replace_the_cores_predictions():
+    """The executor's copy engine knows which copies are done (CUDA events): a copy the core predicted for later has
+    arrived, and one it thought done is still on its way; the plan follows what the driver says."""
+    c = CostModel.simple(1.0, 1.0, 2.0, 0.0, 0.1)
+    core = DecisionCore(get_placement("hybrimoe"), c, [0, 1], 8, 4, initial={0: [0, 1]})
+    core.inflight[(0, 0)] = 50.0  # predicted: expert 0's copy ends at 50 ms
+    d = core.plan_layer(0, {0: 1, 1: 1}, None, 1, 10.0, 10.0, 10.0, arrivals={1: 12.0})
+    assert d.ready == {1: 12.0}  # 0 arrived (not in arrivals), 1 still on its way
+    assert (0, 0) not in core.inflight and core.inflight[(0, 1)] == 12.0
+    d = core.plan_layer(0, {0: 1, 1: 1}, None, 1, 20.0, 20.0, 20.0)  # no arrivals: the core's own predictions
+    assert d.ready == {}
+
+
 def test_bench_replay_compares_simulator_with_the_recording_executor(tmp_path):
     import subprocess
     import sys

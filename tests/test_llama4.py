@@ -1,7 +1,8 @@
 """llama4 (Llama 4 Scout / Maverick style) against llama.cpp: logits and per-layer expert selection on both engines,
 F32 and Q8_0 bit for bit on the graph, the Maverick-style variant (128 experts: no q/k norm; top-2, every layer
 MoE, no rope_freqs), decoding through the cache, the hybrid executor, chunked attention and temperature tuning
-(torch against the graph with a narrowed chunk), hostile metadata, the llama4 presets. GGUF only.
+(torch against the graph with a narrowed chunk), hostile metadata, the llama4 presets. GGUF only (safetensors:
+tests/test_llama4_hf.py).
 
 Fixture (tests/conftest.py "llama4"): 4 layers (0 and 2 dense, 1 and 3 MoE; layer 3 full attention without RoPE,
 0-2 chunked with NORM RoPE times rope_freqs factors and L2 q/k norms), top-1 of 8 picked by the logits, the

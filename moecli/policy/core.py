@@ -3,7 +3,8 @@
 Per forward pass and MoE layer the driver calls, with times in ms on its own clock (measured by the executor,
 simulated by the simulator; nothing else differs):
 
-    d = core.plan_layer(layer, tokens, scores, n_tokens, now, copy_free, cpu_free)
+    d = core.plan_layer(layer, tokens, scores, n_tokens, now, copy_free, cpu_free[, arrivals])
+        # (arrivals: the driver's own knowledge of the layer's copies in flight, the executor's from CUDA events)
         # the cache observes the router (update BEFORE planning), then the plan: d.cpu, d.device (order),
         # d.copies (copy-engine order), d.loads [(expert, victim)] admitted to the cache, d.scratch (copies the
         # cache refused: one use), d.ready (arrival of experts still being copied), d.copy_end, d.makespan
@@ -151,7 +152,11 @@ class DecisionCore:
 
     # -- the two calls per layer --------------------------------------------------------------------------------
     def plan_layer(self, layer: int, tokens: dict[int, int], scores: dict[int, float] | None, n_tokens: int,
-                   now: float, copy_free: float, cpu_free: float) -> LayerDecision:
+                   now: float, copy_free: float, cpu_free: float,
+                   arrivals: dict[int, float] | None = None) -> LayerDecision:
+        """`arrivals` (expert -> ms), when the driver knows them (the executor, from its copy engine's events):
+        which of the layer's copies are still on their way and when each ends; every other copy has arrived. Without
+        them the core's own predictions (issue time + copy cost) stand in."""
         d0 = time.perf_counter()
         c = self.costs
         tok = dict(sorted(tokens.items()))  # id order: decisions never depend on how the driver counted
@@ -167,6 +172,8 @@ class DecisionCore:
             cache = self.cache
             cache.update(layer, tok, scores)
             cached = cache.cached(layer)
+            if arrivals is not None:
+                self._observe(layer, cached, arrivals)
             for e in tok:
                 if e in cached:
                     d.cached.add(e)
@@ -266,6 +273,13 @@ class DecisionCore:
         if victim is not None:
             s.add(victim)
         self.inflight.pop((layer, e), None)
+
+    def _observe(self, layer: int, cached: set[int], arrivals: dict[int, float]) -> None:
+        for e in cached:
+            if e in arrivals:
+                self.inflight[(layer, e)] = arrivals[e]
+            else:
+                self.inflight.pop((layer, e), None)
 
     def _arrive(self, layer: int, e: int, victim: int | None, at: float) -> None:
         if victim is not None:

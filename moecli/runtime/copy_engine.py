@@ -4,6 +4,7 @@ known from events, back-pressure on prefetch, and per-slot ordering.
     job = engine.submit(slot, dst, parts, priority, need_by=..., now=...)   # None: refused (back-pressure)
     engine.wait(job)         # the compute stream (the caller, without CUDA) waits for this copy only
     engine.mark_read(slots)  # compute queued so far reads these slots: their next copy waits for that read only
+    engine.arrivals(jobs, now)  # when each of these copies ends: absent once its event fired (an estimate until then)
     engine.drain_ms(now)     # when the queued and in-flight copies end (events say which are done; the measured
                              # copy time estimates the rest)
 
@@ -154,6 +155,23 @@ class CopyEngine:
         """When every copy at or above `priority` that is queued or in flight has ended (estimate, ms)."""
         with self._lock:
             return self._drain_locked(now, priority)
+
+    def arrivals(self, jobs: dict, now: float) -> dict:
+        """key -> when that copy ends (estimate, ms) for the `jobs` (key -> CopyJob) not yet done: issued ones from
+        their issue time, queued ones behind everything ahead of them in priority order. Done (its event fired) or
+        cancelled ones are absent: those experts are there."""
+        with self._lock:
+            self._poll_locked()
+            live = {k: j for k, j in jobs.items() if j is not None and j.state in ("queued", "issued")}
+            if not live:
+                return {}
+            end = {id(j): max(now, j.t_issue + self._est(j.nbytes)) for j in self._inflight}
+            t = max(end.values(), default=now)
+            for j in sorted(q for q in self._queue if q.state == "queued"):
+                t += self._est(j.nbytes)
+                end[id(j)] = t
+            # issued but not yet on a stream's in-flight list: from now
+            return {k: end.get(id(j), now + self._est(j.nbytes)) for k, j in live.items()}
 
     def finish_ms(self, now: float, priority: int) -> float:
         """When a copy submitted now at `priority` would end (estimate, ms)."""

@@ -136,6 +136,12 @@ class DeviceExpertCache:
         self.copy_engine.mark_read([(i, s) for s in slot_of.values()])
         self._read_now.update((layer, e) for e in slot_of if e >= 0)
 
+    def arrivals(self, layer: int, now: float) -> dict[int, float]:
+        """expert -> when its copy into `layer`'s slots ends, for those still being copied (from the copy engine's
+        events; the others are there)."""
+        jobs = {e: j for (l, e), j in self.pending.items() if l == layer and e >= 0}
+        return self.copy_engine.arrivals(jobs, now)
+
     def _check_evictable(self, layer: int, e: int) -> None:
         if (layer, e) in self._read_now:
             raise InUseError(f"expert {e} of layer {layer} was read in this step: it cannot be evicted before the "

@@ -184,7 +184,8 @@ class HybridExperts:
         tokens = dict(zip(active.tolist(), counts[active].tolist()))
         sc = mean_scores(r.scores) if r.scores is not None else self._score_dict(ids_np, r.weights, n)
         copy_free = self._copy_free_at(now)
-        d = core.plan_layer(layer, tokens, sc, n, now, copy_free, now)
+        arrivals = self.dev.arrivals(layer, now)  # the copies still on their way, from the engine's events
+        d = core.plan_layer(layer, tokens, sc, n, now, copy_free, now, arrivals)
         st.active += len(tokens)
         st.hits += len(d.cached)
 
@@ -235,7 +236,7 @@ class HybridExperts:
             self.log.append(core_record(layer, d, a))
         if self.recorder is not None:  # host copies of what was read (the packed buffer is reused next layer)
             clock = {"now": now, "copy": copy_free, "cpu": now, "after_now": after_now, "after_copy": after_copy,
-                     **self._known_clock.pop(layer, {})}
+                     "arrivals": {str(e): t for e, t in arrivals.items()}, **self._known_clock.pop(layer, {})}
             self.recorder(layer, torch.from_numpy(r.ids.copy()), torch.from_numpy(r.weights.copy()),
                           None if r.scores is None else torch.from_numpy(r.scores.copy()),
                           self._pred.pop(layer, {}), clock, core.costs.as_dict() if layer == self.layers[0] else None)

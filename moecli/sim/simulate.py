@@ -159,7 +159,9 @@ class Simulator:
                 dev_free = t0
                 if self.sync_copies and not clock:
                     copy_free = t0  # synchronous copies: the engine is never behind
-                d = core.plan_layer(l, tok, r.mean_scores(), T, t0, copy_free, cpu_free)
+                arrivals = ({int(e): at for e, at in clock["arrivals"].items()}
+                            if clock and "arrivals" in clock else None)  # the executor's, from its copy engine
+                d = core.plan_layer(l, tok, r.mean_scores(), T, t0, copy_free, cpu_free, arrivals)
                 copy0, cpu0 = max(copy_free, t0), max(cpu_free, t0)
                 res.lookups += len(tok)
                 res.hits += len(d.cached)

@@ -11,8 +11,9 @@ d layers earlier when known. The moecli format (JSONL, docs/simulator.md):
   then one record per (sequence, pass, layer):
   {"seq":S,"pass":P,"kind":"prefill"|"decode","layer":L,"ids":[[..K]..T],"weights":[[..K]..T],
    "scores":[[..E]..T] (optional),"pred":{"1":[[..K]..T],"2":...,"3":...} (optional),
-   "clock":{"now","copy","cpu","after_now","after_copy"[,"known_now","known_copy"]} (optional, ms: the executor's
-            clock at its decisions; known_*: at a known-early layer's prefetch, before its attention),
+   "clock":{"now","copy","cpu","after_now","after_copy"[,"arrivals","known_now","known_copy"]} (optional, ms: the
+            executor's clock at its decisions; arrivals {expert: ms}: its copies into this layer still in flight, from
+            the copy engine's events; known_*: at a known-early layer's prefetch, before its attention),
    "costs":{CostModel fields} (optional, on a pass's first layer: the cost model that pass decided with)}
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ class LayerRouting:
     weights: list[list[float]] | None = None   # [T][k]
     scores: list[list[float]] | None = None    # [T][E], full router probabilities
     pred: dict[int, list[list[int]]] = field(default_factory=dict)  # distance -> [T][k]
-    clock: dict[str, float] | None = None      # the executor's clock readings at its decisions (replays)
+    clock: dict | None = None      # the executor's clock readings at its decisions (replays)
     _tokens: dict[int, int] | None = None
     _score: dict[int, float] | None = None
 
