@@ -20,6 +20,16 @@ Routing semantics, made explicit in each config, versus llama.cpp's GGUF archs (
 - deepseek3 (`deepseek_v3`, V3-like): q LoRA, sigmoid + e_score_correction_bias (choice only; nonzero here), 4
   groups of 4 scored by their two best (2 kept), top-4 renormalised, x2.5, 1 shared expert, rope_interleave (pairs).
   transformers' V3 always routes so (scoring_func / topk_method ignored).
+- llama4 (Llama4ForConditionalGeneration with a 1-layer vision tower: Meta's layout, text model under
+  language_model., text_config) / llama4-text (Llama4ForCausalLM, llama4_text): every (moe_step)-th layer MoE
+  with a shared expert, top-k by the raw router logits, sigmoid weight on the expert input (as llama.cpp); RoPE on
+  adjacent pairs (llama.cpp's converter does not permute) with llama3 factors (original 64 positions: all three
+  bands over head_dim 64); L2 q/k norms after RoPE; chunks of LLAMA4_CHUNK tokens on the RoPE layers, the NoPE
+  layer (every 4th) full attention with temperature tuning from floor_scale 4 (llama.cpp fixes 8192 and 8192).
+- qwen3next (`qwen3_next`, Qwen3-Next-80B-A3B-like) / qwen35moe (`qwen3_5_moe`: the multimodal wrapper users
+  download, a one-block vision tower beside the text model under model.language_model.): the tiny GGUF's dims
+  (conftest), layer_types from its full_attention_interval, partial rotary from its rope_dim, norm_topk_prob True
+  (Qwen3.5 always renormalises). Zero-centred norms (1 + w) come out ≈ 2 here: the GGUF side's 1 + w is tested.
 - llama-dense / mixtral: HF stores Q/K in the "half-split" (NEOX-like) order; GGUF's llama arch expects the
   HF converter's permuted order (NORM rope). A converter must permute.
 """
@@ -32,8 +42,10 @@ import numpy as np
 
 from moecli.synth import CHATML_TEMPLATE, SynthDims, tiny_tokenizer
 
+LLAMA4_CHUNK = 16  # llama4's attention chunk: shorter than the test prompts, so chunks start mid-prompt
+
 HF_ARCHS = ("llama-dense", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2-lite", "deepseek3", "glm4moe",
-            "minimax-m2")
+            "minimax-m2", "llama4", "llama4-text", "qwen3next", "qwen35moe")
 
 
 def hf_config(arch: str, d: SynthDims, **overrides):
@@ -80,11 +92,49 @@ def hf_config(arch: str, d: SynthDims, **overrides):
                                  **{**common, "rope_parameters": {
                                      **common["rope_parameters"],
                                      "partial_rotary_factor": extra.get("rope_dim", d.head_dim) / d.head_dim}})
+    if arch in ("llama4", "llama4-text"):
+        text = T.Llama4TextConfig(
+            intermediate_size=d.n_ff, intermediate_size_mlp=d.n_ff_dense, head_dim=d.head_dim,
+            num_local_experts=d.n_expert, interleave_moe_layer_step=dict(d.extra).get("moe_step", 1),
+            attention_chunk_size=LLAMA4_CHUNK, floor_scale=4, attn_scale=0.1, use_qk_norm=True, **moe,
+            **{**common, "rope_parameters": {"rope_type": "llama3", "rope_theta": d.rope_theta, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 64}})
+        if arch == "llama4-text":
+            return text
+        return T.Llama4Config(text_config=text, tie_word_embeddings=d.tie_embeddings, vision_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
+            patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32))
+    if arch in ("qwen3next", "qwen35moe"):
+        return _qwen3next_config(arch, d, common, moe)
     if arch == "olmoe":
         assert d.n_head_kv == d.n_head, "llama.cpp's olmoe supports only MHA"
         return T.OlmoeConfig(intermediate_size=d.n_ff, num_experts=d.n_expert, norm_topk_prob=False, **moe,
                              **common)
     raise ValueError(f"arch must be one of {HF_ARCHS}, got {arch!r}")
+
+
+def _qwen3next_config(arch: str, d, common: dict, moe: dict):
+    import transformers as T
+
+    x = dict(d.extra)
+    interval, rope_dim, state = x.get("interval", 4), x.get("rope_dim", d.head_dim), x.get("ssm_state", d.head_dim)
+    rope = {**common["rope_parameters"], "partial_rotary_factor": rope_dim / d.head_dim}
+    text = dict(common, **moe, head_dim=d.head_dim, num_experts=d.n_expert, moe_intermediate_size=d.n_ff,
+                shared_expert_intermediate_size=d.n_ff_shexp, linear_conv_kernel_dim=x.get("ssm_conv", 4),
+                linear_key_head_dim=state, linear_value_head_dim=state, linear_num_key_heads=x["ssm_groups"],
+                linear_num_value_heads=x["ssm_heads"],
+                layer_types=["full_attention" if (l + 1) % interval == 0 else "linear_attention"
+                             for l in range(d.n_layer)])
+    if arch == "qwen3next":
+        return T.Qwen3NextConfig(**{**text, "rope_parameters": rope}, intermediate_size=d.n_ff, norm_topk_prob=True,
+                                 decoder_sparse_step=1, mlp_only_layers=[])
+    half = rope_dim // 2  # IMRoPE sections over the rotary pairs, split as the released [11, 11, 10]
+    rope = {**rope, "mrope_section": [half - 2 * (half // 3), half // 3, half // 3], "mrope_interleaved": True}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=d.n_embd, patch_size=4,
+                  num_position_embeddings=16)
+    return T.Qwen3_5MoeConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision,
+                              tie_word_embeddings=d.tie_embeddings)
 
 
 def _deepseek_config(arch: str, d, **overrides):
@@ -131,8 +181,9 @@ def _reinit(model, seed: int) -> None:
             elif "embed_tokens" in name:  # as moecli.synth: small only when tied (else the model echoes)
                 p.copy_((0.1 if model.config.tie_word_embeddings else 1.0) * torch.randn(p.shape, generator=g))
             else:
-                scale = 3.0 if ("lm_head" in name or name.endswith(".gate.weight")) else 1.0  # output / router
-                p.copy_(scale * torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+                scale = 3.0 if ("lm_head" in name or name.endswith((".gate.weight", ".router.weight"))) else 1.0
+                fan_in = p.shape[1] if ".feed_forward.experts." in name else p.shape[-1]  # llama4's x @ W [E, in, out]
+                p.copy_(scale * torch.randn(p.shape, generator=g) / fan_in ** 0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias: zeros would test nothing
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
@@ -148,7 +199,7 @@ def write_hf(path_dir, arch: str, dims: SynthDims, seed: int = 0, **overrides) -
     out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config(arch, dims, **overrides)
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    model = _auto(cfg).from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     _reinit(model, seed)
     model.save_pretrained(out, safe_serialization=True)
     tiny_tokenizer().save(str(out / "tokenizer.json"))
@@ -160,13 +211,31 @@ def write_hf(path_dir, arch: str, dims: SynthDims, seed: int = 0, **overrides) -
     return out
 
 
-def hf_logits(model_dir, token_ids) -> np.ndarray:
-    """fp32 eager-attention logits of transformers for `token_ids`: float32 [n_tokens, n_vocab]."""
+def _auto(cfg):
+    """The Auto class for a config: image-text-to-text where it has a vision tower (llama4), else causal LM."""
+    import transformers as T
+
+    return T.AutoModelForImageTextToText if getattr(cfg, "vision_config", None) is not None else T.AutoModelForCausalLM
+
+
+def hf_model(model_dir):
+    """transformers' fp32 eager-attention model of a saved `model_dir`, in eval mode."""
     import torch
     import transformers as T
 
-    model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
+    cls = _auto(T.AutoConfig.from_pretrained(model_dir))
+    model = cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    # transformers 5.24's Llama4ForConditionalGeneration.forward fails building its output (image_outputs); with
+    # no pixel values it is its language_model (a full causal LM, the same weights), which runs
+    lm = getattr(model, "language_model", None)
+    return lm if hasattr(lm, "lm_head") else model
+
+
+def hf_logits(model_dir, token_ids) -> np.ndarray:
+    """fp32 eager-attention logits of transformers for `token_ids`: float32 [n_tokens, n_vocab]."""
+    import torch
+
+    model = hf_model(model_dir)
     with torch.no_grad():
         out = model(torch.tensor([list(token_ids)], dtype=torch.long))
     return out.logits[0].float().numpy()

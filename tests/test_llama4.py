@@ -1,7 +1,8 @@
 """llama4 (Llama 4 Scout / Maverick style), what is particular to it (the checks every family passes are in
 tests/test_families.py): its layout, the Maverick-style variant against llama.cpp (128 experts: no q/k norm; top-2,
 every layer MoE, no rope_freqs), chunked attention and temperature tuning (torch against the graph with a narrowed
-chunk), a bad rope_freqs tensor, the llama4 presets. GGUF only.
+chunk), a bad rope_freqs tensor, the llama4 presets. GGUF (safetensors:
+tests/test_llama4_hf.py).
 
 Fixture (tests/conftest.py "llama4"): 4 layers (0 and 2 dense, 1 and 3 MoE; layer 3 full attention without RoPE,
 0-2 chunked with NORM RoPE times rope_freqs factors and L2 q/k norms), top-1 of 8 picked by the logits, the

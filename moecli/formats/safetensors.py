@@ -63,9 +63,11 @@ def _check_header(path: Path, header, data_bytes: int) -> list[tuple]:
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise UnsupportedError(f"{what} has unsupported dtype {str(dtype)[:20]}")
-        if not isinstance(shape, list) or len(shape) > 4 or \
+        # up to 8 dims: a multimodal checkpoint's vision tower (Qwen3.5's Conv3d patch embedding is 5-D) is read
+        # past, not refused
+        if not isinstance(shape, list) or len(shape) > 8 or \
                 any(type(x) is not int or not 0 <= x < 1 << 40 for x in shape):
-            raise MoecliError(f"{what}: shape {str(shape)[:60]} is not a list of at most 4 non-negative integers")
+            raise MoecliError(f"{what}: shape {str(shape)[:60]} is not a list of at most 8 non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or any(type(x) is not int for x in offsets) \
                 or not 0 <= offsets[0] <= offsets[1]:
             raise MoecliError(f"{what}: data_offsets {str(offsets)[:60]} is not [begin, end] with 0 <= begin <= end")

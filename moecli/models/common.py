@@ -1,8 +1,12 @@
 """What the architectures share: GGUF/HF config keys and Hugging Face -> GGUF tensor names."""
 from __future__ import annotations
 
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.gguf import GGUFFile
+from moecli.formats.tensor import TensorData
 from moecli.models.config import ModelConfig
 
 _L = r"model\.layers\.(\d+)\."
@@ -111,3 +115,31 @@ def gguf_metadata(c: ModelConfig, **fields) -> dict:
         m.update({"expert_count": c.n_expert, "expert_used_count": c.n_expert_used})
     m.update(fields)
     return m
+
+
+_NP = {T.F32: np.float32, T.F16: np.uint16, T.BF16: np.uint16}  # bf16/f16 moved as 16-bit patterns
+
+
+def ggml_tensor_of(name: str, ggml_type, ne, arr: np.ndarray) -> TensorData:
+    """A TensorData over `arr`'s bytes (ggml order `ne`), for tensors built in memory."""
+    return TensorData(name, ggml_type, tuple(int(n) for n in ne), arr.reshape(-1).view(np.uint8))
+
+
+def hf_fused_experts(t: TensorData, name: str, split: str | None) -> tuple[TensorData, ...]:
+    """transformers' fused float experts [E, in, out] (applied as x @ W) as 3-D ggml-layout TensorData (a row of
+    `in` per output). Transposed against ggml, so this is a one-time copy of the experts. `split`: how gate_up_proj
+    holds its two halves of the outputs, "interleaved" (gpt-oss: gate, up, gate, ... column by column) or "halves"
+    (llama4: every gate column, then every up column) -> (gate, up); None (down_proj) -> (down,)."""
+    if t.type not in _NP or len(t.shape) != 3:
+        raise UnsupportedError(f"{name}: {t.type.name} {list(t.shape)} fused experts are not supported (float "
+                               "[experts, in, out] only)")
+    E, n_in, n_out = t.shape
+    a = t.raw.view(_NP[t.type]).reshape(E, n_in, n_out)
+    if split == "interleaved":
+        cols = (a[:, :, 0::2], a[:, :, 1::2])
+    elif split == "halves":
+        cols = (a[:, :, :n_out // 2], a[:, :, n_out // 2:])
+    else:
+        cols = (a,)
+    return tuple(ggml_tensor_of(f"{name}[{i}]", t.type, (n_in, w.shape[2], E),
+                                np.ascontiguousarray(w.transpose(0, 2, 1))) for i, w in enumerate(cols))

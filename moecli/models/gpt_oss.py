@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.tensor import TensorData
 from moecli.models import spec as S
-from moecli.models.common import gguf_metadata, synth_common
+from moecli.models.common import ggml_tensor_of, gguf_metadata, hf_fused_experts, synth_common
 from moecli.models.config import Checkpoint, ExpertStack, ModelConfig
 from moecli.models.layers import to_torch
 from moecli.models import transformer
@@ -229,17 +229,10 @@ def hf_experts(m, c: ModelConfig) -> dict:
         for kind, w, bias in (("gate", gate_up[0], None if gu_bias is None else gu_bias[:, 0::2]),
                               ("up", gate_up[1], None if gu_bias is None else gu_bias[:, 1::2]),
                               ("down", down[0], d_bias)):
-            bt = None if bias is None else _tensor(f"{b}ffn_{kind}_exps.bias", T.F32,
-                                                   (bias.shape[1], bias.shape[0]), np.ascontiguousarray(bias))
+            bt = None if bias is None else ggml_tensor_of(f"{b}ffn_{kind}_exps.bias", T.F32,
+                                                          (bias.shape[1], bias.shape[0]), np.ascontiguousarray(bias))
             out[f"{b}ffn_{kind}_exps"] = ExpertStack(stacked=w, bias=bt)
     return out
-
-
-_NP = {T.F32: np.float32, T.F16: np.uint16, T.BF16: np.uint16}  # bf16/f16 moved as 16-bit patterns
-
-
-def _tensor(name, ggml_type, ne, arr: np.ndarray) -> TensorData:
-    return TensorData(name, ggml_type, tuple(int(n) for n in ne), arr.reshape(-1).view(np.uint8))
 
 
 def _f32_rows(t: TensorData | None) -> np.ndarray | None:
@@ -249,13 +242,8 @@ def _f32_rows(t: TensorData | None) -> np.ndarray | None:
 def _hf_expert_weights(tensors, name: str, c: ModelConfig):
     """(gate, up) for gate_up_proj or (down,) for down_proj as 3-D ggml-layout TensorData, or None if absent."""
     fused = name.endswith("gate_up_proj")
-    if name in tensors:  # float: [E, in, out] -> ggml rows of `in` per output
-        t = tensors[name]
-        E, n_in, n_out = t.shape
-        a = t.raw.view(_NP[t.type]).reshape(E, n_in, n_out)
-        cols = (a[:, :, 0::2], a[:, :, 1::2]) if fused else (a,)
-        return tuple(_tensor(f"{name}[{i}]", t.type, (n_in, w.shape[2], E),
-                             np.ascontiguousarray(w.transpose(0, 2, 1))) for i, w in enumerate(cols))
+    if name in tensors:  # float: [E, in, out]
+        return hf_fused_experts(tensors[name], name, "interleaved" if fused else None)
     blocks, scales = tensors.get(name + "_blocks"), tensors.get(name + "_scales")
     if blocks is None or scales is None:
         return None
@@ -263,8 +251,8 @@ def _hf_expert_weights(tensors, name: str, c: ModelConfig):
     q = blocks.raw.reshape(E, n_out, nb, 16)
     e = scales.raw.reshape(E, n_out, nb, 1)
     rows = (slice(0, None, 2), slice(1, None, 2)) if fused else (slice(None),)
-    return tuple(_tensor(f"{name}[{i}]", T.MXFP4, (nb * 32, q[:, r].shape[1], E),
-                         np.concatenate([e[:, r], _mxfp4_qs(q[:, r])], axis=-1)) for i, r in enumerate(rows))
+    return tuple(ggml_tensor_of(f"{name}[{i}]", T.MXFP4, (nb * 32, q[:, r].shape[1], E),
+                                np.concatenate([e[:, r], _mxfp4_qs(q[:, r])], axis=-1)) for i, r in enumerate(rows))
 
 
 def _mxfp4_qs(q: np.ndarray) -> np.ndarray:

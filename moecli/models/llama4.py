@@ -6,18 +6,24 @@ logits and the weight scales each expert's INPUT (not its output), never renorma
 layers: three chunked-attention layers (a query sees the keys of its own 8192-token chunk) with NORM RoPE (times the
 rope_freqs factors when the file has them) and weightless L2 q/k norms after it (not on the 128-expert Maverick), then
 one full-attention layer without RoPE whose queries get llama.cpp's temperature tuning. Chunk size, temperature
-floor and scale are llama.cpp's fixed values, whatever the file says.
+floor and scale are llama.cpp's fixed values, whatever the file says. From Hugging Face safetensors (from_hf:
+Meta's Llama4ForConditionalGeneration or a text-only Llama4ForCausalLM) they come from config.json instead, as
+transformers reads them, and the llama3 rope_parameters become the factors (what llama.cpp's converter writes).
 """
+import math
+
 import numpy as np
 import torch
 
-from moecli.errors import UnsupportedError
+from moecli.errors import MoecliError, UnsupportedError
 from moecli.kernels import ggml as G
 from moecli.models import spec as S
-from moecli.models.common import gguf_common, gguf_metadata, synth_common
+from moecli.models import validate as checks
+from moecli.models.common import ATTN_NAMES, gguf_common, gguf_metadata, hf_common, hf_fused_experts, synth_common
+from moecli.models.config import ExpertStack
 from moecli.models.gpt_oss import attend_sinks
 from moecli.models.layers import attend, rms_norm
-from moecli.models.rope import attn_temperature
+from moecli.models.rope import attn_temperature, llama3_factors
 from moecli.models.transformer import Transformer, kv_shape  # noqa: F401
 
 CHUNK, STEP = 8192, 4  # llama.cpp: n_swa = 8192 (chunked), swa pattern 4, n_no_rope_layer_step 4
@@ -101,7 +107,8 @@ class Llama4Transformer(Transformer):
         q = layer.q(h).view(n, c.n_head, c.head_dim)
         k = layer.k(h).view(n, c.n_head_kv, c.head_dim)
         if l in c.nope_layers:
-            q = q * torch.from_numpy(attn_temperature(c, pos.cpu().numpy())).to(q.device)[:, None, None]
+            if c.attn_temp_scale:  # 0: a Hugging Face config with attn_temperature_tuning off
+                q = q * torch.from_numpy(attn_temperature(c, pos.cpu().numpy())).to(q.device)[:, None, None]
         else:
             q, k = self.rope(q, pos), self.rope(k, pos)
             if c.qk_norm == "l2":
@@ -137,3 +144,96 @@ def synth_config(d):
 def to_gguf(c) -> dict:
     return gguf_metadata(c, feed_forward_length=c.n_ff, expert_feed_forward_length=c.n_ff_exp,
                          interleave_moe_layer_step=c.moe_step)
+
+
+# ------------------------------------------------------------------------------------------------------ Hugging Face
+# Llama4ForConditionalGeneration (what Meta ships: config.json's text_config, which the loader passes, the text model
+# under language_model., vision_model.* / multi_modal_projector.* skipped since no pattern names them) or
+# Llama4ForCausalLM (llama4_text).
+_P, _L = r"(?:language_model\.)?", r"model\.layers\.(\d+)\.feed_forward\."
+HF_NAMES = [(_P + pattern, template) for pattern, template in ATTN_NAMES] + [
+    (_P + _L + r"router\.weight", r"blk.\1.ffn_gate_inp.weight"),
+    (_P + _L + r"shared_expert\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
+    (_P + _L + r"(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2.weight"),  # the dense layers' FFN
+]  # the fused experts (feed_forward.experts.*) are read by hf_experts()
+
+
+def _flags(text: dict, key: str, n: int, default: list) -> list:
+    v = text.get(key)
+    if v is None:
+        return default
+    if len(v) < n or not all(type(x) is int for x in v):
+        raise MoecliError(f"config.json: {key} must list an integer for each of the {n} layers, got {v!r:.80}")
+    return v[:n]
+
+
+def from_hf(text: dict):
+    """transformers' Llama4TextConfig (for a Llama4Config, the loader passes its text_config). What it makes
+    configurable is read from the file (transformers is the reference here), where from_gguf takes llama.cpp's
+    fixed values."""
+    checks.hf_config(text)  # the loader checked it already; from_hf is called directly too
+    try:
+        n_layer, n_expert = int(text["num_hidden_layers"]), int(text["num_local_experts"])
+        n_ff_exp, n_ff = int(text["intermediate_size"]), int(text.get("intermediate_size_mlp", 16384))
+        head_dim = int(text.get("head_dim") or text["hidden_size"] // max(1, text["num_attention_heads"]))
+    except KeyError as e:
+        raise MoecliError(f"config.json lacks {e.args[0]}") from None
+    if text.get("hidden_act", "silu") != "silu" or text.get("attention_bias"):
+        raise UnsupportedError(f"llama4: hidden_act {text.get('hidden_act')!r} / attention_bias "
+                               f"{text.get('attention_bias')} are not supported (silu, no biases)")
+    step = text.get("interleave_moe_layer_step", 1)
+    moe = text.get("moe_layers")
+    if step < 1 or moe not in (None, list(range(step - 1, n_layer, step))):
+        raise UnsupportedError(f"llama4: moe_layers {moe!r:.80} with interleave_moe_layer_step {step} is not "
+                               "supported (every step-th layer MoE, as interleave_moe_layer_step says)")
+    interval = text.get("no_rope_layer_interval", 4)
+    if interval < 1:
+        raise MoecliError(f"config.json: no_rope_layer_interval {interval} must be at least 1")
+    rope_on = _flags(text, "no_rope_layers", n_layer, [int((l + 1) % interval != 0) for l in range(n_layer)])
+    chunk = text.get("attention_chunk_size")
+    if chunk is not None and chunk < 1:
+        raise MoecliError(f"config.json: attention_chunk_size {chunk} must be at least 1 (or null: no chunking)")
+    types = text.get("layer_types") or ["chunked_attention" if r and chunk else "full_attention" for r in rope_on]
+    if len(types) < n_layer or not all(t in ("chunked_attention", "full_attention") for t in types[:n_layer]) or \
+            ("chunked_attention" in types[:n_layer] and not chunk):
+        raise UnsupportedError(f"llama4: layer_types {types!r:.80} are not supported (chunked_attention, which "
+                               "needs attention_chunk_size, or full_attention per layer)")
+    floor, scale = text.get("floor_scale", 8192), float(text.get("attn_scale", 0.1))
+    tuning = bool(text.get("attn_temperature_tuning", True))
+    if tuning and not (floor >= 1 and math.isfinite(scale)):
+        raise MoecliError(f"config.json: floor_scale {floor} / attn_scale {scale} must be at least 1 / finite")
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(text.get("rope_theta") or rope.get("rope_theta") or 500000.0)  # Llama4TextConfig's default
+    if kind not in ("default", "llama3"):
+        raise UnsupportedError(f"llama4: RoPE scaling '{kind}' is not supported (llama3 factors only)")
+    factors = llama3_factors(rope, head_dim, theta) if kind == "llama3" else ()
+    if factors and not all(math.isfinite(f) and f > 0 for f in factors):
+        raise MoecliError(f"config.json: rope_parameters {rope!r:.80} give non-positive RoPE factors")
+    plain = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_scaling": None}
+    return hf_common(plain, "llama4", head_dim=head_dim, n_expert=n_expert,
+                     n_expert_used=int(text.get("num_experts_per_tok", 1)), n_ff=n_ff, n_ff_exp=n_ff_exp,
+                     n_ff_shexp=n_ff_exp, rope_factors=factors, rope_neox=False,
+                     moe_step=step, swa_layers=tuple(l for l in range(n_layer) if types[l] == "chunked_attention"),
+                     nope_layers=tuple(l for l in range(n_layer) if not rope_on[l]), attn_chunk=int(chunk or 0),
+                     attn_temp_scale=scale if tuning else 0.0, attn_temp_floor=int(floor) if tuning else 0,
+                     qk_norm="l2" if text.get("use_qk_norm", True) else None, gating="sigmoid", select_logits=True,
+                     weight_input=True, norm_topk=False, routed_scale=0.0)
+
+
+def hf_experts(m, c) -> dict:
+    """The MoE layers' expert stacks from the fused feed_forward.experts.gate_up_proj [E, d, 2 ff] (gate columns,
+    then up) and down_proj [E, ff, d] (x @ W): a one-time transposing copy into ggml's layout."""
+    pre = "language_model." if "language_model.model.embed_tokens.weight" in m.tensors else ""
+    out = {}
+    for l in range(c.n_layer):
+        if not S.moe_layer(c, l):
+            continue
+        p = f"{pre}model.layers.{l}.feed_forward.experts."
+        gate_up, down = m.tensors.get(p + "gate_up_proj"), m.tensors.get(p + "down_proj")
+        if gate_up is None or down is None:
+            raise MoecliError(f"{m.path.name}: MoE layer {l} lacks {p}gate_up_proj / down_proj")
+        stacks = hf_fused_experts(gate_up, p + "gate_up_proj", "halves") + hf_fused_experts(down, p + "down_proj", None)
+        for kind, w in zip(("gate", "up", "down"), stacks):
+            out[f"blk.{l}.ffn_{kind}_exps"] = ExpertStack(stacked=w)
+    return out

@@ -4,12 +4,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
 from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.gguf import GGUFFile
 from moecli.formats.safetensors import SafetensorsModel
 from moecli.models import deepseek2, glm4moe, gpt_oss, llama, llama4, minimax_m2, olmoe, qwen2moe, qwen3moe, \
     qwen3next, smallthinker, spec
 from moecli.models import validate as checks
+from moecli.models.common import ggml_tensor_of
 from moecli.models.config import Checkpoint, ExpertStack
 
 # GGUF `general.architecture` -> family module.
@@ -19,7 +23,11 @@ GGUF_ARCHS = {"llama": llama, "qwen2moe": qwen2moe, "qwen3moe": qwen3moe, "olmoe
 # Hugging Face `model_type` -> family module.
 HF_ARCHS = {"llama": llama, "mistral": llama, "mixtral": llama, "qwen2_moe": qwen2moe, "qwen3_moe": qwen3moe,
             "olmoe": olmoe, "gpt_oss": gpt_oss, "deepseek_v2": deepseek2, "deepseek_v3": deepseek2, "glm4_moe": glm4moe,
-            "minimax_m2": minimax_m2}
+            "minimax_m2": minimax_m2, "qwen3_next": qwen3next, "qwen3_5_moe": qwen3next, "qwen3_5_moe_text": qwen3next,
+            "llama4": llama4, "llama4_text": llama4}
+# Multimodal wrappers moecli runs the language model of: its config is config.json's `text_config` (the vision
+# tower's tensors match no name and are skipped).
+HF_TEXT_CONFIG = {"qwen3_5_moe", "llama4"}
 _EXPS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
@@ -59,7 +67,7 @@ def _from_hf(m: SafetensorsModel) -> Checkpoint:
     if family is None:
         raise UnsupportedError(f"{m.path.name}: unsupported architecture '{model_type}' "
                                f"(supported: {', '.join(sorted(HF_ARCHS))})")
-    cfg = family.from_hf(m.config)
+    cfg = family.from_hf(_text_config(m.config, model_type, m.path.name))
     checks.config(cfg, checks.layers_present(m.tensors), f"{m.path.name}/config.json", hf=True)
     tensors, per_expert = {}, {}
     for name, t in m.tensors.items():
@@ -73,13 +81,35 @@ def _from_hf(m: SafetensorsModel) -> Checkpoint:
         if e:
             per_expert.setdefault(e[1], {})[int(e[2])] = t
         else:
-            tensors[new] = t
-    experts = family.hf_experts(m, cfg) if hasattr(family, "hf_experts") else {}  # fused layouts (gpt-oss)
+            tensors[new] = _f32_if_1d(t)
+    if hasattr(family, "hf_tensors"):  # values the GGUF side stores transformed (qwen3next's norms, A_log, ...)
+        tensors = family.hf_tensors(tensors, cfg)
+    experts = family.hf_experts(m, cfg) if hasattr(family, "hf_experts") else {}  # fused layouts (gpt-oss, Qwen3.5)
     for key, by_id in per_expert.items():
         if sorted(by_id) != list(range(cfg.n_expert)):
             raise MoecliError(f"{m.path.name}: {key} has experts {sorted(by_id)[:8]}..., expected {cfg.n_expert}")
         experts[key] = ExpertStack(experts=[by_id[i] for i in range(cfg.n_expert)])
     return Checkpoint(cfg, tensors, experts, m.file_bytes, m)
+
+
+def _text_config(cfg: dict, model_type: str, name: str) -> dict:
+    if model_type not in HF_TEXT_CONFIG:
+        return cfg
+    text = cfg.get("text_config")
+    if text is None:
+        raise MoecliError(f"{name}/config.json: a {model_type} config needs text_config (the language model's)")
+    # the wrapper's own tie_word_embeddings is the one transformers honours
+    text = {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
+    checks.hf_config(text, f"{name}/config.json text_config")
+    return text
+
+
+def _f32_if_1d(t):
+    """A 16-bit 1-D tensor (norm weights, biases; bf16 in most released checkpoints) as F32, as GGUF converters
+    store them: ggml's binary ops (the norm's multiply, the bias add) take no bf16 / f16 operand. A small copy."""
+    if len(t.ne) != 1 or t.type not in (T.BF16, T.F16):
+        return t
+    return ggml_tensor_of(t.name, T.F32, t.ne, t.numpy().astype(np.float32))
 
 
 def rename_hf(name: str, table: list[tuple[str, str]]) -> str | None:

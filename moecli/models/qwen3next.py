@@ -25,10 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moecli.errors import UnsupportedError
+from moecli.errors import MoecliError, UnsupportedError
+from moecli.formats.tensor import T as QT, TensorData
 from moecli.kernels import ggml as G
 from moecli.models import spec as S
-from moecli.models.common import gguf_common, gguf_metadata, synth_common
+from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, gguf_common, gguf_metadata, hf_common, synth_common
+from moecli.models.config import ExpertStack
 from moecli.models.layers import KVCache, attend, begin_recurrent, rms_norm, to_torch
 from moecli.models.transformer import Transformer, swiglu
 
@@ -399,6 +401,174 @@ def torch_delta_rule(q, k, v, g, beta, S0):
 
 
 TRANSFORMER = Qwen3Next
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+
+_L = r"model\.(?:language_model\.)?layers\.(\d+)\."  # Qwen3.5's multimodal checkpoints nest the text model
+_LA = _L + r"linear_attn\."
+HF_NAMES = [(p.replace(r"model\.", r"model\.(?:language_model\.)?", 1), t) for p, t in ATTN_NAMES + EXPERT_NAMES
+            if "post_attention" not in p] + [
+    (_L + r"post_attention_layernorm\.weight", r"blk.\1.post_attention_norm.weight"),
+    (_LA + r"in_proj_qkvz\.weight", r"blk.\1.ssm_in.weight"),  # Qwen3-Next: grouped per k head, as ssm_in
+    (_LA + r"in_proj_ba\.weight", r"blk.\1.ssm_ba.weight"),
+    (_LA + r"in_proj_qkv\.weight", r"blk.\1.attn_qkv.weight"),  # Qwen3.5: separate projections
+    (_LA + r"in_proj_z\.weight", r"blk.\1.attn_gate.weight"),
+    (_LA + r"in_proj_b\.weight", r"blk.\1.ssm_beta.weight"),
+    (_LA + r"in_proj_a\.weight", r"blk.\1.ssm_alpha.weight"),
+    (_LA + r"conv1d\.weight", r"blk.\1.ssm_conv1d.weight"),
+    (_LA + r"dt_bias", r"blk.\1.ssm_dt.bias"),
+    (_LA + r"A_log", r"blk.\1.ssm_a"),
+    (_LA + r"norm\.weight", r"blk.\1.ssm_norm.weight"),
+    (_LA + r"out_proj\.weight", r"blk.\1.ssm_out.weight"),
+    (_L + r"mlp\.shared_expert\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
+    (_L + r"mlp\.shared_expert_gate\.weight", r"blk.\1.ffn_gate_inp_shexp.weight"),
+]  # the multi-token-prediction head (mtp.*) and the vision tower (model.visual.*) match nothing: skipped
+_KINDS = ("linear_attention", "full_attention")
+
+
+def from_hf(cfg: dict):
+    """Qwen3-Next (`qwen3_next`) and Qwen3.5 / 3.6 MoE (`qwen3_5_moe_text`, the text model of `qwen3_5_moe`)
+    config.json, as transformers computes them (modeling_qwen3_next / modeling_qwen3_5_moe)."""
+    arch = "qwen3next" if cfg.get("model_type") == "qwen3_next" else "qwen35moe"
+    try:
+        n_layer, n_embd, n_head = (int(cfg[k]) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads"))
+        head_dim = int(cfg.get("head_dim") or n_embd // n_head)
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))  # transformers' default
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise MoecliError(f"config.json: partial_rotary_factor {factor!r} is not a number in (0, 1]")
+        rope_dim = int(head_dim * factor)
+        interval = cfg.get("full_attention_interval") or 4
+        if interval < 1:
+            raise MoecliError(f"config.json: full_attention_interval {interval} must be positive")
+        types = cfg.get("layer_types") or [_KINDS[(l + 1) % interval == 0] for l in range(n_layer)]
+        if len(types) != n_layer or any(t not in _KINDS for t in types):
+            raise UnsupportedError(f"config.json: layer_types must be {n_layer} of {' / '.join(_KINDS)}, got "
+                                   f"{str(types)[:60]}")
+        k_dim, v_dim = int(cfg.get("linear_key_head_dim", 128)), int(cfg.get("linear_value_head_dim", 128))
+        if k_dim != v_dim:
+            raise UnsupportedError(f"config.json: linear_key_head_dim {k_dim} != linear_value_head_dim {v_dim} "
+                                   "(the DeltaNet state must be square)")
+        _refuse_hf(cfg, arch)
+        sections = ()
+        if arch == "qwen35moe":  # text positions rotate every pair alike, whatever the split: keep the file's
+            half, mrope = rope_dim // 2, list(rope.get("mrope_section") or [])
+            sections = (*mrope, 0) if len(mrope) == 3 and sum(mrope) == half else \
+                (half - 2 * (half // 3), half // 3, half // 3, 0)
+        c = hf_common(
+            cfg, arch, n_expert=int(cfg["num_experts"]), n_expert_used=int(cfg["num_experts_per_tok"]),
+            n_ff_exp=int(cfg["moe_intermediate_size"]), n_ff_shexp=int(cfg["shared_expert_intermediate_size"]),
+            n_shared=1, shared_expert_gate=True, shexp_gate="sigmoid", gating="softmax",
+            norm_topk=bool(cfg.get("norm_topk_prob", True)), qk_norm="head", rope_dim=rope_dim,
+            recurrent_layers=tuple(l for l, t in enumerate(types) if t == "linear_attention"),
+            ssm_conv=int(cfg.get("linear_conv_kernel_dim", 4)), ssm_state=k_dim,
+            ssm_groups=int(cfg.get("linear_num_key_heads", 16)), ssm_heads=int(cfg.get("linear_num_value_heads", 32)),
+            rope_sections=sections)
+    except KeyError as e:
+        raise MoecliError(f"config.json lacks {e.args[0]}") from None
+    _check(c, c.ssm_state * c.ssm_heads, "config.json")
+    return c
+
+
+def _refuse_hf(cfg: dict, arch: str) -> None:
+    """What transformers can compute and these layers cannot: one error each."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
+    if cfg.get("attention_bias"):
+        raise UnsupportedError("config.json: attention_bias is not supported for qwen3next / qwen35moe")
+    if cfg.get("attn_output_gate") is False:
+        raise UnsupportedError("config.json: attn_output_gate false is not supported (gated attention only)")
+    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1) or 1) != 1:
+        raise UnsupportedError("config.json: dense layers (mlp_only_layers / decoder_sparse_step) are not supported")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if arch == "qwen35moe" and "mrope_section" in rope and not isinstance(rope["mrope_section"], list):
+        raise MoecliError(f"config.json: mrope_section {rope['mrope_section']!r} is not a list")
+
+
+def _f32(name: str, a) -> TensorData:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return TensorData(name, QT.F32, tuple(reversed(a.shape)), a.reshape(-1).view(np.uint8))
+
+
+_ELEM = {QT.F32: np.float32, QT.F16: np.uint16, QT.BF16: np.uint16}  # row moves only: 16-bit patterns as they are
+
+
+def hf_tensors(t: dict, c) -> dict:
+    """transformers' values -> the ones the GGUF side holds (what llama.cpp's convert_hf_to_gguf.py writes): the
+    zero-centred RMSNorm weights w as 1 + w (all but the gated ssm_norm), A_log as ssm_a = -exp(A_log), the conv
+    weight [C, 1, K] as {K, C}, these small tensors in float32 (ggml_ssm_conv takes no other); and Qwen3.5's value
+    heads from transformers' grouped order (v head h reads k head h // r) to the tiled one ggml_gated_delta_net
+    broadcasts to (h % H_k). Shapes that disagree are left for the loader's validation to name."""
+    out = dict(t)
+
+    def f32(name, fn=lambda x: x):
+        if name in out:
+            out[name] = _f32(name, fn(torch.from_numpy(out[name].numpy()).float()))
+
+    f32("output_norm.weight", lambda w: w + 1.0)
+    for l in range(c.n_layer):
+        for k in ("attn_norm", "post_attention_norm", "attn_q_norm", "attn_k_norm"):
+            f32(f"blk.{l}.{k}.weight", lambda w: w + 1.0)
+    Hk, Hv, d, kw, vw, ch = _dims(c)
+    r = Hv // Hk
+    perm = np.array([(j % Hk) * r + j // Hk for j in range(Hv)])  # GGUF v head j <- transformers' perm[j]
+    for l in c.recurrent_layers:
+        b = f"blk.{l}."
+        conv = out.get(b + "ssm_conv1d.weight")
+        if conv is not None and len(conv.ne) == 3 and conv.ne[1] == 1:
+            out[b + "ssm_conv1d.weight"] = TensorData(conv.name, conv.type, (conv.ne[0], conv.ne[2]), conv.raw)
+        f32(b + "ssm_a", lambda a: -a.exp())
+        for k in ("ssm_conv1d.weight", "ssm_dt.bias", "ssm_norm.weight"):
+            f32(b + k)
+        if c.arch != "qwen35moe" or r == 1:
+            continue
+        for key, ne, axis, start, width in (
+                ("attn_qkv.weight", (c.n_embd, ch), 0, 2 * kw, d),
+                ("ssm_conv1d.weight", (c.ssm_conv, ch), 0, 2 * kw, d), ("attn_gate.weight", (c.n_embd, vw), 0, 0, d),
+                ("ssm_beta.weight", (c.n_embd, Hv), 0, 0, 1), ("ssm_alpha.weight", (c.n_embd, Hv), 0, 0, 1),
+                ("ssm_dt.bias", (Hv,), 0, 0, 1), ("ssm_a", (Hv,), 0, 0, 1),
+                ("ssm_out.weight", (vw, c.n_embd), 1, 0, d)):
+            w = out.get(b + key)
+            if w is not None and tuple(w.ne) == ne and w.type in _ELEM:
+                out[b + key] = _heads_tiled(w, perm, axis, start, width)
+    return out
+
+
+def _heads_tiled(w: TensorData, perm, axis: int, start: int, width: int) -> TensorData:
+    """w with the `width`-wide head blocks from `start` along numpy `axis` reordered by perm (a copy)."""
+    a = w.raw.view(_ELEM[w.type]).reshape(w.shape)
+    idx = np.arange(a.shape[axis])
+    idx[start:start + len(perm) * width] = (start + perm[:, None] * width + np.arange(width)).reshape(-1)
+    moved = np.ascontiguousarray(np.take(a, idx, axis=axis))
+    return TensorData(w.name, w.type, w.ne, moved.reshape(-1).view(np.uint8))
+
+
+def hf_experts(m, c) -> dict:
+    """The released Qwen3.5 / 3.6 checkpoints' fused experts, per layer mlp.experts.gate_up_proj [E, 2 ff, d] (gate
+    rows, then up rows) and down_proj [E, d, ff], as zero-copy per-expert views (ggml layouts already: rows of d,
+    rows of ff). transformers' save_pretrained writes per-expert tensors instead (the loader's EXPERT_NAMES)."""
+    out = {}
+    for l in range(c.n_layer):
+        for prefix in (f"model.language_model.layers.{l}.mlp.experts.", f"model.layers.{l}.mlp.experts."):
+            gate_up, down = m.tensors.get(prefix + "gate_up_proj"), m.tensors.get(prefix + "down_proj")
+            if gate_up is not None or down is not None:
+                break
+        else:
+            continue
+        ff, d, E = c.n_ff_exp, c.n_embd, c.n_expert
+        if gate_up is None or down is None or tuple(gate_up.ne) != (d, 2 * ff, E) or tuple(down.ne) != (ff, d, E):
+            raise MoecliError(f"{m.path.name}: {prefix}gate_up_proj / down_proj must be [{E}, {2 * ff}, {d}] and "
+                              f"[{E}, {d}, {ff}], got {None if gate_up is None else list(gate_up.shape)} and "
+                              f"{None if down is None else list(down.shape)}")
+        rows = gate_up.row_bytes * ff  # one expert's gate (or up) block
+        part = lambda e, k: TensorData(f"{gate_up.name}[{e}]", gate_up.type, (d, ff),  # noqa: E731
+                                       gate_up.raw[(2 * e + k) * rows:(2 * e + k + 1) * rows])
+        b = f"blk.{l}."
+        out[b + "ffn_gate_exps"] = ExpertStack(experts=[part(e, 0) for e in range(E)])
+        out[b + "ffn_up_exps"] = ExpertStack(experts=[part(e, 1) for e in range(E)])
+        out[b + "ffn_down_exps"] = ExpertStack(stacked=down)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ synthetic

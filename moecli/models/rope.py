@@ -152,6 +152,26 @@ def ggml_rope(c: ModelConfig) -> GgmlRope:
     return GgmlRope(mode, c.rope_dim, args, kq)
 
 
+def llama3_factors(rope: dict, head_dim: int, theta: float) -> tuple:
+    """Hugging Face's "llama3" rope_type as per-pair divisors of the angle (what GGUF carries as rope_freqs.weight):
+    1 for wavelengths under original_max_position_embeddings / high_freq_factor, `factor` above
+    original / low_freq_factor, a smooth blend between (transformers' _compute_llama3_parameters)."""
+    factor, low, high = (float(rope.get(k, d)) for k, d in (("factor", 8.0), ("low_freq_factor", 1.0),
+                                                             ("high_freq_factor", 4.0)))
+    old = float(rope.get("original_max_position_embeddings", 8192))
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low or high <= low:  # high == low (Llama 4 Scout): no blended band
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return tuple(float(_f(x)) for x in out)
+
+
 def attn_temperature(c: ModelConfig, pos) -> np.ndarray:
     """llama4's temperature tuning of its NoPE layers' queries, per position, as llama.cpp's
     llm_graph_input_attn_temp computes it (float position and offset, double log, float result)."""

@@ -54,15 +54,23 @@ HF_KEYS = {
     **{k: (int,) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
                            "intermediate_size", "moe_intermediate_size", "num_experts", "num_local_experts",
                            "num_experts_per_tok", "n_routed_experts", "kv_lora_rank", "qk_nope_head_dim",
-                           "qk_rope_head_dim", "v_head_dim", "decoder_sparse_step")},
+                           "qk_rope_head_dim", "v_head_dim", "decoder_sparse_step", "linear_conv_kernel_dim",
+                           "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                           "linear_num_value_heads")},
     **{k: (int, _N) for k in ("num_key_value_heads", "head_dim", "max_position_embeddings", "n_group", "topk_group",
                               "shared_expert_intermediate_size", "sliding_window", "q_lora_rank", "n_shared_experts",
-                              "first_k_dense_replace")},
+                              "first_k_dense_replace", "full_attention_interval")},
     **{k: (float, int) for k in ("rms_norm_eps", "routed_scaling_factor", "swiglu_limit", "swiglu_alpha")},
+    "partial_rotary_factor": (float, int, _N), "text_config": (dict, _N), "attn_output_gate": (bool,),
     "rope_theta": (float, int, _N), "rope_parameters": (dict, _N), "rope_scaling": (dict, _N),
     **{k: (bool,) for k in ("tie_word_embeddings", "norm_topk_prob", "qkv_bias", "rope_interleave")},
     "model_type": (str,), "topk_method": (str, _N), "architectures": (list, _N), "mlp_only_layers": (list, _N),
     "layer_types": (list, _N), "bos_token_id": (int, list, _N), "eos_token_id": (int, list, _N),
+    # llama4 (attn_temperature_tuning: Meta's configs write 4 for true)
+    **{k: (int,) for k in ("intermediate_size_mlp", "interleave_moe_layer_step", "no_rope_layer_interval",
+                           "floor_scale")},
+    "attention_chunk_size": (int, _N), "attn_scale": (float, int), "use_qk_norm": (bool,), "attention_bias": (bool,),
+    "attn_temperature_tuning": (bool, int), "no_rope_layers": (list, _N), "moe_layers": (list, _N),
 }
 _JSON_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "an object",
                list: "an array", _N: "null"}
@@ -174,7 +182,7 @@ FIELD_KEYS = {
     "sliding_window": ("attention.sliding_window", "sliding_window"),
 }
 MAX_DIM = 1 << 20  # no real model has a width, head count or vocabulary row count beyond this
-LAYER = re.compile(r"^(?:blk|model\.layers)\.(\d+)\.")
+LAYER = re.compile(r"^(?:blk|(?:language_model\.)?model\.layers|model\.language_model\.layers)\.(\d+)\.")  # llama4, Qwen3.5
 
 
 def layers_present(names) -> int:
