@@ -83,6 +83,67 @@ def test_config_mapping():
         ("qwen35moe", (0, 1, 2), 32, (6, 5, 5, 0), 4)
 
 
+# config.json as released (the keys that decide the computation): Qwen/Qwen3-Next-80B-A3B-Instruct (written by
+# transformers 4.57: rope at the top level, no layer_types) and Qwen/Qwen3.5-35B-A3B (the wrapper; Qwen3.6-35B-A3B
+# has the same text_config)
+QWEN3_NEXT_80B = dict(
+    model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"], vocab_size=151936, hidden_size=2048,
+    intermediate_size=5120, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_theta=10000000, rope_scaling=None, partial_rotary_factor=0.25, attention_bias=False,
+    full_attention_interval=4, linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_num_key_heads=16, linear_num_value_heads=32, decoder_sparse_step=1, mlp_only_layers=[],
+    moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts_per_tok=10, num_experts=512,
+    norm_topk_prob=True)
+QWEN35_35B = dict(
+    model_type="qwen3_5_moe", architectures=["Qwen3_5MoeForConditionalGeneration"], tie_word_embeddings=False,
+    image_token_id=248056, vision_config=dict(model_type="qwen3_5_moe", depth=27, hidden_size=1152),
+    text_config=dict(
+        model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048, num_hidden_layers=40,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=256, hidden_act="silu", attention_bias=False,
+        attn_output_gate=True, max_position_embeddings=262144, rms_norm_eps=1e-6, full_attention_interval=4,
+        layer_types=["full_attention" if (l + 1) % 4 == 0 else "linear_attention" for l in range(40)],
+        linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+        linear_num_value_heads=32, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=256,
+        num_experts_per_tok=8, mamba_ssm_dtype="float32", mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                         "mrope_interleaved": True, "mrope_section": [11, 11, 10]}))
+
+
+def test_released_configs():
+    """The released config.json files map to what their GGUF conversions hold (llama.cpp's metadata)."""
+    from moecli.errors import UnsupportedError
+    from moecli.models.loader import _text_config
+    from moecli.models.qwen3next import from_hf
+
+    nxt = from_hf(QWEN3_NEXT_80B)
+    assert (nxt.arch, len(nxt.recurrent_layers), nxt.recurrent_layers[:4], nxt.rope_dim, nxt.rope_theta,
+            nxt.ssm_groups, nxt.ssm_heads, nxt.ssm_state, nxt.ssm_conv, nxt.n_expert, nxt.n_expert_used,
+            nxt.n_ff_exp, nxt.n_ff_shexp, nxt.norm_topk, nxt.rope_sections) == \
+        ("qwen3next", 36, (0, 1, 2, 4), 64, 1e7, 16, 32, 128, 4, 512, 10, 512, 512, True, ())
+    q35 = from_hf(_text_config(QWEN35_35B, "qwen3_5_moe", "Qwen3.5-35B-A3B"))
+    assert (q35.arch, len(q35.recurrent_layers), q35.n_layer, q35.rope_dim, q35.rope_sections, q35.n_expert,
+            q35.n_expert_used, q35.n_vocab, q35.tie_embeddings) == \
+        ("qwen35moe", 30, 40, 64, (11, 11, 10, 0), 256, 8, 248320, False)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}  # the 1M-context card
+    text = QWEN35_35B["text_config"]
+    with pytest.raises(UnsupportedError, match="yarn"):
+        from_hf({**text, "rope_parameters": {**text["rope_parameters"], **yarn}})
+
+
+def test_show_counts_match_the_gguf():
+    """`moecli show`: the vision tower and MTP head are not counted; the same geometry as the tiny GGUF."""
+    from conftest import tiny_gguf
+
+    from moecli.cli.pull import summarize
+    from moecli.models.loader import load_checkpoint
+
+    for arch in ARCHS:
+        hf, gg = summarize(load_checkpoint(tiny_hf(arch))), summarize(load_checkpoint(tiny_gguf(arch, "F32")))
+        assert (hf["params_total"], hf["params_active"], hf["expert_params"]) == \
+            (gg["params_total"], gg["params_active"], gg["expert_params"])
+
+
 def _released_qwen35(src, dst):
     """The tiny Qwen3.5 checkpoint as Qwen/Qwen3.5-35B-A3B ships: experts fused per layer (gate_up_proj [E, 2 ff, d],
     gate rows first; down_proj [E, d, ff]) and an MTP head (mtp.*) beside the text model."""
@@ -120,6 +181,30 @@ def test_released_fused_experts_spelling(tmp_path, engine):
         assert _rel(b.logits(ids), hf_logits(fused, ids)) < TOL
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_checkpoint(tmp_path, arch):
+    """The released checkpoints are bf16: the torch engine (bf16 weights, fp32 arithmetic) matches transformers'
+    fp32 run of the same weights; the CPU engine runs them with its small tensors in float32 (ggml_ssm_conv and the
+    norms' binary ops take no bf16). Its bf16 matmuls round activations to bf16, as llama.cpp's: on this fixture
+    that flips routing on some tokens (the torch engine with only ssm_in's input so rounded moves as far), so its
+    values are not compared here."""
+    import transformers as T
+
+    src = tiny_hf(arch)
+    auto = T.AutoModelForImageTextToText if arch == "qwen35moe" else T.AutoModelForCausalLM
+    auto.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, tmp_path / f)
+    m = moecli.load(tmp_path, engine="torch")
+    ids = m.tokenize(TEXT)
+    assert _rel(m.logits(ids), hf_logits(tmp_path, ids)) < TOL
+    g = moecli.load(tmp_path, engine="ggml")
+    types = {k: t.type.name for k, t in g.checkpoint.tensors.items() if k.startswith("blk.0.")}
+    assert {types[k] for k in ("blk.0.ssm_conv1d.weight", "blk.0.ssm_a", "blk.0.ssm_dt.bias", "blk.0.attn_norm.weight",
+                               "blk.0.ssm_norm.weight")} == {"F32"} and types["blk.0.ssm_out.weight"] == "BF16"
+    assert np.isfinite(g.logits(ids)).all()
+
+
 def _edit(tmp_path, arch, change):
     src = tiny_hf(arch)
     for f in src.iterdir():
@@ -139,6 +224,7 @@ def _edit(tmp_path, arch, change):
     ("qwen3next", "mlp_only_layers", [1], "dense layers"),
     ("qwen35moe", "linear_num_key_heads", "2", "linear_num_key_heads is '2', expected an integer"),
     ("qwen3next", "num_experts", 16, r"blk\.0\.ffn_\w+_exps"),
+    ("qwen35moe", "linear_num_key_heads", -2, "linear_num_key_heads = -2 is out of range"),
 ])
 def test_hostile_config_is_one_clear_error(tmp_path, arch, key, value, match):
     path = _edit(tmp_path, arch, lambda c: c.__setitem__(key, value))

@@ -29,7 +29,8 @@ from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.tensor import T as QT, TensorData
 from moecli.kernels import ggml as G
 from moecli.models import spec as S
-from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, gguf_common, gguf_metadata, hf_common, synth_common
+from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, ggml_tensor_of, gguf_common, gguf_metadata, hf_common, \
+    synth_common
 from moecli.models.config import ExpertStack
 from moecli.models.layers import KVCache, attend, begin_recurrent, rms_norm, to_torch
 from moecli.models.transformer import Transformer, swiglu
@@ -446,6 +447,10 @@ def from_hf(cfg: dict):
         if len(types) != n_layer or any(t not in _KINDS for t in types):
             raise UnsupportedError(f"config.json: layer_types must be {n_layer} of {' / '.join(_KINDS)}, got "
                                    f"{str(types)[:60]}")
+        for k in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                  "linear_num_value_heads"):
+            if k in cfg and not 1 <= cfg[k] <= 1 << 20:
+                raise MoecliError(f"config.json: {k} = {cfg[k]} is out of range")
         k_dim, v_dim = int(cfg.get("linear_key_head_dim", 128)), int(cfg.get("linear_value_head_dim", 128))
         if k_dim != v_dim:
             raise UnsupportedError(f"config.json: linear_key_head_dim {k_dim} != linear_value_head_dim {v_dim} "
@@ -454,7 +459,8 @@ def from_hf(cfg: dict):
         sections = ()
         if arch == "qwen35moe":  # text positions rotate every pair alike, whatever the split: keep the file's
             half, mrope = rope_dim // 2, list(rope.get("mrope_section") or [])
-            sections = (*mrope, 0) if len(mrope) == 3 and sum(mrope) == half else \
+            ok = len(mrope) == 3 and all(type(x) is int for x in mrope) and sum(mrope) == half
+            sections = (*mrope, 0) if ok else \
                 (half - 2 * (half // 3), half // 3, half // 3, 0)
         c = hf_common(
             cfg, arch, n_expert=int(cfg["num_experts"]), n_expert_used=int(cfg["num_experts_per_tok"]),
@@ -488,7 +494,7 @@ def _refuse_hf(cfg: dict, arch: str) -> None:
 
 def _f32(name: str, a) -> TensorData:
     a = np.ascontiguousarray(a, dtype=np.float32)
-    return TensorData(name, QT.F32, tuple(reversed(a.shape)), a.reshape(-1).view(np.uint8))
+    return ggml_tensor_of(name, QT.F32, tuple(reversed(a.shape)), a)
 
 
 _ELEM = {QT.F32: np.float32, QT.F16: np.uint16, QT.BF16: np.uint16}  # row moves only: 16-bit patterns as they are
@@ -547,7 +553,8 @@ def _heads_tiled(w: TensorData, perm, axis: int, start: int, width: int) -> Tens
 def hf_experts(m, c) -> dict:
     """The released Qwen3.5 / 3.6 checkpoints' fused experts, per layer mlp.experts.gate_up_proj [E, 2 ff, d] (gate
     rows, then up rows) and down_proj [E, d, ff], as zero-copy per-expert views (ggml layouts already: rows of d,
-    rows of ff). transformers' save_pretrained writes per-expert tensors instead (the loader's EXPERT_NAMES)."""
+    rows of ff; unlike gpt-oss / Llama 4's [E, in, out], nothing to transpose or copy). transformers' save_pretrained
+    writes per-expert tensors instead (the loader's EXPERT_NAMES)."""
     out = {}
     for l in range(c.n_layer):
         for prefix in (f"model.language_model.layers.{l}.mlp.experts.", f"model.layers.{l}.mlp.experts."):
