@@ -23,10 +23,20 @@ llama_backend() {
   fi
 }
 LLAMA_PIN=$(sed -n 's/^ *"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+# llama.cpp builds for this CPU (-march=native); where the CPU lists AMX that includes ggml's AMX matmul, which
+# segfaults (ggml_backend_amx_mul_mat) on every quantized model in llama-cpp-python 0.3.36: build without it.
+# Explicit -mno-* flags win over -march=native's whatever their order.
+amx_listed() { grep -qw amx_tile "${MOECLI_CPUINFO:-/proc/cpuinfo}" 2>/dev/null; }
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if amx_listed; then
+  f=${NO_AMX// /\\ }  # scikit-build-core splits CMAKE_ARGS like a shell: keep each flag list one argument
+  export CMAKE_ARGS="-DCMAKE_C_FLAGS=$f -DCMAKE_CXX_FLAGS=$f ${CMAKE_ARGS:-}"
+fi
 
 if [ "${1:-}" = "--detect" ]; then
   echo "torch: $(gpu_listed && echo cuda || echo cpu)"
   echo "llama-cpp-python: $(llama_backend) (${LLAMA_PIN})"
+  echo "llama.cpp AMX kernels: $(amx_listed && echo "off (the CPU lists AMX: built with ${NO_AMX})" || echo none)"
   exit 0
 fi
 
@@ -44,6 +54,11 @@ if [ "$backend" = cuda ] && ! "$PY" -c "import llama_cpp, sys; sys.exit(not llam
   echo "building llama-cpp-python ${LLAMA_PIN} with CUDA (10-20 minutes)..." >&2
   CMAKE_ARGS="-DGGML_CUDA=on ${CMAKE_ARGS:-}" pip install -q --no-cache-dir --force-reinstall --no-deps \
     "llama-cpp-python==${LLAMA_PIN}"
+fi
+if amx_listed && "$PY" -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())" \
+     2>/dev/null; then  # an earlier build (or pip's cached wheel) with AMX: rebuild without it
+  echo "rebuilding llama-cpp-python ${LLAMA_PIN} without ggml's AMX kernels (~5 minutes)..." >&2
+  pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==${LLAMA_PIN}"
 fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"

@@ -1,64 +1,22 @@
-"""glm4moe (GLM-4.5 / 4.5-Air style) against llama.cpp and transformers: logits and per-layer expert selection on
-both engines, Q8_0 bit for bit on the graph, decoding through the cache, the hybrid executor, the NextN layer the
-file holds and both engines skip, the 355B variant's q/k norms, the glm-4.5-air preset.
+"""glm4moe (GLM-4.5 / 4.5-Air style), what is particular to it (the checks every family passes are in
+tests/test_families.py): the NextN layer the file holds and both engines skip, the 355B variant's q/k norms against
+llama.cpp, safetensors against transformers, the glm-4.5-air preset.
 
 Fixture (tests/conftest.py "glm4moe"): 1 dense + 2 MoE layers + 1 NextN layer, q/k/v biases, NEOX rope on 32 of
 64 head dims, sigmoid + exp_probs_b, renormalised top-2 of 8, one shared expert.
 """
 import dataclasses
 
-import numpy as np
 import pytest
 from conftest import tiny_dims, tiny_gguf, tiny_hf
 from hf_fixtures import hf_logits
-from llama_oracle import greedy_tokens, logits_and_routing, rel_diff
+from llama_oracle import logits_and_routing, rel_diff
 
 import moecli
 from moecli.synth import write_gguf
 
 TEXT = "Experts route tokens; the router picks two of eight. The quick brown fox jumps over 13 lazy dogs!"
 TOL_F32 = 1e-4  # max |Δlogit| / std(logits), F32 weights (measured ~3e-6)
-
-
-@pytest.mark.parametrize("engine", ["torch", "ggml"])
-def test_f32_logits_and_routing_match_llama_cpp(engine):
-    _, got, ref, same = logits_and_routing(tiny_gguf("glm4moe", "F32"), TEXT, engine)
-    assert same.all(), np.flatnonzero(~same)
-    assert rel_diff(got, ref) < TOL_F32, rel_diff(got, ref)
-
-
-def test_q8_0_graph_bit_exact():
-    """Same graph, shapes and kernels as llama.cpp's glm4moe: identical logits and routing."""
-    _, got, ref, same = logits_and_routing(tiny_gguf("glm4moe", "Q8_0"), TEXT, "ggml")
-    assert same.all() and np.array_equal(got, ref)
-
-
-def test_q4_k_m_near_llama_cpp():
-    """llama.cpp's own Q4_K_M mix: other kernel choices than llama.cpp's (issue #14's exact mode), so close but
-    not bit for bit, as for every architecture."""
-    ids, got, ref, same = logits_and_routing(tiny_gguf("glm4moe", "Q4_K_M"), TEXT, "ggml")
-    first_flip = int(np.argmin(same)) if not same.all() else len(ids)
-    assert same.mean() >= 0.9 and first_flip and rel_diff(got[:first_flip], ref[:first_flip]) < 0.1
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
-
-
-def test_greedy_decode_identical():
-    path = tiny_gguf("glm4moe", "F32")
-    m = moecli.load(path, engine="ggml")
-    ids = m.tokenize(TEXT)
-    assert list(m.generate(ids, max_tokens=12, stop_at_eog=False)) == greedy_tokens(path, ids, 12)
-
-
-@pytest.mark.parametrize("slots", [0, 2, 8])
-def test_every_placement_equals_the_reference(slots):
-    """The hybrid executor on the CPU device (no, some, every expert cached) against the torch reference."""
-    path = tiny_gguf("glm4moe", "F32")
-    ref_model = moecli.load(path, engine="torch")
-    ids = ref_model.tokenize(TEXT)
-    ref = ref_model.logits(ids)
-    m = moecli.load(path, placement="hybrimoe", expert_slots=slots)
-    assert rel_diff(m.logits(ids), ref) < TOL_F32
-    assert m.stats.active > 0 and m.stats.cpu_experts + m.stats.device_experts == m.stats.active
 
 
 def test_config_skips_the_nextn_layer():

@@ -16,7 +16,8 @@ NO_DEVICE = 'echo "No devices were found"; exit 6'  # what nvidia-smi says with 
 NO_DRIVER = ('echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver."; exit 9')
 
 
-def _detect(tmp_path: Path, nvidia_smi: str | None, nvcc: bool) -> subprocess.CompletedProcess:
+def _detect(tmp_path: Path, nvidia_smi: str | None, nvcc: bool, cpu_flags: str = "fpu sse avx2") \
+        -> subprocess.CompletedProcess:
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     for tool in ("sed", "grep", "dirname"):
@@ -26,8 +27,11 @@ def _detect(tmp_path: Path, nvidia_smi: str | None, nvcc: bool) -> subprocess.Co
         if body is not None:
             (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
             (bin_ / name).chmod(0o755)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {cpu_flags}\n")
     return subprocess.run([shutil.which("bash"), str(ROOT / "install.sh"), "--detect"], capture_output=True,
-                          text=True, env={"PATH": str(bin_), "HOME": str(tmp_path)}, timeout=30)
+                          text=True, env={"PATH": str(bin_), "HOME": str(tmp_path), "MOECLI_CPUINFO": str(cpuinfo)},
+                          timeout=30)
 
 
 @pytest.mark.parametrize("smi, nvcc, torch, llama, why", [
@@ -54,3 +58,13 @@ def test_cuda_build_bypasses_the_wheel_cache():
     line = next(l for l in text.splitlines() if "-DGGML_CUDA=on" in l)
     block = line + text.split(line, 1)[1].split("\n", 2)[1]
     assert "--no-cache-dir" in block and "--force-reinstall" in block
+
+
+@pytest.mark.parametrize("flags, amx", [("fpu avx512f amx_bf16 amx_tile amx_int8", "off"), ("fpu avx512f avx2", "none")])
+def test_llama_cpp_is_built_without_amx_where_the_cpu_lists_it(tmp_path, flags, amx):
+    """ggml's AMX matmul (on with -march=native where the CPU has AMX) segfaults on every quantized model in
+    llama-cpp-python 0.3.36 (measured on a Xeon VM listing amx_tile): install.sh builds without it there."""
+    r = _detect(tmp_path, None, False, flags)
+    assert r.returncode == 0, r.stderr
+    line = dict(l.split(": ", 1) for l in r.stdout.strip().splitlines())["llama.cpp AMX kernels"]
+    assert line.split()[0] == amx and (amx == "none" or "-mno-amx-int8" in line)

@@ -1,6 +1,6 @@
-"""smallthinker (SmallThinker-21B-A3B / 4B-A0.6B style) against llama.cpp: logits and per-layer expert selection on
-both engines, F32 and Q8_0 bit for bit on the graph, the sigmoid / no-window variant, decoding through the cache,
-the hybrid executor, hostile metadata, the smallthinker-21b preset. GGUF only: transformers has no SmallThinker.
+"""smallthinker (SmallThinker-21B-A3B / 4B-A0.6B style), what is particular to it (the checks every family passes are
+in tests/test_families.py): its layout, the sigmoid / no-window variant against llama.cpp, the sliding window
+(torch against the graph), the smallthinker-21b preset. GGUF only: transformers has no SmallThinker.
 
 Fixture (tests/conftest.py "smallthinker"): 5 layers (0 and 4 full attention without RoPE, 1-3 sliding window with
 NEOX RoPE), the router on the layer input, softmax top-2 of 8 renormalised, ReGLU experts.
@@ -8,29 +8,14 @@ NEOX RoPE), the router on the layer input, softmax top-2 of 8 renormalised, ReGL
 import dataclasses
 
 import numpy as np
-import pytest
 from conftest import tiny_dims, tiny_gguf
-from llama_oracle import greedy_tokens, logits_and_routing, rel_diff
+from llama_oracle import logits_and_routing, rel_diff
 
 import moecli
 from moecli.synth import write_gguf
 
 TEXT = "Experts route tokens; the router picks two of eight. The quick brown fox jumps over 13 lazy dogs!"
 TOL_F32 = 1e-4  # max |Δlogit| / std(logits), F32 weights (torch measured ~8e-6)
-
-
-@pytest.mark.parametrize("engine", ["torch", "ggml"])
-def test_f32_logits_and_routing_match_llama_cpp(engine):
-    _, got, ref, same = logits_and_routing(tiny_gguf("smallthinker", "F32"), TEXT, engine)
-    assert same.all(), np.flatnonzero(~same)
-    assert rel_diff(got, ref) < TOL_F32, rel_diff(got, ref)
-    if engine == "ggml":  # same graph, shapes and kernels as llama.cpp's smallthinker builder
-        assert np.array_equal(got, ref)
-
-
-def test_q8_0_graph_bit_exact():
-    _, got, ref, same = logits_and_routing(tiny_gguf("smallthinker", "Q8_0"), TEXT, "ggml")
-    assert same.all() and np.array_equal(got, ref)
 
 
 def test_layout_as_llama_cpp():
@@ -52,44 +37,6 @@ def test_sigmoid_without_window_matches_llama_cpp(tmp_path):
     for engine in ("ggml", "torch"):
         _, got, ref, same = logits_and_routing(path, TEXT, engine)
         assert same.all() and rel_diff(got, ref) < TOL_F32
-
-
-def test_greedy_decode_identical():
-    path = tiny_gguf("smallthinker", "F32")
-    m = moecli.load(path, engine="ggml")
-    ids = m.tokenize(TEXT)
-    assert list(m.generate(ids, max_tokens=12, stop_at_eog=False)) == greedy_tokens(path, ids, 12)
-
-
-@pytest.mark.parametrize("slots", [0, 2, 8])
-def test_every_placement_equals_the_reference(slots):
-    """The hybrid executor on the CPU device (no, some, every expert cached) against the torch reference."""
-    path = tiny_gguf("smallthinker", "F32")
-    ref_model = moecli.load(path, engine="torch")
-    ids = ref_model.tokenize(TEXT)
-    ref = ref_model.logits(ids)
-    m = moecli.load(path, placement="hybrimoe", expert_slots=slots)
-    assert rel_diff(m.logits(ids), ref) < TOL_F32
-    assert m.stats.active > 0 and m.stats.cpu_experts + m.stats.device_experts == m.stats.active
-
-
-@pytest.mark.parametrize("key, value, message", [
-    ("expert_gating_func", 3, "expert_gating_func 3 is not supported"),
-    ("rope.dimension_count", 32, "rope.dimension_count 32 != head dim 64"),
-    ("attention.sliding_window_pattern", 2, "sliding_window_pattern 2 is not supported"),
-])
-def test_hostile_metadata_is_one_clear_error(tmp_path, key, value, message):
-    from gguf import GGUFValueType
-    from test_bad_input import rewrite_gguf
-
-    from moecli.errors import MoecliError
-
-    def edit(meta):
-        return {**meta, f"smallthinker.{key}": ([GGUFValueType.UINT32], value)}
-    path = tmp_path / "bad.gguf"
-    rewrite_gguf(tiny_gguf("smallthinker", "F32"), path, edit_metadata=edit)
-    with pytest.raises(MoecliError, match=message):
-        moecli.load(path)
 
 
 def test_smallthinker_21b_preset():
