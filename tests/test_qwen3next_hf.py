@@ -73,13 +73,13 @@ def test_logits_and_experts_match_transformers(arch, engine):
         assert (np.sort(picks[l], 1) == np.sort(want[l], 1)).all(), l
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_generation_equals_transformers_cached(arch):
+def test_greedy_generation_equals_transformers_cached():
     """moecli's generate against transformers' greedy generate, which decodes through its own cache (conv state +
-    recurrent delta-rule kernel, not the chunked one of the prompt)."""
+    recurrent delta-rule kernel, not the chunked one of the prompt); the 7th token is a near tie (top-2 gap 0.008).
+    qwen3next only: transformers' reference kernels make this slow (qwen35moe's decode is checked above)."""
     import transformers as T
 
-    path = tiny_hf(arch)
+    path = tiny_hf("qwen3next")
     m = moecli.load(path, engine="ggml")
     ids = m.tokenize(TEXT)
     got = list(m.generate(ids, max_tokens=8, stop_at_eog=False))
