@@ -114,13 +114,16 @@ def test_compare_and_render_pure():
     me.update(rss_before_load_bytes=100, file_bytes=150, kv_bytes=50)
     ref = side("llama.cpp", 100.0, 100.0)
     ref["settings"] = {}
+    me["results"][1]["cpu_ms"], ref["results"][1]["cpu_ms"] = 40.0, 50.0  # CPU time: tg4 only, on both sides
     s = R.compare(me, ref)
     assert s["ratio"] == {"pp16": 2.0, "tg4": 0.5}
+    assert s["ratio_cpu"] == {"tg4": 1.25}  # llama.cpp's CPU time / moecli's
     assert (s["moecli"]["pp16_gflops"], s["llama_cpp"]["pp16_gflops"], s["llama_cpp"]["tg4_gflops"]) == (25, 12.5, 25)
     assert s["kernel"] == {"prefill_gflops": 40.0, "decode_gbs": 20.0}
     assert s["rss_ratio"] == 1.5 and s["rss_ratio_excl_runtime"] == 1.0
     lines = "\n".join(report.summary_lines([me], [s]))
     assert "experts (ggml, 2 threads): pp16 40.0 GFLOP/s, tg4 20.0 GB/s" in lines and "pp16 2.00x" in lines
+    assert "the same by CPU time (robust to a busy host; exact with 1 thread): tg4 1.25x" in lines
     for fmt, n in (("md", 2 + 4), ("csv", 1 + 4), ("jsonl", 4)):
         out = []
         rep = report.Report(fmt, out=out.append, err=lambda _: None, progress=False)

@@ -179,6 +179,9 @@ def summary_lines(runs: list[dict], summaries: list[dict]) -> list[str]:
             them = s.get("llama_cpp", {}).get("engine", "llama.cpp")
             lines.append(f"moecli ({who}) / {them}: " + ", ".join(f"{k.replace('_at_', ' @ ')} {v:.2f}x"
                                                                      for k, v in s["ratio"].items()))
+            if s.get("ratio_cpu"):
+                lines.append("  the same by CPU time (robust to a busy host; exact with 1 thread): " + ", ".join(
+                    f"{k.replace('_at_', ' @ ')} {v:.2f}x" for k, v in s["ratio_cpu"].items()))
         kern = []
         for r in run["results"]:
             if r["kind"] == "tg" and r.get("experts_gbs"):

@@ -93,10 +93,15 @@ def test_name(kind: str, n: int, depth: int) -> str:
     return f"{kind}{n}" + (f" @ d{depth}" if depth else "")
 
 
-def _stats(times: list[float], n_tokens: int) -> dict:
+def _stats(times: list[float], n_tokens: int, cpus: list[float] = ()) -> dict:
+    """t/s from wall times; `cpus`: the process's CPU time per repetition (`cpu_ms`: what a busy host's other jobs
+    do not add to, unlike wall time; with one thread, the compute itself)."""
     tps = [n_tokens / t for t in times]
-    return dict(tps=statistics.fmean(tps), tps_std=statistics.stdev(tps) if len(tps) > 1 else 0.0,
-                ms=statistics.fmean(times) * 1e3, samples_ms=[t * 1e3 for t in times])
+    out = dict(tps=statistics.fmean(tps), tps_std=statistics.stdev(tps) if len(tps) > 1 else 0.0,
+               ms=statistics.fmean(times) * 1e3, samples_ms=[t * 1e3 for t in times])
+    if cpus:
+        out.update(cpu_ms=statistics.fmean(cpus) * 1e3, cpu_samples_ms=[c * 1e3 for c in cpus])
+    return out
 
 
 def _tokens(seed: int, n_vocab: int, n: int, salt: int) -> list[int]:
@@ -211,7 +216,7 @@ def run_moecli(spec: BenchSpec) -> dict:
         if depth:
             tr.forward(_tokens(spec.seed, c.n_vocab, depth, 1), cache, all_logits=False)
         at_depth = save_state(cache)  # a recurrent state cannot rewind: each repetition starts from this copy
-        times, exp_s, exp_b, exp_p, routes = [], 0.0, 0, 0, {}
+        times, cpus, exp_s, exp_b, exp_p, routes = [], [], 0.0, 0, 0, {}
         placed = None
         cpu_engine = getattr(getattr(tr.experts, "cpu", None), "engine", None) if spec.placement else None
         cpu_calls = []
@@ -231,23 +236,24 @@ def run_moecli(spec: BenchSpec) -> dict:
                 cpu_engine.log = cpu_calls  # the CPU experts' calls of the timed decode, with their times
             if kind == "pp" and rep == 0:  # the prompt's routing, replayed by the kernel probe below
                 tr.on_router = lambda l, probs, ids, w: routes.__setitem__(l, ids.reshape(-1).numpy().copy())
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if kind == "pp":
                 tr.forward(toks, cache, all_logits=False)
                 tr.on_router = None
             else:
                 for t in toks[1:]:
                     tr.forward([t], cache, all_logits=False)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             if cpu_engine is not None:
                 cpu_engine.log = None
             if rep:
                 times.append(dt)
+                cpus.append(cpu)
                 if timer:
                     exp_s += timer.seconds
                     exp_b += timer.bytes
                     exp_p += timer.pairs
-        r = dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n), routes=routes)
+        r = dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n, cpus), routes=routes)
         if timer and exp_s > 0:
             r["experts_ms"] = exp_s / len(times) * 1e3
             r["experts_share"] = exp_s / sum(times)
@@ -541,23 +547,24 @@ def run_llama_cpp(spec: BenchSpec) -> dict:
         L.llama_memory_clear(mem, True)
         if depth:
             decode(_tokens(spec.seed, n_vocab, depth, 1), 0)
-        times = []
+        times, cpus = [], []
         for rep in range(spec.reps + 1):
             _emit(_EVENT, {"test": test_name(kind, n, depth), "rep": rep, "reps": spec.reps})
             L.llama_memory_seq_rm(mem, 0, depth, -1)
             toks = _tokens(spec.seed, n_vocab, n if kind == "pp" else n + 1, 100 + rep)
             if kind == "tg":
                 decode(toks[:1], depth)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if kind == "pp":
                 decode(toks, depth)
             else:
                 for i, t in enumerate(toks[1:]):
                     decode([t], depth + 1 + i)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             if rep:
                 times.append(dt)
-        results.append(dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n)))
+                cpus.append(cpu)
+        results.append(dict(test=test_name(kind, n, depth), kind=kind, n=n, depth=depth, **_stats(times, n, cpus)))
         _emit(_ROW, results[-1])
     kv_bytes = L.llama_state_get_size(ctx)  # the KV cache dominates the state of a fresh-ish context
     out = dict(engine=engine, threads=threads, model_info=dict(name=Path(spec.model).name), load_s=load_s, results=results, peak_rss_bytes=_peak_rss(),
@@ -736,6 +743,12 @@ def compare(me: dict, ref: dict | None) -> dict:
         for k, v in mo.items():
             if k.endswith("_tps") and lc.get(k):
                 out["ratio"][k[:-4]] = v / lc[k]
+        # the same ratio from each side's CPU time per pass (llama.cpp's / moecli's): on a shared host other jobs
+        # stretch wall time by whatever they happen to run meanwhile, not this; exact for one thread, spin-waits
+        # included for more
+        cpu = {r["test"]: r["cpu_ms"] for r in ref["results"] if r.get("cpu_ms")}
+        out["ratio_cpu"] = {r["test"].replace(" @ ", "_at_"): cpu[r["test"]] / r["cpu_ms"]
+                            for r in me["results"] if r.get("cpu_ms") and cpu.get(r["test"])}
     return out
 
 
