@@ -38,6 +38,30 @@ def test_refit_follows_costs_that_move():
     assert fits[1].model().copy_ms > 20  # a cumulative mean: still mostly the prompt's 40 ms
 
 
+def test_prompts_and_decode_are_fitted_apart():
+    """A prompt's CPU layer (many tokens per expert) and decode's (one) follow other laws: each regime recovers its
+    own, and decode's measurements never move the prompt's model (nor the other way round)."""
+    prior = CostModel(cpu_a=0.01, cpu_b=5.0, cpu_first=0.0, dev_g0=3.0, dev_g1=0.0, copy_ms=9.0)
+    fit = CostRefit(prior)
+    fit.begin_pass(40)
+    for m, n in [(8, 40), (6, 120), (8, 300)] * 5:  # prompt truth: 0.5 + 0.01 n + 0.2 m
+        fit.cpu(m, n, 0.5 + 0.01 * n + 0.2 * m)
+    fit.copy(1, 30.0)  # cold pages
+    prompt = fit.model()
+    fit.begin_pass(1)
+    assert fit.model().cpu_b == prior.cpu_b  # nothing measured in decode yet: its prior
+    for m in (4, 6, 8) * 20:  # decode truth: 0.1 + 0.3 per expert (one token each)
+        fit.cpu(m, m, 0.1 + 0.3 * m)
+        fit.copy(1, 2.0)
+    fit.cpu(8, 300, 0.5 + 0.01 * 300 + 0.2 * 8, prompt=True)  # a prompt's span timed late, fitted as the prompt's
+    d, p = fit.model(), fit.model(prompt=True)
+    assert d.cpu_first + 8 * d.cpu(1) == pytest.approx(0.1 + 2.4, rel=0.05) and d.copy_ms == pytest.approx(2.0, rel=0.05)
+    assert p.cpu_a == pytest.approx(0.01, rel=0.1) and p.cpu_b == pytest.approx(0.2, rel=0.1)
+    assert p.copy_ms == prompt.copy_ms == pytest.approx(30.0, rel=0.05)
+    fit.begin_pass(64)
+    assert fit.model() == p
+
+
 def test_refit_terms_are_non_negative_by_refitting_not_clipping():
     """Spans 0.5 n - 1 (decode: tokens = experts): the unconstrained fit wants first = -1; fixed at 0, the per-expert
     term is refitted to the data (clipping would keep 0.5 and overshoot every span by 1 ms)."""
@@ -61,7 +85,7 @@ def test_host_profile_costs_reach_the_executor_and_are_refitted():
     list(m.generate(m.tokenize(TEXT), max_tokens=6, stop_at_eog=False))
     got = ex.core.costs
     assert got != want  # refitted from this executor's own timings
-    assert ex.refit.measurements > 0
+    assert ex.refit.measurements > 0 and all(t.n for t in ex.refit._terms.values())  # the prompt's and decode's
     s = m.stats.as_dict()
     assert s["cost_model_error"] is not None and s["syncs"] > 0
     if ex.dev.triton:  # grouped kernels: 2 launches per layer step with device experts (+2 per scratch expert)

@@ -296,3 +296,22 @@ def test_profile_context_is_checked(tiny_moe):
     assert "at ctx 4096" in r.stdout
     r = run_cli("profile", tiny_moe, "--estimate-only")  # default: the trained length, as chat's
     assert r.returncode == 0 and "at ctx 2048" in r.stdout and "warning" not in r.stderr
+
+
+def test_device_expert_is_measured_through_the_executors_grouped_kernels(small_layer, monkeypatch):
+    """`profile` times the device expert as the executor runs it (DeviceExpertCache.run -> grouped_experts), here on
+    the CPU device through Triton's interpreter: every timed call goes through the grouped kernels."""
+    from moecli.kernels import device_ops
+
+    calls = []
+    real = device_ops.grouped_experts
+
+    def counted(*a, **kw):
+        calls.append(a[0].shape[0])
+        return real(*a, **kw)
+    monkeypatch.setattr(device_ops, "grouped_experts", counted)
+    fit = M.measure_gpu_expert(small_layer, tokens=(1, 3), reps=2, device="cpu")
+    assert [n for n, _ in fit.points] == [1, 3] and all(ms > 0 for _, ms in fit.points)
+    assert fit.g0_ms >= 0 and fit.g1_ms >= 0 and fit.dtype == "float32"
+    if device_ops.use_triton("cpu"):
+        assert calls == [1] * 4 + [3] * 4  # 2 warm-up + 2 timed calls per token count, each one grouped call

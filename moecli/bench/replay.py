@@ -3,8 +3,10 @@
 Two runs over the trace's passes, both through the decision core:
   replay     the executor's own clock readings and cost models: its decisions, so the copies and CPU share
              must be the executor's;
-  predicted  a simulated clock with the executor's final (refitted) cost model: what `bench --simulate` would
-             predict for this executor; its TBT against the executor's measured pass times is the simulator's error.
+  predicted  a simulated clock with the executor's final (refitted) decode cost model: what `bench --simulate`
+             would predict for this executor; its TBT against the executor's measured pass times is the simulator's
+             error. The prompt is predicted with the prompt cost model the executor last decided a prompt with (its
+             prompts and decode are fitted apart; a one-prompt trace: the prior it started from).
 Measured pass time = from one pass's first MoE layer to the next's (the last pass has no end and is left out).
 """
 from __future__ import annotations
@@ -32,13 +34,17 @@ def compare(path: str | Path) -> dict:
     measured = [b - a for a, b in zip(starts, starts[1:])]
     out = {"trace": str(path), "placement": p.name, "slots": slots, "passes": len(passes),
            "costs_ms": {k: v for k, v in final.as_dict().items() if k != "cpu_pieces"}}
-    runs = {}
-    for name, recorded in (("replay", True), ("predicted", False)):
-        sim = Simulator(p, CostModel.from_dict(costs[0]) if recorded else final, trace.layers, trace.n_experts,
-                        slots, {}, initial={}, recorded_clock=recorded, whole_layer_offload=False,
-                        sync_copies=trace.executor.get("device", "cpu") != "cuda", known=trace.known_early)
-        runs[name] = sim.run(passes)
+
+    def simulate(costs: dict, recorded: bool, over: list):
+        return Simulator(p, CostModel.from_dict(costs), trace.layers, trace.n_experts, slots, {}, initial={},
+                         recorded_clock=recorded, whole_layer_offload=False,
+                         sync_copies=trace.executor.get("device", "cpu") != "cuda", known=trace.known_early).run(over)
+
+    runs = {"replay": simulate(costs[0], True, passes), "predicted": simulate(costs[-1], False, passes)}
     pred = runs["predicted"].pass_ms[: len(measured)]
+    prompt_costs = [ps.costs for ps in passes if ps.kind == "prefill" and ps.costs]
+    if passes[0].kind == "prefill" and prompt_costs and pred:
+        pred[0] = simulate(prompt_costs[-1], False, passes[:1]).pass_ms[0]
     decode = [i for i, ps in enumerate(passes[: len(measured)]) if ps.kind == "decode"]
     tbt_m = sum(measured[i] for i in decode) / len(decode) if decode else 0.0
     tbt_p = sum(pred[i] for i in decode) / len(decode) if decode else 0.0

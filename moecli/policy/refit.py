@@ -60,50 +60,74 @@ class _Ridge:
             free &= t > 0
 
 
+class _Terms:
+    """One regime's fits of the cost model's terms."""
+
+    def __init__(self, prior: CostModel, weight: float, forget: float):
+        self.cpu = _Ridge([prior.cpu_first, prior.cpu(1) - prior.cpu(0), prior.cpu(0)], weight, forget)
+        self.dev = _Ridge([prior.dev_g0, prior.dev_g1], weight, forget)
+        self.copy = _Ridge([prior.copy_ms], weight, forget)
+        self.dense = _Ridge([prior.dense_fixed, prior.dense_per_tok], weight, forget)
+        self.head = _Ridge([prior.head_ms], weight, forget)
+
+    @property
+    def n(self) -> int:
+        return self.cpu.n + self.dev.n + self.copy.n + self.dense.n + self.head.n
+
+
 class CostRefit:
+    """Prompts and decode are fitted apart (`begin_pass` says which a pass is): a prompt's experts see many tokens
+    each and its copies read cold pages, decode's one token each and warm pages, and one fit serving both would
+    carry decode's state into the next prompt's plan (measured: a prompt predicted at 0.26x its time). Each
+    measurement goes to the current pass's regime unless `prompt` says otherwise (a CPU span timed on the worker
+    may arrive after the next pass began); the head (one token's logits after either) is one term for both."""
+
     def __init__(self, prior: CostModel, weight: float = 0.02, forget: float = FORGET):
         self.prior = prior
-        self._cpu = _Ridge([prior.cpu_first, prior.cpu(1) - prior.cpu(0), prior.cpu(0)], weight, forget)
-        self._dev = _Ridge([prior.dev_g0, prior.dev_g1], weight, forget)
-        self._copy = _Ridge([prior.copy_ms], weight, forget)
-        self._dense = _Ridge([prior.dense_fixed, prior.dense_per_tok], weight, forget)
-        self._head = _Ridge([prior.head_ms], weight, forget)
-        self._dense_pending: list[tuple[int, float]] = []
+        self._terms = {False: _Terms(prior, weight, forget), True: _Terms(prior, weight, forget)}
+        self.prompt = False  # the current pass's regime
 
-    def cpu(self, experts: int, tokens: int, ms: float) -> None:
-        self._cpu.add([1.0, tokens, experts], ms)
+    def begin_pass(self, n_tokens: int) -> None:
+        self.prompt = n_tokens > 1
+
+    def _t(self, prompt: bool | None) -> _Terms:
+        return self._terms[self.prompt if prompt is None else prompt]
+
+    def cpu(self, experts: int, tokens: int, ms: float, prompt: bool | None = None) -> None:
+        self._t(prompt).cpu.add([1.0, tokens, experts], ms)
 
     def dev(self, experts: int, tokens: int, ms: float) -> None:
-        self._dev.add([experts, tokens], ms)
+        self._t(None).dev.add([experts, tokens], ms)
 
     def copy(self, copies: int, ms: float) -> None:
-        self._copy.add([copies], ms)
+        self._t(None).copy.add([copies], ms)
 
     def dense(self, tokens: int, ms: float) -> None:
-        self._dense.add([1.0, tokens], ms)
+        self._t(tokens > 1).dense.add([1.0, tokens], ms)
 
     def head(self, tokens: int, ms: float) -> None:
         """The gap before a pass's first layer: the head of the previous pass, and this layer's dense part."""
-        fixed, per_tok = self._dense.terms()
-        self._head.add([1.0], ms - fixed - per_tok * tokens)
+        fixed, per_tok = self._t(tokens > 1).dense.terms()
+        self._terms[False].head.add([1.0], ms - fixed - per_tok * tokens)
 
     @property
     def measurements(self) -> int:
-        return self._cpu.n + self._dev.n + self._copy.n + self._dense.n + self._head.n
+        return sum(t.n for t in self._terms.values())
 
-    def model(self) -> CostModel:
-        """The prior with every term that has measurements replaced by its fit."""
-        c = self.prior
-        kw = {}
-        if self._cpu.n:
-            kw["cpu_first"], kw["cpu_a"], kw["cpu_b"] = self._cpu.terms()
+    def model(self, prompt: bool | None = None) -> CostModel:
+        """The prior with every term that has measurements in this regime (the current pass's by default) replaced
+        by its fit."""
+        t, kw = self._t(prompt), {}
+        if t.cpu.n:
+            kw["cpu_first"], kw["cpu_a"], kw["cpu_b"] = t.cpu.terms()
             kw["cpu_pieces"] = ()
-        if self._dev.n:
-            kw["dev_g0"], kw["dev_g1"] = self._dev.terms()
-        if self._copy.n:
-            kw["copy_ms"] = self._copy.terms()[0]
-        if self._dense.n:
-            kw["dense_fixed"], kw["dense_per_tok"] = self._dense.terms()
-        if self._head.n:
-            kw["head_ms"] = self._head.terms()[0]
-        return replace(c, **kw) if kw else c
+        if t.dev.n:
+            kw["dev_g0"], kw["dev_g1"] = t.dev.terms()
+        if t.copy.n:
+            kw["copy_ms"] = t.copy.terms()[0]
+        if t.dense.n:
+            kw["dense_fixed"], kw["dense_per_tok"] = t.dense.terms()
+        head = self._terms[False].head
+        if head.n:
+            kw["head_ms"] = head.terms()[0]
+        return replace(self.prior, **kw) if kw else self.prior

@@ -15,7 +15,7 @@ Then the fit is checked against what it is for: whole-layer calls with random to
 few token counts, predicted (first + Σ a·n_e + b) vs measured -> "fit error" (issue 5 item 5).
 
 Memory bandwidth: a big numpy copy split over the cores (numpy releases the GIL while copying). CUDA only: device
-expert time (torch dequantize + matmuls, as `DeviceExpertCache.compute`) vs tokens -> g0 + g1·n; host -> device
+expert time (the executor's own `DeviceExpertCache.run`: the grouped kernels) vs tokens -> g0 + g1·n; host -> device
 bandwidth from pinned and from pageable memory, and the latency of a small copy.
 """
 from __future__ import annotations
@@ -380,40 +380,51 @@ class GpuFit:
     points: list[tuple[int, float]] = field(default_factory=list)  # (tokens, ms)
 
 
-def measure_gpu_expert(layer: ExpertLayer, tokens=TOKENS, dtype=None, reps: int = 20) -> GpuFit:
-    """One expert as `DeviceExpertCache.compute` runs it: dequantize gate/up/down from the quantized bytes on the
-    device, then silu(x·gateᵀ)·(x·upᵀ)·downᵀ, timed with CUDA events -> g0 + g1·n."""
+def measure_gpu_expert(layer: ExpertLayer, tokens=TOKENS, dtype=None, reps: int = 20, device="cuda") -> GpuFit:
+    """One expert as the executor runs it: its quantized bytes in a `DeviceExpertCache` slot and `run` (the grouped
+    kernels where Triton runs: gate+up+GLU and down in two launches, decode through the workspace and a CUDA
+    graph; torch's dequantize + matmuls elsewhere), n tokens routed to it, timed with CUDA events (the host clock on
+    the CPU device) -> g0 + g1·n."""
     import torch
-    import torch.nn.functional as F
 
-    from moecli.kernels import torch_dequant
+    from moecli.models.config import Checkpoint, ExpertStack, ModelConfig
+    from moecli.runtime.device_cache import DeviceExpertCache
 
     dtype = dtype or torch.float32  # the executor's default compute dtype (HybridExperts / DeviceExpertCache)
-    dev = torch.device("cuda")
-    parts = []
-    for t in (layer.gate.expert(0), layer.up.expert(0), layer.down.expert(0)):
-        if t.type in torch_dequant.SUPPORTED:
-            parts.append((torch.from_numpy(np.array(t.raw)).to(dev), t.type, t.shape))
-        else:  # the cache ships such types as F16 (no device kernel): measure what it would run
-            f16 = t.numpy().astype(np.float16).view(np.uint8).reshape(-1)
-            parts.append((torch.from_numpy(f16).to(dev), T.F16, t.shape))
+    dev = torch.device(device)
+    c = ModelConfig(arch="profile", n_vocab=1, n_embd=layer.hidden, n_layer=1, n_head=1, n_head_kv=1,
+                    head_dim=layer.hidden, n_ctx_train=1, rms_eps=1e-6, rope_theta=1e4, rope_neox=True,
+                    n_expert=layer.n_expert, n_expert_used=1,
+                    n_ff_exp=layer.ffn)
+    experts = {f"blk.0.ffn_{p}_exps": ExpertStack(stacked=getattr(layer, p)) for p in ("gate", "up", "down")}
+    cache = DeviceExpertCache(Checkpoint(c, {}, experts), dev, 1, dtype)
+    cache.load(0, 0)
+    cuda = dev.type == "cuda"
 
-    def expert(x):
-        g, u, d = (torch_dequant.dequantize(raw, ty, shape, dtype=dtype) for raw, ty, shape in parts)
-        return (F.silu(x @ g.T) * (x @ u.T)) @ d.T
+    def timed(x, ids, w) -> float:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            cache.run(0, x, ids, w, [0])
+        if not cuda:
+            return (time.perf_counter() - t0) * 1e3 / reps
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
 
     points = []
     for n in tokens:
         x = torch.randn(n, layer.hidden, device=dev, dtype=dtype)
-        expert(x)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            expert(x)
-        end.record()
-        end.synchronize()
-        points.append((n, start.elapsed_time(end) / reps))
+        ids = torch.zeros((n, 1), dtype=torch.int64, device=dev)
+        w = torch.ones((n, 1), dtype=torch.float32, device=dev)
+        for _ in range(2):  # first call eager, second captures the decode graph
+            cache.run(0, x, ids, w, [0])
+        if cuda:
+            torch.cuda.synchronize()
+        points.append((n, timed(x, ids, w)))
+    cache.copy_engine.close()
     g1, g0 = fit_linear([p[0] for p in points], [p[1] for p in points])
     return GpuFit(max(g0, 0.0), max(g1, 0.0), str(dtype).replace("torch.", ""), points)
 

@@ -133,7 +133,7 @@ class HybridExperts:
         self._epoch = time.perf_counter()
         self.dev.copy_engine.clock = self._now  # the engine's estimates on this executor's clock
         self._left = None  # ms when the previous experts call returned (dense time of the next layer)
-        self._cpu_times: list[tuple[int, int, float]] = []  # (experts, tokens, ms) of CPU runs not yet fitted
+        self._cpu_times: list[tuple] = []  # (experts, tokens, ms, in a prompt) of CPU runs not yet fitted
         self._pred: dict[int, dict[int, list[list[int]]]] = {}  # target layer -> distance -> predicted ids
         self._known_clock: dict[int, dict[str, float]] = {}  # layer -> clock at its known-routing prefetch
         self._held_ms = 0.0  # synchronous known-routing copies since the last experts call (not dense time)
@@ -160,7 +160,8 @@ class HybridExperts:
         n, k = ids.shape
         st, core = self.stats, self.core
         while self._cpu_times:
-            self.refit.cpu(*self._cpu_times.pop())
+            m, N, ms, prompt = self._cpu_times.pop()
+            self.refit.cpu(m, N, ms, prompt)
         if self.refit is not None:  # each copy as the engine measured it (CUDA: its events)
             for nbytes, ms in self.dev.copy_engine.take_times():
                 self.refit.copy(1, ms * self.dev.slot_bytes / nbytes if nbytes else ms)
@@ -201,7 +202,8 @@ class HybridExperts:
                 fut.set_result(self.cpu.engine.run(*args))
             if self.refit is not None:  # timed on the worker as it finishes; fitted on this thread next call
                 m, N = len(d.cpu), int(mask.sum())
-                fut.add_done_callback(lambda f: self._cpu_times.append((m, N, (time.perf_counter() - t_cpu) * 1e3)))
+                fut.add_done_callback(lambda f: self._cpu_times.append((m, N, (time.perf_counter() - t_cpu) * 1e3,
+                                                                        n > 1)))
         st.cpu_experts += len(d.cpu)
         st.device_experts += len(d.device)
         for e, victim in d.loads:  # after the CPU's submit: without CUDA these copies hold this thread
@@ -327,6 +329,7 @@ class HybridExperts:
         if self._left is not None:
             self.refit.head(n_tokens, now - self._left)
         self._left = None
+        self.refit.begin_pass(n_tokens)  # prompts and decode: fitted apart
         costs = self.refit.model()
         if costs != self.core.costs:
             self.core.set_costs(costs)
