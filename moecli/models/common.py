@@ -117,7 +117,7 @@ def gguf_metadata(c: ModelConfig, **fields) -> dict:
     return m
 
 
-_NP = {T.F32: np.float32, T.F16: np.uint16, T.BF16: np.uint16}  # bf16/f16 moved as 16-bit patterns
+FLOAT_ELEMENTS = {T.F32: np.float32, T.F16: np.uint16, T.BF16: np.uint16}  # bf16/f16 moved as 16-bit patterns
 
 
 def ggml_tensor_of(name: str, ggml_type, ne, arr: np.ndarray) -> TensorData:
@@ -130,11 +130,11 @@ def hf_fused_experts(t: TensorData, name: str, split: str | None) -> tuple[Tenso
     `in` per output). Transposed against ggml, so this is a one-time copy of the experts. `split`: how gate_up_proj
     holds its two halves of the outputs, "interleaved" (gpt-oss: gate, up, gate, ... column by column) or "halves"
     (llama4: every gate column, then every up column) -> (gate, up); None (down_proj) -> (down,)."""
-    if t.type not in _NP or len(t.shape) != 3:
+    if t.type not in FLOAT_ELEMENTS or len(t.shape) != 3:
         raise UnsupportedError(f"{name}: {t.type.name} {list(t.shape)} fused experts are not supported (float "
                                "[experts, in, out] only)")
     E, n_in, n_out = t.shape
-    a = t.raw.view(_NP[t.type]).reshape(E, n_in, n_out)
+    a = t.raw.view(FLOAT_ELEMENTS[t.type]).reshape(E, n_in, n_out)
     if split == "interleaved":
         cols = (a[:, :, 0::2], a[:, :, 1::2])
     elif split == "halves":

@@ -29,11 +29,11 @@ from moecli.errors import MoecliError, UnsupportedError
 from moecli.formats.tensor import T as QT, TensorData
 from moecli.kernels import ggml as G
 from moecli.models import spec as S
-from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, ggml_tensor_of, gguf_common, gguf_metadata, hf_common, \
-    synth_common
+from moecli.models.common import ATTN_NAMES, EXPERT_NAMES, FLOAT_ELEMENTS, ggml_tensor_of, gguf_common, \
+    gguf_metadata, hf_common, synth_common
 from moecli.models.config import ExpertStack
 from moecli.models.layers import KVCache, attend, begin_recurrent, rms_norm, to_torch
-from moecli.models.transformer import Transformer, swiglu
+from moecli.models.transformer import Transformer
 
 T_F32 = 0  # GGML_TYPE_F32
 _SSM_KEYS = ("conv_kernel", "inner_size", "state_size", "time_step_rank", "group_count")
@@ -497,9 +497,6 @@ def _f32(name: str, a) -> TensorData:
     return ggml_tensor_of(name, QT.F32, tuple(reversed(a.shape)), a)
 
 
-_ELEM = {QT.F32: np.float32, QT.F16: np.uint16, QT.BF16: np.uint16}  # row moves only: 16-bit patterns as they are
-
-
 def hf_tensors(t: dict, c) -> dict:
     """transformers' values -> the ones the GGUF side holds (what llama.cpp's convert_hf_to_gguf.py writes): the
     zero-centred RMSNorm weights w as 1 + w (all but the gated ssm_norm), A_log as ssm_a = -exp(A_log), the conv
@@ -536,14 +533,14 @@ def hf_tensors(t: dict, c) -> dict:
                 ("ssm_dt.bias", (Hv,), 0, 0, 1), ("ssm_a", (Hv,), 0, 0, 1),
                 ("ssm_out.weight", (vw, c.n_embd), 1, 0, d)):
             w = out.get(b + key)
-            if w is not None and tuple(w.ne) == ne and w.type in _ELEM:
+            if w is not None and tuple(w.ne) == ne and w.type in FLOAT_ELEMENTS:
                 out[b + key] = _heads_tiled(w, perm, axis, start, width)
     return out
 
 
 def _heads_tiled(w: TensorData, perm, axis: int, start: int, width: int) -> TensorData:
     """w with the `width`-wide head blocks from `start` along numpy `axis` reordered by perm (a copy)."""
-    a = w.raw.view(_ELEM[w.type]).reshape(w.shape)
+    a = w.raw.view(FLOAT_ELEMENTS[w.type]).reshape(w.shape)
     idx = np.arange(a.shape[axis])
     idx[start:start + len(perm) * width] = (start + perm[:, None] * width + np.arange(width)).reshape(-1)
     moved = np.ascontiguousarray(np.take(a, idx, axis=axis))
