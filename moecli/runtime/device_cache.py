@@ -139,7 +139,10 @@ class DeviceExpertCache:
     def arrivals(self, layer: int, now: float) -> dict[int, float]:
         """expert -> when its copy into `layer`'s slots ends, for those still being copied (from the copy engine's
         events; the others are there)."""
-        jobs = {e: j for (l, e), j in self.pending.items() if l == layer and e >= 0}
+        pending = self.pending
+        if not pending:
+            return {}
+        jobs = {e: j for e in self.resident.get(layer, ()) if (j := pending.get((layer, e))) is not None}  # this layer only
         return self.copy_engine.arrivals(jobs, now)
 
     def _check_evictable(self, layer: int, e: int) -> None:
