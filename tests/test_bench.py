@@ -235,3 +235,20 @@ def test_noise_warning_for_a_large_spread():
                                     "host is busy or -r is small; these numbers (and ratios) are not reliable"]
 
 
+
+
+def test_llama_cpp_abort_is_one_line(tmp_path):
+    """A file llama.cpp aborts on (qwen35moe with no full-attention layer: a graph input it never allocates) gives
+    one `error:` line naming ggml's failed assertion, not gdb's noise or a traceback."""
+    import dataclasses
+
+    from conftest import TINY
+    from moecli.synth import write_gguf
+
+    garch, dims = TINY["qwen35moe"]
+    path = write_gguf(tmp_path / "q35-deltanet-only.gguf", garch, dataclasses.replace(dims, n_layer=2), 0, "F32")
+    r = _cli(str(path), "--vs-llama-cpp", *FAST, timeout=300)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and re.match(r"error: llama\.cpp aborted on this model \(SIGABRT\): .*GGML_ASSERT", err[0]), r.stderr
+    assert "/ggml/src/" not in err[0]

@@ -595,6 +595,7 @@ def _run_worker(worker: str, spec: BenchSpec, timeout: float | None = None, on_r
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("GGML_NO_BACKTRACE", "1")  # an abort should not start gdb for a backtrace nobody reads
     payload = json.dumps(spec.__dict__)
     out, timed_out = None, threading.Event()
     with tempfile.TemporaryFile("w+") as err:
@@ -628,8 +629,28 @@ def _run_worker(worker: str, spec: BenchSpec, timeout: float | None = None, on_r
                 raise MoecliError(out["error"])
             return out
         err.seek(0)
-        tail = (err.read().strip().splitlines() or ["(no output)"])[-1]
-    raise MoecliError(f"the {worker} benchmark failed (exit {p.returncode}): {tail}")
+        raise MoecliError(worker_failure(worker, p.returncode, err.read()))
+
+
+def worker_failure(worker: str, returncode: int, stderr: str) -> str:
+    """One line for a worker that died without its document: ggml's failed assertion where there is one (the last
+    stderr line of an abort is often a debugger's), and the signal by name."""
+    import signal
+
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    cause = next((ln for ln in reversed(lines) if "GGML_ASSERT" in ln or "GGML_ABORT" in ln), None)
+    if cause is not None:
+        cause = cause.split("/ggml/src/")[-1]  # the build directory's path says nothing
+    else:
+        cause = lines[-1] if lines else "(no output)"
+    side = "llama.cpp" if worker == "llama_cpp" else worker
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"{side} aborted on this model ({name}): {cause}"
+    return f"the {worker} benchmark failed (exit {returncode}): {cause}"
 
 
 def bench_moecli(spec: BenchSpec, timeout: float | None = None, **callbacks) -> dict:
